@@ -1,0 +1,1 @@
+"""OpenDiT: train and sample Diffusion Transformers for images and video."""

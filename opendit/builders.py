@@ -1,0 +1,97 @@
+"""Shared set-up for train.py and sample.py: flag checks, the VAE, the model and its geometry."""
+from typing import Any, Dict, Optional
+
+import torch
+
+from opendit.models import DiT_models, is_video_model
+
+KNOWN_VAE_DOWNSAMPLE = {"none": 1, "ema": 8, "mse": 8}
+
+
+class UsageError(ValueError):
+    """A user mistake in flags or inputs; reported as one line, never a traceback."""
+
+
+def patch_hw(model_name: str) -> int:
+    """The spatial patch size of a registry model (2, 4 or 8)."""
+    tail = model_name.split("/")[-1]
+    return int(tail.split("x")[-1])
+
+
+def check_model_flags(model: str, image_size: int, vae: str, use_video: bool) -> None:
+    """Fail fast, before anything heavy loads, on an unknown model or an image size the model cannot take."""
+    if model not in DiT_models:
+        raise UsageError(f"--model {model}: unknown model; choose one of {', '.join(DiT_models)}")
+    if is_video_model(model) and not use_video:
+        raise UsageError(f"--model {model} is a video model: add --use_video")
+    if use_video and not is_video_model(model):
+        raise UsageError(f"--use_video needs a video model (VDiT-*), not --model {model}")
+    if image_size <= 0:
+        raise UsageError(f"--image_size {image_size}: must be positive")
+    if vae in KNOWN_VAE_DOWNSAMPLE:  # other VAEs are checked once loaded (model_config)
+        check_image_size(model, image_size, KNOWN_VAE_DOWNSAMPLE[vae])
+
+
+def check_image_size(model: str, image_size: int, downsample: int) -> None:
+    factor = downsample * patch_hw(model)
+    if image_size % factor:
+        raise UsageError(f"--image_size {image_size} is not divisible by {factor} (VAE downsampling {downsample} x patch size of {model})")
+
+
+def load_vae(name: str, device: torch.device):
+    """The frozen VAE for --vae (none|ema|mse|PATH), with user-facing one-line errors."""
+    from opendit.encoders import build_vae
+
+    try:
+        return build_vae(name, device=device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def model_config(args: Any, vae) -> Dict[str, Any]:
+    """The constructor arguments that rebuild the model; stored in every checkpoint and in config.json."""
+    check_image_size(args.model, args.image_size, vae.downsample)
+    config = dict(
+        model=args.model,
+        input_size=args.image_size // vae.downsample,
+        in_channels=vae.latent_channels,
+        num_classes=args.num_classes,
+    )
+    if is_video_model(args.model):
+        config["num_frames"] = args.num_frames
+    for key in ("depth", "hidden_size", "num_heads"):
+        if getattr(args, key, None) is not None:
+            config[key] = getattr(args, key)
+    return config
+
+
+def build_model(config: Dict[str, Any]) -> torch.nn.Module:
+    """Instantiate a registry model from a model_config() dict."""
+    kwargs = {k: v for k, v in config.items() if k != "model"}
+    try:
+        return DiT_models[config["model"]](**kwargs)
+    except (ValueError, AssertionError) as e:
+        raise UsageError(f"--model {config['model']}: cannot be built with {kwargs} ({e})") from None
+
+
+def default_labels(num_classes: int) -> list:
+    """Classes sampled when none are given: DiT's eight ImageNet classes, or the first ten."""
+    if num_classes == 1000:
+        return [207, 360, 387, 974, 88, 979, 417, 279]
+    return list(range(min(num_classes, 10)))
+
+
+def parse_labels(text: Optional[str], num_classes: int) -> list:
+    """--labels '1,2,3' or 'all' -> a list of ints, each checked against num_classes."""
+    if text is None:
+        return default_labels(num_classes)
+    if text == "all":
+        return list(range(num_classes))
+    try:
+        labels = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--labels {text}: expected comma-separated integers or 'all'") from None
+    bad = [v for v in labels if not 0 <= v < num_classes]
+    if bad or not labels:
+        raise UsageError(f"--labels {text}: each label must lie in [0, {num_classes})")
+    return labels

@@ -1,0 +1,147 @@
+"""Automatic class-fidelity checker: classifies shape images from their pixels alone."""
+
+import torch
+import torch.nn.functional as F
+
+from .shapes import ShapesDataset, class_names
+
+GRID, SUB = 8, 4  # shape signature: foreground mask area-averaged on a GRID x GRID lattice inside its bounding box
+MAX_SIDE = 64  # larger images are area-downsampled to this before analysis
+FG_LO, FG_HI = 0.25, 0.55  # colour distance from background mapped to soft foreground in [0, 1]
+COLOR_TOL = 0.22  # max RGB distance (in [0, 1] units) of the mean foreground colour to a class colour
+SHAPE_TOL = 0.18  # max mean abs signature difference to a class template
+ASPECT_TOL = 0.3  # max |log| ratio of bounding-box aspect to the class reference
+MAX_COLOR_STD = 0.1  # the foreground must be roughly one flat colour
+CORE_FRAC = 0.75  # pixels with >= this fraction of the strongest contrast count as fully covered
+AREA_RANGE = (0.05, 0.6)  # foreground fraction of the image
+BOX_RANGE = (0.25, 0.85)  # bounding-box side relative to the image side
+
+
+def _analyse(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-image features from (N, 3, H, W) images in [-1, 1]: colour, signature, area, box, centroid."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(images.shape)}")
+    x = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2
+    side = x.shape[-1]
+    if side > MAX_SIDE:
+        x = F.adaptive_avg_pool2d(x, MAX_SIDE)
+    n, _, h, w = x.shape
+    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)
+    bg = border.median(dim=-1).values  # (N, 3)
+    dist = (x - bg[:, :, None, None]).square().sum(dim=1).sqrt()  # (N, H, W) colour distance to background
+    m = ((dist - FG_LO) / (FG_HI - FG_LO)).clamp(0, 1)
+    mass = m.sum(dim=(1, 2)).clamp_min(1e-6)
+
+    core = (dist >= CORE_FRAC * dist.amax(dim=(1, 2), keepdim=True)).float()[:, None]  # fully covered pixels
+    cn = core.sum(dim=(2, 3)).clamp_min(1.0)
+    color = (x * core).sum(dim=(2, 3)) / cn  # (N, 3) mean foreground colour
+    color_std = ((x - color[:, :, None, None]).square() * core).sum(dim=(2, 3)).div(cn).mean(dim=1).sqrt()
+
+    def bounds(profile: torch.Tensor) -> torch.Tensor:
+        """Sub-pixel 1% / 99% mass quantiles of a (N, L) projection, in pixel units."""
+        cdf = profile.cumsum(dim=1) / profile.sum(dim=1, keepdim=True).clamp_min(1e-6)
+        q = torch.tensor([0.01, 0.99]).expand(len(cdf), 2).contiguous()
+        idx = torch.searchsorted(cdf, q).clamp(max=cdf.shape[1] - 1)
+        hi_c = cdf.gather(1, idx)
+        lo_c = torch.where(idx > 0, cdf.gather(1, (idx - 1).clamp(min=0)), torch.zeros_like(hi_c))
+        frac = ((q - lo_c) / (hi_c - lo_c).clamp_min(1e-6)).clamp(0, 1)
+        return idx.float() + frac  # (N, 2): positions along the axis, pixel edges at integers
+
+    bx, by = bounds(m.sum(dim=1)), bounds(m.sum(dim=2))
+    t = (torch.arange(GRID * SUB) + 0.5) / (GRID * SUB)  # SUB x SUB samples per signature cell
+    gx = bx[:, :1] + t * (bx[:, 1:] - bx[:, :1])  # (N, GRID) pixel coordinates
+    gy = by[:, :1] + t * (by[:, 1:] - by[:, :1])
+    grid = torch.stack(torch.broadcast_tensors(2 * gx[:, None, :] / w - 1, 2 * gy[:, :, None] / h - 1), dim=-1)
+    sig = F.avg_pool2d(F.grid_sample(m[:, None], grid, align_corners=False), SUB).flatten(1)  # (N, GRID*GRID)
+
+    ys, xs = torch.arange(h) + 0.5, torch.arange(w) + 0.5
+    cx = (m.sum(dim=1) * xs).sum(dim=1) / mass * side / w
+    cy = (m.sum(dim=2) * ys).sum(dim=1) / mass * side / h
+    box = torch.stack([(bx[:, 1] - bx[:, 0]) / w, (by[:, 1] - by[:, 0]) / h], dim=1)
+    return {"color": color, "color_std": color_std, "sig": sig, "area": mass / (h * w),
+            "box": box, "centroid": torch.stack([cx, cy], dim=1)}
+
+
+class ClassFidelityChecker:
+    """Predicts shape classes from pixels: foreground colour and bounding-box shape signature, with rejection."""
+
+    def __init__(self, num_classes: int = 8, n_per_class: int = 16, seed: int = 12345):
+        self.classes = class_names(num_classes)
+        self.num_classes, self.n_per_class, self.seed = num_classes, n_per_class, seed
+        self.refs: dict[int, dict[str, torch.Tensor]] = {}  # analysis size -> per-class colour, signature, aspect
+        colours, shapes = zip(*(name.split() for name in self.classes))
+        self.colours, self.shapes = sorted(set(colours)), sorted(set(shapes))
+        self.colour_id = torch.tensor([self.colours.index(c) for c in colours])
+        self.shape_id = torch.tensor([self.shapes.index(s) for s in shapes])
+        self.table = torch.full((len(self.colours), len(self.shapes)), -1, dtype=torch.long)  # (colour, shape) -> class
+        self.table[self.colour_id, self.shape_id] = torch.arange(num_classes)
+
+    def fit(self, dataset, n_per_class: int | None = None) -> "ClassFidelityChecker":
+        """Compute per-class reference colours and shape templates from real samples of `dataset`."""
+        n_per_class = n_per_class or self.n_per_class
+        xs, ys = zip(*(dataset[i] for i in range(min(len(dataset), n_per_class * self.num_classes))))
+        x, y = torch.stack(xs), torch.as_tensor(ys)
+        if len(y.unique()) < self.num_classes or y.max() >= self.num_classes:
+            raise ValueError(f"fit needs samples of exactly the classes 0..{self.num_classes - 1}")
+        f = _analyse(x)
+        f["aspect"] = f["box"].log().diff(dim=1)[:, 0]
+        self.refs[min(x.shape[-1], MAX_SIDE)] = {
+            k: torch.stack([f[k][y == c].mean(0) for c in range(self.num_classes)]) for k in ("color", "sig", "aspect")}
+        return self
+
+    def _refs(self, side: int) -> dict[str, torch.Tensor]:
+        """References for an analysis size, fitted deterministically from ShapesDataset when missing."""
+        key = min(side, MAX_SIDE)
+        if key not in self.refs:
+            size = min(max(8 * round(key / 8), 16), MAX_SIDE)  # nearest size ShapesDataset supports
+            n = self.n_per_class * self.num_classes
+            self.fit(ShapesDataset(image_size=size, num_classes=self.num_classes, length=n, seed=self.seed))
+            self.refs[key] = self.refs[min(size, MAX_SIDE)]
+        return self.refs[key]
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Predicted class per image (N,), -1 when no clear single-coloured shape matches any class."""
+        return self._predict(_analyse(images), images.shape[-1])
+
+    def _group(self, ref: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Average per-class references over the classes sharing a colour (or a shape)."""
+        return torch.stack([ref[ids == j].mean(0) for j in range(int(ids.max()) + 1)])
+
+    def _predict(self, f: dict[str, torch.Tensor], side: int) -> torch.Tensor:
+        """Nearest colour and nearest shape, independently; the class is that (colour, shape) pair if it exists."""
+        ref = self._refs(side)
+        dc = torch.cdist(f["color"], self._group(ref["color"], self.colour_id))  # (N, colours)
+        ds = (f["sig"][:, None] - self._group(ref["sig"], self.shape_id)[None]).abs().mean(-1)  # (N, shapes)
+        da = (f["box"].log().diff(dim=1) - self._group(ref["aspect"], self.shape_id)[None]).abs()  # (N, shapes)
+        dc_min, colour = dc.min(dim=1)
+        ds_min, shape = ds.min(dim=1)
+        best = self.table[colour, shape]
+        ok = (best >= 0) & (dc_min <= COLOR_TOL) & (ds_min <= SHAPE_TOL)
+        ok &= da.gather(1, shape[:, None])[:, 0] <= ASPECT_TOL
+        ok &= (f["color_std"] <= MAX_COLOR_STD) & (f["area"] >= AREA_RANGE[0]) & (f["area"] <= AREA_RANGE[1])
+        ok &= ((f["box"] >= BOX_RANGE[0]) & (f["box"] <= BOX_RANGE[1])).all(dim=1)
+        return torch.where(ok, best, torch.full_like(best, -1))
+
+    def score(self, images: torch.Tensor, labels) -> float:
+        """Fraction of images whose predicted class equals their label."""
+        labels = torch.as_tensor(labels).long().cpu()
+        return (self.predict(images) == labels).float().mean().item() if len(labels) else 0.0
+
+    def per_class(self, images: torch.Tensor, labels) -> dict[str, float]:
+        """Accuracy per class name, for the classes present in `labels`."""
+        labels = torch.as_tensor(labels).long().cpu()
+        right = self.predict(images) == labels
+        return {self.classes[c]: right[labels == c].float().mean().item() for c in labels.unique().tolist()}
+
+    def score_video(self, videos: torch.Tensor, labels) -> dict[str, float]:
+        """Clip accuracy (majority of frames right), frame accuracy, and fraction of clips moving > 1 px."""
+        labels = torch.as_tensor(labels).long().cpu()
+        if videos.ndim != 5:
+            raise ValueError(f"expected videos of shape (N, 3, T, H, W), got {tuple(videos.shape)}")
+        n, c, t, h, w = videos.shape
+        f = _analyse(videos.movedim(2, 1).reshape(n * t, c, h, w))
+        right = (self._predict(f, w).view(n, t) == labels[:, None])
+        cen = f["centroid"].view(n, t, 2)
+        moved = (cen[:, -1] - cen[:, 0]).norm(dim=1) > 1.0
+        return {"accuracy": (right.sum(1) * 2 > t).float().mean().item(), "frame_accuracy": right.float().mean().item(),
+                "motion_fraction": moved.float().mean().item()}

@@ -1,0 +1,160 @@
+"""Frozen image VAE (Stable Diffusion KL autoencoder) or identity, for images and video.
+
+Images are (N, C, H, W); videos are (N, C, T, H, W) and are encoded frame by frame,
+at most ``chunk_size`` frames at a time so memory stays bounded.
+"""
+
+import os
+import re
+
+import torch
+from torch import nn
+
+HUB_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+_HUB_ID = re.compile(r"^[\w-][\w.-]*/[\w-][\w.-]*$")  # "org/name"
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError)
+
+TINY_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(32, 32),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=32,
+)
+
+
+class VAE(nn.Module):
+    """Frozen wrapper exposing encode/decode to scaled latents; ``model=None`` is the identity."""
+
+    def __init__(self, model: nn.Module | None = None, chunk_size: int = 16):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+        if model is None:
+            self.latent_channels, self.downsample = 3, 1
+            self.scaling_factor, self.shift_factor = 1.0, 0.0
+        else:
+            cfg = model.config
+            self.latent_channels = int(cfg.latent_channels)
+            self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+            self.scaling_factor = float(getattr(cfg, "scaling_factor", None) or 0.18215)
+            self.shift_factor = float(getattr(cfg, "shift_factor", None) or 0.0)
+        self.requires_grad_(False)
+        self.eval()
+
+    @classmethod
+    def from_config(cls, config: dict, chunk_size: int = 16) -> "VAE":
+        """Build a randomly initialised ``AutoencoderKL`` from a config dict (no download)."""
+        from diffusers import AutoencoderKL
+
+        config = dict(config)
+        n = len(config.get("block_out_channels", (64,)))
+        config.setdefault("down_block_types", ("DownEncoderBlock2D",) * n)
+        config.setdefault("up_block_types", ("UpDecoderBlock2D",) * n)
+        return cls(AutoencoderKL.from_config(config), chunk_size=chunk_size)
+
+    def train(self, mode: bool = True) -> "VAE":
+        """Stay in eval mode: the VAE is always frozen."""
+        return super().train(False)
+
+    @property
+    def is_identity(self) -> bool:
+        """True for the pixel-space ("none") encoder."""
+        return self.model is None
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Move ``x`` to the model's device and dtype."""
+        p = next(self.model.parameters())
+        return x.to(device=p.device, dtype=p.dtype)
+
+    def _frames(self, x: torch.Tensor, fn) -> torch.Tensor:
+        """Apply ``fn`` to (N, C, H, W) or, folding frames into the batch, to (N, C, T, H, W), in chunks."""
+        video = x.ndim == 5
+        if video:
+            b, c, t, h, w = x.shape
+            x = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        elif x.ndim != 4:
+            raise ValueError(f"expected (N, C, H, W) or (N, C, T, H, W), got shape {tuple(x.shape)}")
+        step = max(1, self.chunk_size) if video else max(1, x.shape[0])
+        out = torch.cat([fn(chunk) for chunk in x.split(step)])
+        if video:
+            out = out.reshape(b, t, *out.shape[1:]).permute(0, 2, 1, 3, 4)
+        return out
+
+    def _moments(self, x: torch.Tensor) -> torch.Tensor:
+        """Posterior mean and log-variance, concatenated on channels."""
+        dist = self.model.encode(x).latent_dist
+        return torch.cat([dist.mean, dist.logvar], dim=1)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
+        """Pixels in [-1, 1] -> posterior sample (mean if ``sample=False``) times ``scaling_factor``."""
+        if self.is_identity:
+            return x
+        x = self._prepare(x)
+        stats = self._frames(x, self._moments)
+        mean, logvar = stats.chunk(2, dim=1)
+        z = mean
+        if sample:
+            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+            device = generator.device if generator is not None else mean.device
+            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=device)
+            z = mean + std * noise.to(mean.device)
+        return (z - self.shift_factor) * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents -> pixels in about [-1, 1] (inverse of :meth:`encode`)."""
+        if self.is_identity:
+            return z
+        z = self._prepare(z) / self.scaling_factor + self.shift_factor
+        return self._frames(z, lambda c: self.model.decode(c).sample)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Same as :meth:`encode`."""
+        return self.encode(x)
+
+
+def tiny_vae(chunk_size: int = 16, **overrides) -> VAE:
+    """A tiny random KL VAE (4 latent channels, downsample 2 ** (len(block_out_channels) - 1)) for tests."""
+    return VAE.from_config({**TINY_CONFIG, **overrides}, chunk_size=chunk_size)
+
+
+def _load_autoencoder(path: str, label: str):
+    """``AutoencoderKL.from_pretrained`` with the local cache tried first and one-line errors."""
+    from diffusers import AutoencoderKL
+
+    kwargs = {}
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        if os.path.isfile(os.path.join(path, "vae", "config.json")):
+            kwargs["subfolder"] = "vae"  # a full diffusers pipeline folder
+        else:
+            raise ValueError(f"--vae {label}: no config.json in this folder (expected a diffusers AutoencoderKL)")
+    if not os.path.isdir(path):
+        try:  # cached hub download: no network needed
+            return AutoencoderKL.from_pretrained(path, local_files_only=True, **kwargs)
+        except _LOAD_ERRORS:
+            pass
+    try:
+        return AutoencoderKL.from_pretrained(path, **kwargs)
+    except _LOAD_ERRORS as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        hint = "" if os.path.isdir(path) else "no network? pass a local path; "
+        raise ValueError(f"--vae {label}: could not load the VAE ({hint}{reason})") from None
+
+
+def build_vae(name: str, device="cpu", dtype: torch.dtype = torch.float32, chunk_size: int = 16) -> VAE:
+    """Build a frozen VAE from "none" (pixels), "ema", "mse", a local folder or a hub id."""
+    name = str(name).strip()
+    if name.lower() in ("none", ""):
+        return VAE(None, chunk_size=chunk_size)
+    path = HUB_IDS.get(name.lower(), os.path.expanduser(name))
+    label = name if path == name else f"{name} ({path})"
+    if not os.path.exists(path) and not _HUB_ID.match(path):
+        raise ValueError(f"--vae {label}: no such folder (use none, ema, mse, a local VAE folder or a hub id)")
+    if os.path.isfile(path):
+        raise ValueError(f"--vae {label}: is a file; pass the folder holding config.json and the weights")
+    model = _load_autoencoder(path, label)
+    return VAE(model.to(device=device, dtype=dtype), chunk_size=chunk_size)

@@ -1,0 +1,23 @@
+"""The `make demo` pipeline at reduced size: train, sample every class, score with the checker."""
+import json
+import os
+
+from opendit import demo
+
+
+def test_image_demo_pipeline(tmp_path, capsys):
+    demo.main(["--outputs", str(tmp_path), "--max_steps", "3", "--per_class", "1", "--sampling_steps", "2", "--min_fidelity", "0"])
+    out = capsys.readouterr().out
+    assert "class fidelity:" in out
+    (experiment,) = [d for d in os.listdir(tmp_path) if d[0].isdigit()]
+    samples = os.path.join(tmp_path, experiment, "samples")
+    assert len([f for f in os.listdir(samples) if f.endswith(".png")]) == 8 + 1
+    with open(os.path.join(samples, "fidelity.json")) as f:
+        assert 0 <= json.load(f)["fidelity"] <= 1
+
+
+def test_video_demo_pipeline(tmp_path, capsys):
+    demo.main(["--video", "--outputs", str(tmp_path), "--max_steps", "2", "--per_class", "1", "--sampling_steps", "2", "--min_fidelity", "0"])
+    assert "class fidelity:" in capsys.readouterr().out
+    (experiment,) = [d for d in os.listdir(tmp_path) if d[0].isdigit()]
+    assert len([f for f in os.listdir(os.path.join(tmp_path, experiment, "samples")) if f.endswith(".mp4")]) == 8
