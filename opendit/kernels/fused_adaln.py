@@ -1,0 +1,136 @@
+"""Fused adaLN: `LN(x) * (1 + scale) + shift` in one Triton pass (forward and backward), plus gate + residual.
+
+Rounding: the kernels upcast every input to fp32, keep fp32 through the mean/variance (biased, with eps),
+normalisation and modulation, and round once when storing y in x.dtype. `layernorm_modulate_ref` does the same
+(fp32 or wider math, one final cast), so the two agree to fp32 reduction-order noise before that rounding,
+i.e. within 1 ulp of x.dtype. Gradients are likewise fp32 inside and rounded once to the dtype of their input.
+
+The kernels live in `_triton_ops`; without triton, for tensors off CUDA when TRITON_INTERPRET=1 was not set at
+import, for fp64, C > 16384 or B > 65535, the public functions fall back to the PyTorch reference.
+Kernel configs are autotuned per (N, C, dtypes) on first use (a few seconds); OPENDIT_TRITON_AUTOTUNE=0 uses
+fixed heuristics instead (within a few % of the tuned configs on an H200 at C=1152).
+"""
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from . import _triton_ops as _ops
+except ImportError:  # no triton (e.g. CPU-only torch wheel)
+    _ops = None
+
+
+def is_available(device: torch.device | str | torch.Tensor) -> bool:
+    """True when the Triton kernels can run for `device` (a CUDA device, or anything under TRITON_INTERPRET=1)."""
+    if _ops is None:
+        return False
+    if isinstance(device, torch.Tensor):
+        device = device.device
+    # TRITON_INTERPRET is read when the kernels are defined (import time), so use the value captured then.
+    return torch.device(device).type == "cuda" or _ops.INTERPRET
+
+
+_MAX_B = 65535  # samples are grid axis 1
+
+
+def _expand_rows(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """View a (B, C) or (B, 1, C) modulation tensor so that it broadcasts against x (B, ..., C)."""
+    return v.reshape(v.shape[0], *([1] * (x.dim() - 2)), v.shape[-1])
+
+
+def layernorm_modulate_ref(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """PyTorch reference: (LN(x) * (1 + scale) + shift) in fp32 (fp64 for fp64 inputs), cast once to x.dtype."""
+    ct = torch.promote_types(x.dtype, torch.float32)
+    xn = F.layer_norm(x.to(ct), (x.shape[-1],), eps=eps)
+    return (xn * (1 + _expand_rows(scale, x).to(ct)) + _expand_rows(shift, x).to(ct)).to(x.dtype)
+
+
+def gate_residual_ref(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """PyTorch reference of x + gate[:, None] * y in fp32 (or wider), cast once to the promoted dtype."""
+    out_dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), gate.dtype)
+    ct = torch.promote_types(out_dtype, torch.float32)
+    return (x.to(ct) + _expand_rows(gate, x).to(ct) * y.to(ct)).to(out_dtype)
+
+
+def _rows(v: torch.Tensor, B: int, C: int, name: str) -> torch.Tensor:
+    """(B, C) or (B, 1, C) -> (B, C) view with unit column stride (row stride may be anything, e.g. a chunk)."""
+    if v.numel() != B * C or v.shape[0] != B or v.shape[-1] != C:
+        raise ValueError(f"{name} must have shape (B, C) = ({B}, {C}), got {tuple(v.shape)}")
+    v = v.reshape(B, C)
+    return v if v.stride(1) == 1 else v.contiguous()
+
+
+def _as_bnc(x: torch.Tensor) -> torch.Tensor:
+    """(B, ..., C) -> contiguous (B, N, C)."""
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape (B, ..., C), got {tuple(x.shape)}")
+    return x.reshape(x.shape[0], -1, x.shape[-1]).contiguous()
+
+
+class FusedAdaLNFunction(torch.autograd.Function):
+    """Autograd wrapper of the Triton forward/backward kernels of LN(x) * (1 + scale) + shift."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6):
+        x3 = _as_bnc(x)  # (B, N, C)
+        B, _, C = x3.shape
+        shift2, scale2 = _rows(shift, B, C, "shift"), _rows(scale, B, C, "scale")  # (B, C)
+        y, mean, rstd = _ops.adaln_fwd(x3, shift2, scale2, eps)
+        ctx.save_for_backward(x3, scale2, mean, rstd)
+        ctx.meta = (x.shape, shift.shape, shift.dtype, scale.shape, scale.dtype)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x3, scale2, mean, rstd = ctx.saved_tensors
+        x_shape, shift_shape, shift_dtype, scale_shape, scale_dtype = ctx.meta
+        dy3 = dy.reshape(x3.shape).to(x3.dtype).contiguous()
+        dx, dscale, dshift = _ops.adaln_bwd(dy3, x3, scale2, mean, rstd)
+        return (
+            dx.view(x_shape),
+            dshift.to(shift_dtype).view(shift_shape),
+            dscale.to(scale_dtype).view(scale_shape),
+            None,
+        )
+
+
+def fused_layernorm_modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """LN(x) * (1 + scale) + shift for x (B, ..., C), shift/scale (B, C); Triton when available, else PyTorch."""
+    if not is_available(x) or x.shape[-1] > _ops.MAX_BLOCK_C or x.shape[0] > _MAX_B or x.dtype == torch.float64:
+        return layernorm_modulate_ref(x, shift, scale, eps)
+    return FusedAdaLNFunction.apply(x, shift, scale, eps)
+
+
+class GateResidualFunction(torch.autograd.Function):
+    """Autograd wrapper of the Triton kernels of x + gate[:, None] * y."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor):
+        x3, y3 = _as_bnc(x), _as_bnc(y)  # (B, N, C)
+        B, _, C = x3.shape
+        gate2 = _rows(gate, B, C, "gate")  # (B, C)
+        out_dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), gate.dtype)
+        out = _ops.gate_res_fwd(x3, gate2, y3, out_dtype)
+        ctx.save_for_backward(gate2, y3)
+        ctx.meta = (x.shape, x.dtype, gate.shape, gate.dtype)
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        gate2, y3 = ctx.saved_tensors
+        x_shape, x_dtype, gate_shape, gate_dtype = ctx.meta
+        dout3 = dout.reshape(y3.shape).contiguous()
+        dy, dgate = _ops.gate_res_bwd(dout3, gate2, y3)
+        return dout.to(x_dtype).reshape(x_shape), dgate.to(gate_dtype).view(gate_shape), dy.view(x_shape)
+
+
+def gate_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + gate[:, None] * y for x, y (B, ..., C), gate (B, C), fused in one pass; PyTorch fallback off-GPU."""
+    dtypes = (x.dtype, y.dtype, gate.dtype)
+    if not is_available(x) or x.shape != y.shape or x.shape[0] > _MAX_B or torch.float64 in dtypes:
+        return gate_residual_ref(x, gate, y)
+    return GateResidualFunction.apply(x, gate, y)

@@ -1,0 +1,284 @@
+"""Fused adaLN (LayerNorm + modulate) and gate + residual kernels vs a float64 PyTorch reference.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py); with CUDA the same tests run compiled.
+"""
+
+import pytest
+import torch
+
+from opendit.kernels import fused_adaln as fa
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Max error allowed, relative to the largest magnitude of the expected tensor: one final rounding to dtype.
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = ""):
+    """Finite, right dtype-independent shape, and max |error| <= TOL[dtype] * max |expected| (scale-free)."""
+    assert actual.shape == expected.shape, what
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = (actual.double() - expected.double()).abs().max().item()
+    bound = TOL[dtype] * max(expected.abs().max().item(), 1e-30)
+    assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e}"
+
+
+def leaves(*ts):
+    """Detached copies that require grad."""
+    return [t.detach().clone().requires_grad_() for t in ts]
+
+
+def run_both(x, shift, scale, eps=1e-6):
+    """Fused forward+backward on (x, shift, scale) and float64 reference on the same values; same random dy."""
+    x, shift, scale = leaves(x, shift, scale)
+    x64, shift64, scale64 = leaves(x.double(), shift.double(), scale.double())
+    y = fa.FusedAdaLNFunction.apply(x, shift, scale, eps)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y64 = fa.layernorm_modulate_ref(x64, shift64, scale64, eps)
+    y64.backward(dy.double())
+    return (y, x.grad, shift.grad, scale.grad), (y64, x64.grad, shift64.grad, scale64.grad)
+
+
+def check_all(x, shift, scale, eps=1e-6):
+    """Forward, dx, dshift, dscale: dtypes as the inputs, values as the float64 reference."""
+    got, ref = run_both(x, shift, scale, eps)
+    for g, t in zip(got, (x, x, shift, scale)):
+        assert g.dtype == t.dtype
+    for name, g, r, dt in zip(("y", "dx", "dshift", "dscale"), got, ref, (x.dtype, x.dtype, shift.dtype, scale.dtype)):
+        assert_close(g, r, dt, name)
+
+
+def test_kernels_available():
+    assert fa.is_available(DEVICE), "Triton kernels must run here (interpreter on CPU, compiled on CUDA)"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape",
+    [(3, 13, 100), (4, 5, 72), (2, 3, 1152), (1, 7, 384), (2, 1, 64)],  # N not a multiple of the row block
+)
+def test_matches_fp64_reference(shape, dtype):
+    B, N, C = shape
+    x = torch.randn(B, N, C, device=DEVICE).to(dtype)
+    shift = torch.randn(B, C, device=DEVICE).to(dtype)
+    scale = (0.5 * torch.randn(B, C, device=DEVICE)).to(dtype)
+    check_all(x, shift, scale)
+
+
+def test_per_sample_modulation():
+    """Each row uses the shift/scale of its own sample (row // N); sample 0's for all would fail."""
+    B, N, C = 4, 5, 72
+    x = torch.randn(B, N, C, device=DEVICE)
+    shift = torch.randn(B, C, device=DEVICE) * torch.arange(1, B + 1, device=DEVICE)[:, None]
+    scale = torch.randn(B, C, device=DEVICE)
+    got, ref = run_both(x, shift, scale)
+    for name, g, r in zip(("y", "dx", "dshift", "dscale"), got, ref):
+        assert_close(g, r, torch.float32, name)
+    # The bug of using the tile index (here: always sample 0) is far outside the tolerance.
+    buggy = fa.layernorm_modulate_ref(x, shift[:1].expand(B, C), scale[:1].expand(B, C))
+    for b in range(1, B):
+        assert (buggy[b].double() - ref[0][b]).abs().max() > 100 * TOL[torch.float32] * ref[0].abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_large_magnitude_and_constant_rows(dtype):
+    """x ~ 1e4 and rows with zero variance: finite, y == shift on constant rows, gradients as float64."""
+    B, N, C = 2, 6, 100
+    x = torch.randn(B, N, C, device=DEVICE) * 1e4
+    x[0, 1] = 1e4  # constant rows: variance 0, rstd = 1/sqrt(eps)
+    x[1, 4] = -3.0
+    x[1, 0] = 0.0
+    x = x.to(dtype)
+    shift = torch.randn(B, C, device=DEVICE).to(dtype)
+    scale = torch.randn(B, C, device=DEVICE).to(dtype)
+    got, ref = run_both(x, shift, scale)
+    for name, g, r in zip(("y", "dx", "dshift", "dscale"), got, ref):
+        assert_close(g, r, dtype, name)
+    const = torch.zeros(B, N, dtype=torch.bool, device=DEVICE)
+    const[0, 1] = const[1, 4] = const[1, 0] = True
+    assert_close(got[1][~const], ref[1][~const], dtype, "dx of non-constant rows (~1e-4, own scale)")
+    assert_close(got[1][const], ref[1][const], dtype, "dx of constant rows (~1e3, own scale)")
+    y = got[0]
+    for b, n in const.nonzero().tolist():
+        assert torch.equal(y[b, n], shift[b]), "constant rows normalise to exactly 0"
+
+
+def test_saved_mean_rstd():
+    B, N, C = 2, 5, 100
+    x = torch.randn(B, N, C, device=DEVICE) * 3 + 7
+    y, mean, rstd = fa._ops.adaln_fwd(x, torch.zeros(B, C, device=DEVICE), torch.zeros(B, C, device=DEVICE), 1e-6)
+    x64 = x.double().reshape(B * N, C)
+    assert_close(mean, x64.mean(-1), torch.float32, "mean")
+    assert_close(rstd, (x64.var(-1, unbiased=False) + 1e-6).rsqrt(), torch.float32, "rstd")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_noncontiguous_chunks(dtype):
+    """shift/scale as chunks of a (B, 6C) adaLN projection; gradients reach the projection output."""
+    B, N, C = 3, 5, 72
+    x = torch.randn(B, N, C, device=DEVICE).to(dtype)
+    mod = torch.randn(B, 6 * C, device=DEVICE).to(dtype)
+    (x1, mod1), (x2, mod2) = leaves(x, mod), leaves(x.double(), mod.double())
+    shift, scale = mod1.chunk(6, dim=1)[:2]
+    assert not shift.is_contiguous()
+    y = fa.fused_layernorm_modulate(x1, shift, scale)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y64 = fa.layernorm_modulate_ref(x2, *mod2.chunk(6, dim=1)[:2])
+    y64.backward(dy.double())
+    assert_close(y, y64, dtype, "y")
+    assert_close(x1.grad, x2.grad, dtype, "dx")
+    assert_close(mod1.grad[:, : 2 * C], mod2.grad[:, : 2 * C], dtype, "dmod")
+    assert (mod1.grad[:, 2 * C :] == 0).all()
+
+
+def test_fp32_modulation_with_bf16_x_and_extra_dims():
+    """shift/scale in fp32 with x in bf16; x of shape (B, T, S, C); (B, 1, C) modulation like DiT's unsqueeze."""
+    B, T, S, C = 2, 3, 2, 100
+    x = torch.randn(B, T, S, C, device=DEVICE).to(torch.bfloat16)
+    check_all(x, torch.randn(B, C, device=DEVICE), torch.randn(B, C, device=DEVICE))
+    shift, scale = torch.randn(B, 1, C, device=DEVICE), torch.randn(B, 1, C, device=DEVICE)
+    check_all(x[:, 0], shift, scale)
+
+
+def test_bad_shapes_raise():
+    x = torch.randn(2, 3, 8, device=DEVICE)
+    with pytest.raises(ValueError):
+        fa.fused_layernorm_modulate(x, torch.randn(3, 8, device=DEVICE), torch.randn(2, 8, device=DEVICE))
+
+
+def test_reference_rounds_once():
+    """The reference computes in fp32 and rounds once: equal to the fp64 result rounded to bf16 up to 1 ulp."""
+    x = torch.randn(2, 4, 64).to(torch.bfloat16)
+    shift, scale = torch.randn(2, 64), torch.randn(2, 64)
+    ref = fa.layernorm_modulate_ref(x, shift, scale)
+    ref64 = fa.layernorm_modulate_ref(x.double(), shift.double(), scale.double())
+    assert ref.dtype == torch.bfloat16
+    assert_close(ref, ref64, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- gate + residual
+
+
+def gate_both(x, gate, y):
+    (x1, g1, y1), (x2, g2, y2) = leaves(x, gate, y), leaves(x.double(), gate.double(), y.double())
+    out = fa.GateResidualFunction.apply(x1, g1, y1)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    out64 = fa.gate_residual_ref(x2, g2, y2)
+    out64.backward(dout.double())
+    return (out, x1.grad, g1.grad, y1.grad), (out64, x2.grad, g2.grad, y2.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 13, 100), (2, 3, 1152)])
+def test_gate_residual(shape, dtype):
+    B, N, C = shape
+    x, y = torch.randn(B, N, C, device=DEVICE).to(dtype), torch.randn(B, N, C, device=DEVICE).to(dtype)
+    gate = torch.randn(B, 3 * C, device=DEVICE).to(dtype).chunk(3, dim=1)[2]  # non-contiguous, per sample
+    got, ref = gate_both(x, gate, y)
+    for name, g, r, t in zip(("out", "dx", "dgate", "dy"), got, ref, (x, x, gate, y)):
+        assert g.dtype == t.dtype, name
+        assert_close(g, r, dtype, name)
+
+
+def test_gate_residual_mixed_dtypes():
+    """fp32 residual stream, bf16 branch output and gate: fp32 result, gradients in each input's dtype."""
+    B, N, C = 2, 5, 72
+    x = torch.randn(B, N, C, device=DEVICE)
+    y = torch.randn(B, N, C, device=DEVICE).to(torch.bfloat16)
+    gate = torch.randn(B, C, device=DEVICE).to(torch.bfloat16)
+    got, ref = gate_both(x, gate, y)
+    assert got[0].dtype == torch.float32
+    for name, g, r, t in zip(("out", "dx", "dgate", "dy"), got, ref, (x, x, gate, y)):
+        assert g.dtype == t.dtype, name
+        assert_close(g, r, t.dtype, name)
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+@gpu
+@needs_cuda
+def test_large_bf16_gpu():
+    """DiT-XL/2-like shape on GPU: bf16 forward and gradients vs the float64 reference."""
+    B, N, C = 256, 256, 1152
+    x = torch.randn(B, N, C, device="cuda").to(torch.bfloat16)
+    shift, scale = torch.randn(B, C, device="cuda").to(torch.bfloat16), torch.randn(B, C, device="cuda").to(
+        torch.bfloat16
+    )
+    check_all(x, shift, scale)
+
+
+@gpu
+@needs_cuda
+def test_large_gate_residual_bf16_gpu():
+    B, N, C = 64, 1024, 1152
+    x, y = torch.randn(B, N, C, device="cuda").to(torch.bfloat16), torch.randn(B, N, C, device="cuda").to(
+        torch.bfloat16
+    )
+    gate = torch.randn(B, C, device="cuda").to(torch.bfloat16)
+    got, ref = gate_both(x, gate, y)
+    for name, g, r in zip(("out", "dx", "dgate", "dy"), got, ref):
+        assert_close(g, r, torch.bfloat16, name)
+
+
+@gpu
+@needs_cuda
+def test_cpu_tensor_falls_back_on_gpu_machine():
+    x = torch.randn(2, 3, 8)
+    shift, scale = torch.randn(2, 8), torch.randn(2, 8)
+    torch.testing.assert_close(fa.fused_layernorm_modulate(x, shift, scale), fa.layernorm_modulate_ref(x, shift, scale))
+
+
+def check_configs(B, N, C, fwd_configs, bwd_configs, gate_configs, rows_per_prog=None):
+    """Run the launchers with explicit configs on fp32 inputs; compare with the float64 reference."""
+    ops = fa._ops
+    x = torch.randn(B, N, C, device=DEVICE)
+    shift, scale, dy = torch.randn(B, C, device=DEVICE), torch.randn(B, C, device=DEVICE), torch.randn_like(x)
+    x64, shift64, scale64 = leaves(x.double(), shift.double(), scale.double())
+    y64 = fa.layernorm_modulate_ref(x64, shift64, scale64)
+    y64.backward(dy.double())
+    for cfg in fwd_configs:
+        y, mean, rstd = ops.adaln_fwd(x, shift, scale, 1e-6, config=cfg)
+        assert_close(y, y64, torch.float32, f"y {cfg}")
+    for cfg in bwd_configs:
+        dx, dscale, dshift = ops.adaln_bwd(dy, x, scale, mean, rstd, config=cfg, rows_per_prog=rows_per_prog)
+        for name, a, r in (("dx", dx, x64.grad), ("dshift", dshift, shift64.grad), ("dscale", dscale, scale64.grad)):
+            assert_close(a, r, torch.float32, f"{name} {cfg}")
+    g = torch.randn(B, C, device=DEVICE)
+    for cfg in gate_configs:
+        out = ops.gate_res_fwd(x, g, dy, torch.float32, config=cfg)
+        d_y, dgate = ops.gate_res_bwd(dy, g, x, config=cfg)
+        assert_close(out, x.double() + g.double()[:, None] * dy.double(), torch.float32, f"gate out {cfg}")
+        assert_close(d_y, dy.double() * g.double()[:, None], torch.float32, f"gate dy {cfg}")
+        assert_close(dgate, (dy.double() * x.double()).sum(1), torch.float32, f"gate dgate {cfg}")
+
+
+def test_kernel_variants():
+    """Row-tile loops with and without prefetch, several tiles per program and per sample, masked tails."""
+    fwd = [dict(BLOCK_M=4, num_warps=1, TILES=1, PREFETCH=False), dict(BLOCK_M=2, num_warps=1, TILES=3, PREFETCH=True)]
+    bwd = [dict(BLOCK_M=4, num_warps=1, PREFETCH=False), dict(BLOCK_M=2, num_warps=1, PREFETCH=True)]
+    check_configs(2, 13, 72, fwd, bwd, [dict(BLOCK_M=2, num_warps=1)], rows_per_prog=6)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("C", [72, 1152])
+def test_every_config_gpu(C):
+    """Every autotune candidate that passes the pruning gives the right forward and backward."""
+    ops = fa._ops
+    ok = lambda c, bc: ops._tile_ok(c["BLOCK_M"], bc, c["num_warps"])  # noqa: E731
+    bc = ops.triton.next_power_of_2(C)
+    fwd = [c for c in ops.FWD_CANDIDATES if ok(c, bc)]
+    bwd = [c for c in ops.BWD_CANDIDATES if ok(c, bc)]
+    gate = [c for c in ops.GATE_CANDIDATES if ok(c, ops._gate_block_c(C))]
+    assert len(fwd) >= 4 and len(bwd) >= 2 and len(gate) >= 2
+    check_configs(3, 37, C, fwd, bwd, gate)
