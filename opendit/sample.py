@@ -13,7 +13,7 @@ from opendit.utils.checkpoint import CheckpointError, load_model_weights
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver")
 # Flags that fall back to the checkpoint's training config when not given, then to these defaults.
-MODEL_DEFAULTS = dict(model="DiT-XL/2", vae="ema", image_size=256, num_classes=1000, num_frames=16)
+MODEL_DEFAULTS = dict(model="DiT-XL/2", vae="ema", image_size=256, num_classes=1000, num_frames=16, noise_schedule="linear")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -27,6 +27,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_sampling_steps", type=int, default=250, help="denoising steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_frames", type=int, default=None, help="frames per video (default: from the checkpoint, else 16)")
+    parser.add_argument("--noise_schedule", type=str, default=None, choices=["linear", "squaredcos_cap_v2"], help="beta schedule (default: from the checkpoint, else linear)")
     parser.add_argument("--frame_interval", type=int, default=1, help="temporal stride the model was trained with (video)")
     parser.add_argument("--use_video", action="store_true", help="sample a video model (VDiT)")
     parser.add_argument("--text_encoder", type=str, default="openai/clip-vit-base-patch32", help="text encoder for prompts")
@@ -70,13 +71,13 @@ def denoise(args: argparse.Namespace, model: torch.nn.Module, z: torch.Tensor, y
         model_kwargs = dict(y=y)
         model_fn = model.forward
     if args.sampler == "ddpm":
-        diffusion = create_diffusion(str(args.num_sampling_steps))
-        samples = diffusion.p_sample_loop(model_fn, z.shape, z, clip_denoised=False, model_kwargs=model_kwargs, device=z.device, progress=True)
+        diffusion = create_diffusion(str(args.num_sampling_steps), noise_schedule=args.noise_schedule)
+        samples = diffusion.p_sample_loop(model_fn, z.shape, z, clip_denoised=args.vae == "none", model_kwargs=model_kwargs, device=z.device, progress=True)
     elif args.sampler == "ddim":
-        diffusion = create_diffusion(f"ddim{args.num_sampling_steps}")
-        samples = diffusion.ddim_sample_loop(model_fn, z.shape, z, clip_denoised=False, model_kwargs=model_kwargs, device=z.device, progress=True)
+        diffusion = create_diffusion(f"ddim{args.num_sampling_steps}", noise_schedule=args.noise_schedule)
+        samples = diffusion.ddim_sample_loop(model_fn, z.shape, z, clip_denoised=args.vae == "none", model_kwargs=model_kwargs, device=z.device, progress=True)
     else:
-        diffusion = create_diffusion("")
+        diffusion = create_diffusion("", noise_schedule=args.noise_schedule)
         samples = diffusion.dpm_solver_sample_loop(model_fn, z.shape, num_steps=args.num_sampling_steps, noise=z, model_kwargs=model_kwargs, device=z.device, progress=True)
     return samples.chunk(2, dim=0)[0] if use_cfg else samples
 

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from opendit.builders import UsageError, build_model, check_model_flags, load_vae, model_config
 from opendit.diffusion import create_diffusion
+from opendit.parallelize import parallelize
 from opendit.utils.checkpoint import (
     CheckpointError,
     experiment_dir_of,
@@ -57,9 +58,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grad_clip", type=float, default=1.0, help="max global gradient norm (<= 0 disables)")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     parser.add_argument("--grad_checkpoint", action="store_true", help="activation checkpointing per transformer block")
-    parser.add_argument("--enable_modulate_kernel", action="store_true", help="Triton fused LayerNorm + modulate")
-    parser.add_argument("--enable_layernorm_kernel", action="store_true", help="fused LayerNorm kernel")
-    parser.add_argument("--enable_flashattn", action="store_true", help="flash attention (bf16/fp16)")
+    parser.add_argument("--enable_modulate_kernel", action="store_true", help="Triton fused LayerNorm + modulate (adaLN) in every block and the final layer")
+    parser.add_argument("--enable_layernorm_kernel", action="store_true", help="same fused kernel (our LayerNorm is fused with the modulation)")
+    parser.add_argument("--enable_flashattn", action="store_true", help="attention on the fused GPU kernels only (cuDNN/flash; bf16/fp16)")
     parser.add_argument("--sequence_parallel_size", type=int, default=1, help="sequence-parallel group size")
     parser.add_argument("--sequence_parallel_type", type=str, default=None, help="fastseq (longseq) | ulysses")
     # Additions.
@@ -69,6 +70,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--depth", type=int, default=None, help="override the registry model's depth (small experiments)")
     parser.add_argument("--hidden_size", type=int, default=None, help="override the registry model's hidden size")
     parser.add_argument("--num_heads", type=int, default=None, help="override the registry model's number of heads")
+    parser.add_argument("--noise_schedule", type=str, default="linear", choices=["linear", "squaredcos_cap_v2"], help="beta schedule (DiT: linear)")
     parser.add_argument("--ema_decay", type=float, default=0.9999)
     parser.add_argument("--weight_decay", type=float, default=0.0)
     parser.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"])
@@ -78,9 +80,6 @@ def get_parser() -> argparse.ArgumentParser:
 def check_flags(args: argparse.Namespace, world_size: int) -> None:
     """Refuse, in one line, flags whose feature is not in this version or that contradict each other."""
     not_yet = [
-        (args.enable_modulate_kernel, "--enable_modulate_kernel"),
-        (args.enable_layernorm_kernel, "--enable_layernorm_kernel"),
-        (args.enable_flashattn, "--enable_flashattn"),
         (args.sequence_parallel_size > 1, "--sequence_parallel_size > 1"),
         (args.plugin in ("zero2", "zero3") and world_size > 1, f"--plugin {args.plugin} on several processes (use --plugin ddp)"),
     ]
@@ -98,6 +97,8 @@ def check_flags(args: argparse.Namespace, world_size: int) -> None:
         raise UsageError(f"--num_classes {args.num_classes}: must be at least 1")
     if args.max_steps is not None and args.max_steps < 1:
         raise UsageError(f"--max_steps {args.max_steps}: must be at least 1")
+    if args.enable_flashattn and (args.mixed_precision == "fp32" or args.device == "cpu" or not torch.cuda.is_available()):
+        raise UsageError("--enable_flashattn needs a CUDA GPU and --mixed_precision bf16 or fp16")
     if args.mixed_precision == "fp16" and args.device == "cpu":
         raise UsageError("--mixed_precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
     check_model_flags(args.model, args.image_size, args.vae, args.use_video)
@@ -139,16 +140,6 @@ def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float 
     for name, param in model.named_parameters():
         if param.requires_grad:
             ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
-
-
-def enable_grad_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute each transformer block in the backward pass; parameter names are unchanged."""
-    from functools import partial
-
-    from torch.utils.checkpoint import checkpoint
-
-    for block in model.blocks:
-        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
 
 def new_experiment_dir(outputs: str, model: str) -> str:
@@ -240,9 +231,8 @@ def train(args: argparse.Namespace) -> None:
     # EMA, diffusion, optimizer:
     ema = deepcopy(model).to(device).requires_grad_(False)  # fp32 exponential moving average of the weights
     ema.eval()
-    if args.grad_checkpoint:
-        enable_grad_checkpointing(model)
-    diffusion = create_diffusion(timestep_respacing="")  # 1000 linear-beta steps, learned-range sigma
+    parallelize(model, fused_adaln=args.enable_modulate_kernel or args.enable_layernorm_kernel, flash_attention=args.enable_flashattn, grad_checkpoint=args.grad_checkpoint)
+    diffusion = create_diffusion(timestep_respacing="", noise_schedule=args.noise_schedule)  # 1000 steps, learned-range sigma
     logger.info(f"{args.model} parameters: {sum(p.numel() for p in model.parameters()):,}  config: {config}")
     if info.is_main:
         with open(os.path.join(experiment_dir, "config.json"), "w") as f:

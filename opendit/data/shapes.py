@@ -118,35 +118,29 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def render(self, label: int, rng: np.random.Generator) -> np.ndarray:
+        img = render_shape(label, self.image_size, rng)
+        if self.flip and rng.random() < 0.5:
+            img = img[:, ::-1]
+        return img
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         if not 0 <= i < self.length:
             raise IndexError(i)
         rng = np.random.default_rng((self.seed, i))
         label = i % self.num_classes
-        img = render_shape(label, self.image_size, rng)
-        if self.flip and rng.random() < 0.5:
-            img = img[:, ::-1]
-        return _to_tensor(img), label
+        return _to_tensor(self.render(label, rng)), label
 
 
-class ShapesVideoDataset(Dataset):
+class ShapesVideoDataset(ShapesDataset):
     """Deterministic clips (3, T, H, W) of a class shape moving in a straight line."""
 
     def __init__(self, image_size: int = 32, num_frames: int = 8, num_classes: int = 8, length: int = 10000,
                  seed: int = 0):
-        _check_size(image_size)
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-        self.classes = class_names(num_classes)
-        self.image_size, self.num_frames, self.num_classes = image_size, num_frames, num_classes
-        self.length, self.seed = length, seed
+        super().__init__(image_size, num_classes, length, seed)
+        self.num_frames = num_frames
 
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        if not 0 <= i < self.length:
-            raise IndexError(i)
-        rng = np.random.default_rng((self.seed, i))
-        label = i % self.num_classes
-        return _to_tensor(render_clip(label, self.image_size, self.num_frames, rng)), label
+    def render(self, label: int, rng: np.random.Generator) -> np.ndarray:
+        return render_clip(label, self.image_size, self.num_frames, rng)
