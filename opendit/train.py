@@ -8,6 +8,7 @@ import sys
 import time
 from collections import OrderedDict
 from copy import deepcopy
+from functools import partial
 from typing import Optional
 
 import numpy as np
@@ -71,6 +72,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hidden_size", type=int, default=None, help="override the registry model's hidden size")
     parser.add_argument("--num_heads", type=int, default=None, help="override the registry model's number of heads")
     parser.add_argument("--noise_schedule", type=str, default="linear", choices=["linear", "squaredcos_cap_v2"], help="beta schedule (DiT: linear)")
+    parser.add_argument("--lr_schedule", type=str, default="constant", choices=["constant", "cosine"], help="constant (DiT) or cosine decay to 0 at the last step")
+    parser.add_argument("--lr_warmup_steps", type=int, default=0, help="linear learning-rate warmup steps")
     parser.add_argument("--ema_decay", type=float, default=0.9999)
     parser.add_argument("--weight_decay", type=float, default=0.0)
     parser.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"])
@@ -95,6 +98,8 @@ def check_flags(args: argparse.Namespace, world_size: int) -> None:
             raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
     if args.num_classes < 1:
         raise UsageError(f"--num_classes {args.num_classes}: must be at least 1")
+    if args.lr_warmup_steps < 0:
+        raise UsageError(f"--lr_warmup_steps {args.lr_warmup_steps}: must be at least 0")
     if args.max_steps is not None and args.max_steps < 1:
         raise UsageError(f"--max_steps {args.max_steps}: must be at least 1")
     if args.enable_flashattn and (args.mixed_precision == "fp32" or args.device == "cpu" or not torch.cuda.is_available()):
@@ -140,6 +145,16 @@ def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float 
     for name, param in model.named_parameters():
         if param.requires_grad:
             ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
+
+
+def lr_factor(schedule: str, warmup_steps: int, max_steps: int, step: int) -> float:
+    """Multiplier of --lr at a step: linear warmup, then constant or cosine decay to 0 at max_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def new_experiment_dir(outputs: str, model: str) -> str:
@@ -260,6 +275,9 @@ def train(args: argparse.Namespace) -> None:
         raise UsageError(f"--batch_size {args.batch_size}: larger than the {len(sampler)} items each rank gets per epoch")
     logger.info(f"Dataset: {type(dataset).__name__} with {len(dataset):,} items, {steps_per_epoch} steps per epoch")
 
+    max_steps = args.max_steps or args.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, args.lr_schedule, args.lr_warmup_steps, max_steps))
+
     # Resume or start:
     train_steps, start_epoch, epoch_step = 0, 0, 0
     if resume_dir:
@@ -270,6 +288,7 @@ def train(args: argparse.Namespace) -> None:
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         scaler.load_state_dict(state["scaler"])
+        scheduler.load_state_dict(state["scheduler"])
         train_steps, start_epoch, epoch_step = state["step"], state["epoch"], state["epoch_step"]
         if state["world_size"] != info.world_size or state["rng"] is None:
             logger.info(f"Resuming on {info.world_size} processes from a run on {state['world_size']}: data order and RNG restart")
@@ -284,7 +303,6 @@ def train(args: argparse.Namespace) -> None:
         model = DDP(model, device_ids=[info.local_rank] if device.type == "cuda" else None)
     model.train()  # enables label dropout for classifier-free guidance
 
-    max_steps = args.max_steps or args.epochs * steps_per_epoch
     if train_steps >= max_steps:
         logger.info(f"Nothing to do: step {train_steps} >= {max_steps}")
     metrics = MetricsWriter(experiment_dir, info.is_main)
@@ -295,6 +313,7 @@ def train(args: argparse.Namespace) -> None:
             "ema": ema.state_dict(),
             "opt": opt.state_dict(),
             "scaler": scaler.state_dict(),
+            "scheduler": scheduler.state_dict(),
             "step": train_steps,
             "epoch": epoch,
             "epoch_step": step_in_epoch,
@@ -327,6 +346,8 @@ def train(args: argparse.Namespace) -> None:
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else math.inf)
             scaler.step(opt)
             scaler.update()
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
+            scheduler.step()
             update_ema(ema, raw_model, args.ema_decay)
 
             train_steps += 1
@@ -348,7 +369,7 @@ def train(args: argparse.Namespace) -> None:
                     "grad_norm": float(grad_norm),
                     "steps_per_sec": log_steps / elapsed,
                     "images_per_sec": log_steps * args.batch_size * info.world_size / elapsed,
-                    "lr": opt.param_groups[0]["lr"],
+                    "lr": lr,
                 }
                 if device.type == "cuda":
                     record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -18,6 +18,15 @@ TINY = ["--model", "DiT-S/2", "--depth", "2", "--hidden_size", "32", "--num_head
         "--num_workers", "0", "--log_every", "1"]
 
 
+SCHEDULE = ["--lr_schedule", "cosine", "--lr_warmup_steps", "2"]  # resume must restore the scheduler too
+
+
+def test_lr_factor_warmup_and_cosine():
+    f = train_cli.lr_factor
+    assert [f("constant", 2, 10, s) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert f("cosine", 0, 10, 0) == 1.0 and abs(f("cosine", 0, 10, 5) - 0.5) < 1e-12 and f("cosine", 0, 10, 10) == 0.0
+
+
 def run_cli(script, *args):
     """Run an entry script in a fresh interpreter; returns the CompletedProcess."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -32,7 +41,7 @@ def metrics(experiment):
 def trained(tmp_path_factory):
     """A 6-step run with checkpoints every 3 steps."""
     out = tmp_path_factory.mktemp("outputs")
-    train_cli.main(TINY + ["--max_steps", "6", "--ckpt_every", "3", "--outputs", str(out)])
+    train_cli.main(TINY + SCHEDULE + ["--max_steps", "6", "--ckpt_every", "3", "--outputs", str(out)])
     (experiment,) = [os.path.join(out, d) for d in os.listdir(out)]
     return experiment
 
@@ -46,6 +55,8 @@ def test_experiment_folder_layout(trained):
     records = metrics(trained)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert all(np.isfinite(r["loss"]) and r["images_per_sec"] > 0 for r in records)
+    lrs = [r["lr"] for r in records]
+    assert lrs[0] == pytest.approx(5e-5) and lrs[1] == pytest.approx(1e-4) and lrs[5] < lrs[3] < 1e-4  # warmup, then cosine
     with open(os.path.join(trained, "config.json")) as f:
         config = json.load(f)
     assert config["model"] == {"model": "DiT-S/2", "input_size": 16, "in_channels": 3, "num_classes": 8, "depth": 2, "hidden_size": 32, "num_heads": 2}
@@ -61,7 +72,7 @@ def test_resume_gives_identical_losses(trained, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(trained, copy)
     os.remove(copy / "metrics.jsonl")
-    train_cli.main(TINY + ["--max_steps", "6", "--ckpt_every", "3", "--load", str(copy / "checkpoints" / "step-0000003")])
+    train_cli.main(TINY + SCHEDULE + ["--max_steps", "6", "--ckpt_every", "3", "--load", str(copy / "checkpoints" / "step-0000003")])
     resumed = {r["step"]: r["loss"] for r in metrics(copy)}
     original = {r["step"]: r["loss"] for r in metrics(trained)}
     assert sorted(resumed) == [4, 5, 6]

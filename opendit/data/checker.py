@@ -7,7 +7,8 @@ from .shapes import ShapesDataset, class_names
 
 GRID, SUB = 8, 4  # shape signature: foreground mask area-averaged on a GRID x GRID lattice inside its bounding box
 MAX_SIDE = 64  # larger images are area-downsampled to this before analysis
-FG_LO, FG_HI = 0.25, 0.55  # colour distance from background mapped to soft foreground in [0, 1]
+FG_LO = 0.25  # colour distance from the background below which a pixel is background
+REL_LO, REL_HI = 0.3, 0.7  # distance relative to the image's strongest contrast, mapped to soft foreground [0, 1]
 COLOR_TOL = 0.22  # max RGB distance (in [0, 1] units) of the mean foreground colour to a class colour
 SHAPE_TOL = 0.18  # max mean abs signature difference to a class template
 ASPECT_TOL = 0.3  # max |log| ratio of bounding-box aspect to the class reference
@@ -29,7 +30,10 @@ def _analyse(images: torch.Tensor) -> dict[str, torch.Tensor]:
     border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)
     bg = border.median(dim=-1).values  # (N, 3)
     dist = (x - bg[:, :, None, None]).square().sum(dim=1).sqrt()  # (N, H, W) colour distance to background
-    m = ((dist - FG_LO) / (FG_HI - FG_LO)).clamp(0, 1)
+    # Soft foreground in units of the image's own strongest contrast, so every colour's anti-aliased edge counts
+    # alike (an absolute threshold lets the faint halo of a bright colour widen its shape).
+    contrast = dist.amax(dim=(1, 2), keepdim=True).clamp_min(FG_LO)
+    m = ((dist / contrast - REL_LO) / (REL_HI - REL_LO)).clamp(0, 1) * (dist >= FG_LO)
     mass = m.sum(dim=(1, 2)).clamp_min(1e-6)
 
     core = (dist >= CORE_FRAC * dist.amax(dim=(1, 2), keepdim=True)).float()[:, None]  # fully covered pixels
