@@ -141,9 +141,8 @@ def check_fidelity(samples: torch.Tensor, labels: list, use_video: bool, output:
     checker = ClassFidelityChecker(num_classes=len(SHAPE_CLASSES))
     y = torch.tensor(labels)
     if use_video:
-        report = checker.score_video(samples, y)
-        score = report["accuracy"] if isinstance(report, dict) else float(report)
-        extra = report if isinstance(report, dict) else {}
+        extra = checker.score_video(samples, y)  # accuracy, frame_accuracy, motion_fraction
+        score = extra["accuracy"]
     else:
         score = checker.score(samples, y)
         extra = {"per_class": checker.per_class(samples, y)}
