@@ -95,9 +95,21 @@ def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) ->
     raise NotImplementedError(f"unknown beta schedule: {schedule_name}")
 
 
+_ON_DEVICE = {}  # (id(arr), device) -> (arr, tensor): schedules copied to a device once, not on every call
+
+
+def _on_device(arr: np.ndarray, device: th.device) -> th.Tensor:
+    """arr as a tensor on device, cached: a host-to-device copy per call would stall the GPU queue every step."""
+    key = (id(arr), str(device))
+    hit = _ON_DEVICE.get(key)
+    if hit is None or hit[0] is not arr:
+        hit = _ON_DEVICE[key] = (arr, th.from_numpy(arr).to(device))
+    return hit[1]
+
+
 def _extract_into_tensor(arr: np.ndarray, timesteps: th.Tensor, broadcast_shape) -> th.Tensor:
     """Gather arr[timesteps] as float32 and broadcast it to broadcast_shape (batch first)."""
-    values = th.from_numpy(arr).to(device=timesteps.device)[timesteps].float()
+    values = _on_device(arr, timesteps.device)[timesteps].float()
     values = values.reshape(values.shape + (1,) * (len(broadcast_shape) - values.ndim))
     return values.expand(broadcast_shape)
 

@@ -33,6 +33,57 @@ def is_available(device: torch.device | str | torch.Tensor) -> bool:
 _MAX_B = 65535  # samples are grid axis 1
 
 
+def _op(name: str, launcher, fake):
+    """Register a launcher as a custom op, so torch.compile keeps the Triton kernel in its graph (no break)."""
+    op = torch.library.custom_op(f"opendit::{name}", mutates_args=())(launcher)
+    op.register_fake(fake)
+    return op
+
+
+def _launchers():
+    """The four launchers: plain Python calls in eager mode, custom ops while torch.compile traces."""
+    if not torch.compiler.is_compiling():
+        return _ops.adaln_fwd, _ops.adaln_bwd, _ops.gate_res_fwd, _ops.gate_res_bwd
+    return _COMPILED
+
+
+if _ops is not None:
+    Tensor = torch.Tensor
+
+    def _adaln_fwd(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        return _ops.adaln_fwd(x, shift, scale, eps)
+
+    def _adaln_fwd_fake(x, shift, scale, eps):
+        stats = x.new_empty(x.shape[0] * x.shape[1], dtype=torch.float32)
+        return torch.empty_like(x), stats, torch.empty_like(stats)
+
+    def _adaln_bwd(dy: Tensor, x: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return _ops.adaln_bwd(dy, x, scale, mean, rstd)
+
+    def _adaln_bwd_fake(dy, x, scale, mean, rstd):
+        rows = x.new_empty(x.shape[0], x.shape[2], dtype=torch.float32)
+        return torch.empty_like(x), rows, torch.empty_like(rows)
+
+    def _gate_res_fwd(x: Tensor, gate: Tensor, y: Tensor, out_dtype: torch.dtype) -> Tensor:
+        return _ops.gate_res_fwd(x, gate, y, out_dtype)
+
+    def _gate_res_fwd_fake(x, gate, y, out_dtype):
+        return x.new_empty(x.shape, dtype=out_dtype)
+
+    def _gate_res_bwd(dout: Tensor, gate: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return _ops.gate_res_bwd(dout, gate, y)
+
+    def _gate_res_bwd_fake(dout, gate, y):
+        return torch.empty_like(y), y.new_empty(y.shape[0], y.shape[2], dtype=torch.float32)
+
+    _COMPILED = (
+        _op("adaln_fwd", _adaln_fwd, _adaln_fwd_fake),
+        _op("adaln_bwd", _adaln_bwd, _adaln_bwd_fake),
+        _op("gate_res_fwd", _gate_res_fwd, _gate_res_fwd_fake),
+        _op("gate_res_bwd", _gate_res_bwd, _gate_res_bwd_fake),
+    )
+
+
 def _expand_rows(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """View a (B, C) or (B, 1, C) modulation tensor so that it broadcasts against x (B, ..., C)."""
     return v.reshape(v.shape[0], *([1] * (x.dim() - 2)), v.shape[-1])
@@ -77,7 +128,7 @@ class FusedAdaLNFunction(torch.autograd.Function):
         x3 = _as_bnc(x)  # (B, N, C)
         B, _, C = x3.shape
         shift2, scale2 = _rows(shift, B, C, "shift"), _rows(scale, B, C, "scale")  # (B, C)
-        y, mean, rstd = _ops.adaln_fwd(x3, shift2, scale2, eps)
+        y, mean, rstd = _launchers()[0](x3, shift2, scale2, eps)
         ctx.save_for_backward(x3, scale2, mean, rstd)
         ctx.meta = (x.shape, shift.shape, shift.dtype, scale.shape, scale.dtype)
         return y.view(x.shape)
@@ -87,7 +138,7 @@ class FusedAdaLNFunction(torch.autograd.Function):
         x3, scale2, mean, rstd = ctx.saved_tensors
         x_shape, shift_shape, shift_dtype, scale_shape, scale_dtype = ctx.meta
         dy3 = dy.reshape(x3.shape).to(x3.dtype).contiguous()
-        dx, dscale, dshift = _ops.adaln_bwd(dy3, x3, scale2, mean, rstd)
+        dx, dscale, dshift = _launchers()[1](dy3, x3, scale2, mean, rstd)
         return (
             dx.view(x_shape),
             dshift.to(shift_dtype).view(shift_shape),
@@ -114,7 +165,7 @@ class GateResidualFunction(torch.autograd.Function):
         B, _, C = x3.shape
         gate2 = _rows(gate, B, C, "gate")  # (B, C)
         out_dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), gate.dtype)
-        out = _ops.gate_res_fwd(x3, gate2, y3, out_dtype)
+        out = _launchers()[2](x3, gate2, y3, out_dtype)
         ctx.save_for_backward(gate2, y3)
         ctx.meta = (x.shape, x.dtype, gate.shape, gate.dtype)
         return out.view(x.shape)
@@ -124,7 +175,7 @@ class GateResidualFunction(torch.autograd.Function):
         gate2, y3 = ctx.saved_tensors
         x_shape, x_dtype, gate_shape, gate_dtype = ctx.meta
         dout3 = dout.reshape(y3.shape).contiguous()
-        dy, dgate = _ops.gate_res_bwd(dout3, gate2, y3)
+        dy, dgate = _launchers()[3](dout3, gate2, y3)
         return dout.to(x_dtype).reshape(x_shape), dgate.to(gate_dtype).view(gate_shape), dy.view(x_shape)
 
 

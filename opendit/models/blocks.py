@@ -2,7 +2,7 @@
 import torch
 import torch.nn as nn
 
-from opendit.kernels import fused_layernorm_modulate
+from opendit.kernels import fused_layernorm_modulate, gate_residual
 from opendit.models.attention import Attention
 
 
@@ -16,6 +16,13 @@ def norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scal
     if fused:
         return fused_layernorm_modulate(x, shift, scale, eps=norm.eps)
     return modulate(norm(x), shift, scale)
+
+
+def add_gated(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, fused: bool) -> torch.Tensor:
+    """x + gate * y with an (N, D) gate broadcast over the tokens; fused=True runs it as one Triton kernel."""
+    if fused:
+        return gate_residual(x, gate, y)
+    return x + gate.unsqueeze(1) * y
 
 
 class Mlp(nn.Module):
@@ -45,8 +52,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(norm_modulate(self.norm1, x, shift_msa, scale_msa, self.fused_adaln))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(norm_modulate(self.norm2, x, shift_mlp, scale_mlp, self.fused_adaln))
+        x = add_gated(x, gate_msa, self.attn(norm_modulate(self.norm1, x, shift_msa, scale_msa, self.fused_adaln)), self.fused_adaln)
+        x = add_gated(x, gate_mlp, self.mlp(norm_modulate(self.norm2, x, shift_mlp, scale_mlp, self.fused_adaln)), self.fused_adaln)
         return x  # (N, T, D)
 
 
