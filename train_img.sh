@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Class-conditional image DiT with torchrun (DDP). NPROC GPUs/processes; extra flags are passed through.
+# Class-conditional image DiT with torchrun (ZeRO-2: FSDP2, sharded optimizer and EMA). NPROC GPUs/processes; extra flags are passed through.
 # Without --data_path the built-in shapes data is used (real image datasets arrive in a later version).
 set -euo pipefail
 NPROC=${NPROC:-2}
 torchrun --standalone --nproc_per_node="$NPROC" train.py \
     --model DiT-XL/2 \
-    --plugin ddp \
+    --plugin zero2 \
     --mixed_precision bf16 \
     --batch_size 2 \
     --num_classes 10 \

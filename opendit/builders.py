@@ -48,7 +48,17 @@ def load_vae(name: str, device: torch.device):
         raise UsageError(str(e)) from None
 
 
-def model_config(args: Any, vae) -> Dict[str, Any]:
+def load_text_encoder(name: str, device: torch.device):
+    """The frozen CLIP text encoder for --text_encoder (a hub id or a local folder), with one-line errors."""
+    from opendit.encoders import build_text_encoder
+
+    try:
+        return build_text_encoder(name, device=device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def model_config(args: Any, vae, text_encoder=None) -> Dict[str, Any]:
     """The constructor arguments that rebuild the model; stored in every checkpoint and in config.json."""
     check_image_size(args.model, args.image_size, vae.downsample)
     config = dict(
@@ -62,6 +72,8 @@ def model_config(args: Any, vae) -> Dict[str, Any]:
     for key in ("depth", "hidden_size", "num_heads"):
         if getattr(args, key, None) is not None:
             config[key] = getattr(args, key)
+    if text_encoder is not None:  # text conditioning: pooled prompt embeddings of this width
+        config["text_dim"] = text_encoder.dim
     return config
 
 

@@ -1,11 +1,23 @@
-"""The one place where speed-ups are applied to a model from outside: fused kernels and activation checkpointing.
+"""The one place where parallelism and speed-ups are applied to a model from outside, so model files stay single-device.
 
-Later additions (sequence parallelism, torch.compile, FSDP2) belong here too, so model files stay single-device.
+Order: fused kernels -> sequence parallelism -> activation checkpointing -> torch.compile (per block) -> data
+parallelism (FSDP2 for zero2/zero3, DDP for ddp) over every rank of the (dp, sp) mesh. Gradients are averaged over
+all dp x sp ranks; sequence-parallel training back-propagates loss * sp_size so that this is the right gradient.
 """
 from functools import partial
+from typing import Optional
 
+import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
+
+from opendit.distributed.mesh import SP, reduction_mesh, sp_size
+
+PLUGINS = ("zero2", "zero3", "ddp")
 
 
 def enable_fused_adaln(model: nn.Module) -> None:
@@ -30,12 +42,70 @@ def enable_grad_checkpointing(model: nn.Module) -> None:
         block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def parallelize(model: nn.Module, fused_adaln: bool = False, flash_attention: bool = False, grad_checkpoint: bool = False) -> nn.Module:
-    """Apply the requested speed-ups in a fixed order: kernels, then activation checkpointing."""
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile each transformer block in place (nn.Module.compile), so parameter names are unchanged."""
+    for block in model.blocks:
+        block.compile()
+
+
+@torch.no_grad()
+def broadcast_from_rank0(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Give every rank rank 0's initial weights (DDP does this itself; FSDP shards whatever each rank holds)."""
+    group = reduction_mesh(mesh).get_group()
+    for tensor in model.state_dict().values():
+        dist.broadcast(tensor, src=dist.get_global_rank(group, 0), group=group)
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool, param_dtype: Optional[torch.dtype]) -> nn.Module:
+    """FSDP2 per block and at the root, sharded over every rank: zero2 keeps the gathered parameters until backward
+    (reshard_after_forward=False), zero3 frees them after forward. fp32 master weights and fp32 gradient reduction;
+    forward/backward run in param_dtype (bf16/fp16) when given."""
+    broadcast_from_rank0(model, mesh)
+    low = param_dtype is not None and param_dtype != torch.float32
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if low else MixedPrecisionPolicy()
+    shard_mesh = reduction_mesh(mesh)
+    for block in model.blocks:
+        fully_shard(block, mesh=shard_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
+    fully_shard(model, mesh=shard_mesh, reshard_after_forward=False, mp_policy=mp_policy)  # the root is needed first in backward
+    return model
+
+
+def apply_ddp(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """Replicated fp32 weights, gradients all-reduced over every rank."""
+    device = next(model.parameters()).device
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, process_group=reduction_mesh(mesh).get_group())
+
+
+def parallelize(
+    model: nn.Module,
+    fused_adaln: bool = False,
+    flash_attention: bool = False,
+    grad_checkpoint: bool = False,
+    compile: bool = False,
+    mesh: Optional[DeviceMesh] = None,
+    plugin: str = "zero2",
+    param_dtype: Optional[torch.dtype] = None,
+    sequence_parallel_type: Optional[str] = None,
+    sequence_parallel_overlap: bool = True,
+) -> nn.Module:
+    """Apply everything requested in the fixed order above. Returns the module to train: a DDP wrapper for ddp,
+    the model itself otherwise (FSDP2 works in place; without a mesh, i.e. on one process, nothing is wrapped)."""
+    if plugin not in PLUGINS:
+        raise ValueError(f"plugin {plugin!r}: choose one of {', '.join(PLUGINS)}")
     if fused_adaln:
         enable_fused_adaln(model)
     if flash_attention:
         enable_fast_attention(model)
+    if mesh is not None and sp_size(mesh) > 1:
+        from opendit.parallel import apply_sequence_parallel
+
+        apply_sequence_parallel(model, mesh[SP].get_group(), kind=sequence_parallel_type or "fastseq", overlap=sequence_parallel_overlap)
     if grad_checkpoint:
         enable_grad_checkpointing(model)
-    return model
+    if compile:
+        compile_blocks(model)
+    if mesh is None:
+        return model
+    if plugin == "ddp":
+        return apply_ddp(model, mesh)
+    return apply_fsdp(model, mesh, reshard_after_forward=plugin == "zero3", param_dtype=param_dtype)

@@ -1,14 +1,16 @@
-"""Sample images (PNG grid + one file each) or videos (one mp4 each) from a trained DiT / VDiT."""
+"""Sample images (PNG grid + one file each) or videos (one mp4 each) from a trained DiT / VDiT, by class or prompt."""
 import argparse
 import json
 import os
+import re
 import sys
 from typing import Optional
 
 import torch
 
-from opendit.builders import UsageError, build_model, check_model_flags, load_vae, model_config, parse_labels
+from opendit.builders import UsageError, build_model, check_model_flags, load_text_encoder, load_vae, model_config, parse_labels
 from opendit.diffusion import create_diffusion
+from opendit.encoders.text import DEFAULT_TEXT_ENCODER
 from opendit.utils.checkpoint import CheckpointError, load_model_weights
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver")
@@ -30,19 +32,23 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--noise_schedule", type=str, default=None, choices=["linear", "squaredcos_cap_v2"], help="beta schedule (default: from the checkpoint, else linear)")
     parser.add_argument("--frame_interval", type=int, default=1, help="temporal stride the model was trained with (video)")
     parser.add_argument("--use_video", action="store_true", help="sample a video model (VDiT)")
-    parser.add_argument("--text_encoder", type=str, default="openai/clip-vit-base-patch32", help="text encoder for prompts")
-    parser.add_argument("--ckpt", type=str, required=True, help="checkpoint: this project's (folder, experiment folder, state.pt), an official DiT .pt, or .safetensors")
+    parser.add_argument("--text_encoder", type=str, default=None, help=f"CLIP text encoder of a text model (default: the checkpoint's, else {DEFAULT_TEXT_ENCODER})")
+    parser.add_argument("--ckpt", type=str, required=True, help="checkpoint: this project's (step folder, experiment folder, export folder), an official DiT .pt, or .safetensors")
     # Additions.
     parser.add_argument("--sampler", type=str, default="ddpm", choices=SAMPLERS)
     parser.add_argument("--output", type=str, default="samples", help="output folder")
     parser.add_argument("--labels", type=str, default=None, help="comma-separated class labels, or 'all' (default: DiT's 8 ImageNet classes, or 0..9)")
-    parser.add_argument("--per_class", type=int, default=1, help="samples per label")
+    parser.add_argument("--prompt", type=str, action="append", default=None, help="a prompt for a text-conditioned model; repeat the flag for several")
+    parser.add_argument("--prompt_path", type=str, default=None, help="a text file of prompts, one per line (after any --prompt)")
+    parser.add_argument("--per_class", type=int, default=1, help="samples per label (text models: per prompt and label)")
     parser.add_argument("--batch_size", type=int, default=64, help="samples per forward pass (before the CFG doubling)")
     parser.add_argument("--cfg_channels", type=str, default="3", choices=["3", "all"], help="channels guided: 3 as in DiT's published numbers, or all")
     parser.add_argument("--use_model", action="store_true", help="use the raw model weights instead of the EMA")
     parser.add_argument("--fps", type=float, default=20, help="frames per second of the mp4 files")
     parser.add_argument("--check_fidelity", action="store_true", help="score samples with the built-in shapes class-fidelity checker")
     parser.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--sequence_parallel_size", type=int, default=1, help="under torchrun: split every step's tokens over this many processes (all of them)")
+    parser.add_argument("--sequence_parallel_type", type=str, default="fastseq", choices=["fastseq", "longseq", "ulysses"])
     return parser
 
 
@@ -59,16 +65,60 @@ def resolve_model_flags(args: argparse.Namespace, train_config: Optional[dict]) 
         args.use_video = True
 
 
-def denoise(args: argparse.Namespace, model: torch.nn.Module, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Run the chosen sampler from noise z with labels y, with classifier-free guidance when cfg_scale > 1."""
+def read_prompts(args: argparse.Namespace) -> list:
+    """--prompt (repeatable) followed by the non-blank lines of --prompt_path."""
+    prompts = list(args.prompt or [])
+    if args.prompt_path:
+        try:
+            with open(args.prompt_path, encoding="utf-8") as f:
+                prompts += [line.strip() for line in f if line.strip()]
+        except OSError as e:
+            raise UsageError(f"--prompt_path {args.prompt_path}: {e.strerror or e}") from None
+    return prompts
+
+
+def resolve_text_flags(args: argparse.Namespace, state_dict: dict, prompts: list, train_config: Optional[dict]) -> int:
+    """A text model needs prompts and takes --text_encoder from the checkpoint; a class model refuses both. -> text_dim"""
+    text_dim = state_dict["text_embedder.weight"].shape[1] if "text_embedder.weight" in state_dict else 0
+    if text_dim and args.labels is not None and "y_embedder.embedding_table.weight" not in state_dict:
+        raise UsageError(f"--labels {args.labels}: the model in --ckpt {args.ckpt} has no class labels (it was built with num_classes=0)")
+    if text_dim and not prompts:
+        raise UsageError(f"--ckpt {args.ckpt}: a text-conditioned model needs --prompt \"...\" (repeatable) or --prompt_path FILE")
+    if not text_dim and (args.prompt or args.prompt_path):
+        raise UsageError(f"--prompt/--prompt_path: the model in --ckpt {args.ckpt} is not text-conditioned; use --labels")
+    if not text_dim and args.text_encoder is not None:
+        raise UsageError(f"--text_encoder: the model in --ckpt {args.ckpt} is not text-conditioned")
+    if text_dim and args.text_encoder is None:
+        args.text_encoder = (train_config or {}).get("args", {}).get("text_encoder") or DEFAULT_TEXT_ENCODER
+    return text_dim
+
+
+def slug(prompt: str, limit: int = 40) -> str:
+    """A file-name-safe short form of a prompt: "A red circle!" -> "a-red-circle"."""
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit].strip("-") or "empty"
+
+
+def denoise(
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    z: torch.Tensor,
+    y: Optional[torch.Tensor],
+    text: Optional[torch.Tensor] = None,
+    null_text: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Run the chosen sampler from noise z with labels y and/or pooled prompts text; when cfg_scale > 1, guide
+    against the null class and the empty prompt's embedding null_text (1, text_dim)."""
     use_cfg = args.cfg_scale > 1.0
     if use_cfg:
         z = torch.cat([z, z], dim=0)
-        y = torch.cat([y, torch.full_like(y, args.num_classes)], dim=0)  # the null class is num_classes
-        model_kwargs = dict(y=y, cfg_scale=args.cfg_scale, cfg_channels=None if args.cfg_channels == "all" else 3)
+        if y is not None:
+            y = torch.cat([y, torch.full_like(y, args.num_classes)], dim=0)  # the null class is num_classes
+        if text is not None:
+            text = torch.cat([text, null_text.expand_as(text)], dim=0)  # the null prompt is ""
+        model_kwargs = dict(y=y, text=text, cfg_scale=args.cfg_scale, cfg_channels=None if args.cfg_channels == "all" else 3)
         model_fn = model.forward_with_cfg
     else:
-        model_kwargs = dict(y=y)
+        model_kwargs = dict(y=y, text=text)
         model_fn = model.forward
     if args.sampler == "ddpm":
         diffusion = create_diffusion(str(args.num_sampling_steps), noise_schedule=args.noise_schedule)
@@ -82,6 +132,49 @@ def denoise(args: argparse.Namespace, model: torch.nn.Module, z: torch.Tensor, y
     return samples.chunk(2, dim=0)[0] if use_cfg else samples
 
 
+def conditions(args: argparse.Namespace, prompts: list, has_labels: bool) -> tuple:
+    """Per sample: its class label (None: the model has no label table) and its prompt index (None: a class model).
+
+    A class model samples each label; a text model samples each prompt, under each --labels class when given
+    (else under the null class, when it has a label table). Each condition is repeated --per_class times.
+    """
+    if not prompts:
+        pairs = [(label, None) for label in parse_labels(args.labels, args.num_classes)]
+    else:
+        labels = parse_labels(args.labels, args.num_classes) if args.labels is not None else [args.num_classes if has_labels else None]
+        pairs = [(label, j) for j in range(len(prompts)) for label in labels]
+    pairs = [pair for pair in pairs for _ in range(args.per_class)]
+    return [label for label, _ in pairs], [j for _, j in pairs]
+
+
+def file_stem(i: int, label: Optional[int], j: Optional[int], prompts: list, name_class: bool) -> str:
+    """0003-class5 (class models), 0003-prompt1-a-red-circle (text models), 0003-prompt1-class5-a-red-circle."""
+    parts = [f"{i:04d}"] + ([f"prompt{j}"] if j is not None else []) + ([f"class{label}"] if name_class else [])
+    return "-".join(parts + ([slug(prompts[j])] if j is not None else []))
+
+
+def setup_sequence_parallel(args: argparse.Namespace):
+    """Join torchrun's process group for --sequence_parallel_size > 1 (None otherwise)."""
+    if args.sequence_parallel_size == 1:
+        return None
+    from opendit.utils.distributed import setup_distributed
+
+    info = setup_distributed(args.device)
+    if args.sequence_parallel_size != info.world_size:
+        raise UsageError(f"--sequence_parallel_size {args.sequence_parallel_size}: run under torchrun with exactly that many processes (got {info.world_size})")
+    return info
+
+
+def build_sampling_model(args: argparse.Namespace, config: dict, state_dict: dict, device: torch.device) -> torch.nn.Module:
+    """The model of config with the checkpoint's weights (strict), in eval mode; a one-line error when they do not fit."""
+    model = build_model(config).to(device)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise UsageError(f"--ckpt {args.ckpt}: weights do not fit {args.model} at --image_size {args.image_size} ({str(e).splitlines()[1].strip()})") from None
+    return model.eval()
+
+
 @torch.no_grad()
 def sample(args: argparse.Namespace) -> dict:
     if args.num_sampling_steps < 1 or args.per_class < 1 or args.batch_size < 1:
@@ -89,46 +182,76 @@ def sample(args: argparse.Namespace) -> dict:
     state_dict, train_config = load_model_weights(args.ckpt, use_ema=not args.use_model)
     resolve_model_flags(args, train_config)
     check_model_flags(args.model, args.image_size, args.vae, args.use_video)
-    torch.manual_seed(args.seed)
+    prompts = read_prompts(args)
+    text_dim = resolve_text_flags(args, state_dict, prompts, train_config)
+    torch.manual_seed(args.seed)  # the same on every sequence-parallel rank: they denoise one batch together
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.set_flush_denormal(True)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    info = setup_sequence_parallel(args)
+    device = info.device if info else torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
 
     vae = load_vae(args.vae, device)
-    config = model_config(args, vae)
-    model = build_model(config).to(device)
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        raise UsageError(f"--ckpt {args.ckpt}: weights do not fit {args.model} at --image_size {args.image_size} ({str(e).splitlines()[1].strip()})") from None
-    model.eval()
+    text_encoder = load_text_encoder(args.text_encoder, device) if text_dim else None
+    if text_encoder is not None and text_encoder.dim != text_dim:
+        raise UsageError(f"--text_encoder {args.text_encoder}: gives {text_encoder.dim}-d embeddings; the checkpoint's model takes {text_dim}-d")
+    config = model_config(args, vae, text_encoder)
+    model = build_sampling_model(args, config, state_dict, device)
+    if info:
+        from opendit.parallel import apply_sequence_parallel, build_mesh
 
-    labels = [label for label in parse_labels(args.labels, args.num_classes) for _ in range(args.per_class)]
+        mesh = build_mesh(info.world_size, info.world_size, device.type)
+        apply_sequence_parallel(model, mesh.get_group("sp"), kind=args.sequence_parallel_type)
+
+    labels, prompt_ids = conditions(args, prompts, model.y_embedder is not None)
+    name_class = not prompts or args.labels is not None
+    fidelity_labels = (labels if name_class else prompt_classes([prompts[j] for j in prompt_ids])) if args.check_fidelity else None
+    text_emb = text_encoder.encode(prompts) if text_encoder is not None else None  # (P, text_dim), each prompt once
+    null_text = text_encoder.null_embedding() if text_encoder is not None else None  # (1, text_dim)
     latent_shape = (config["in_channels"], args.num_frames, config["input_size"], config["input_size"]) if args.use_video else (config["in_channels"], config["input_size"], config["input_size"])
     noise = torch.randn(len(labels), *latent_shape, device=device)  # drawn up front: DDIM / DPM-Solver samples do not depend on --batch_size
     outputs = []
     for start in range(0, len(labels), args.batch_size):
-        y = torch.tensor(labels[start : start + args.batch_size], device=device)
-        latents = denoise(args, model, noise[start : start + args.batch_size], y)
+        chunk = slice(start, start + args.batch_size)
+        y = torch.tensor(labels[chunk], device=device) if labels[0] is not None else None
+        text = text_emb[prompt_ids[chunk]] if text_emb is not None else None
+        latents = denoise(args, model, noise[chunk], y, text, null_text)
         outputs.append(vae.decode(latents).clamp(-1, 1).cpu())
     samples = torch.cat(outputs)
 
     from opendit.utils.media import save_image, save_image_grid, save_video
 
+    if info and not info.is_main:  # every rank holds the same samples; rank 0 writes them
+        return {"labels": labels}
     os.makedirs(args.output, exist_ok=True)
     files = []
-    for i, (x, label) in enumerate(zip(samples, labels)):
+    for i, (x, label, j) in enumerate(zip(samples, labels, prompt_ids)):
+        stem = os.path.join(args.output, file_stem(i, label, j, prompts, name_class))
         if args.use_video:
-            files.append(save_video(x, os.path.join(args.output, f"{i:04d}-class{label}.mp4"), fps=args.fps))
+            files.append(save_video(x, stem + ".mp4", fps=args.fps))
         else:
-            files.append(save_image(x, os.path.join(args.output, f"{i:04d}-class{label}.png")))
+            files.append(save_image(x, stem + ".png"))
     if not args.use_video:
         files.append(save_image_grid(samples, os.path.join(args.output, "grid.png"), nrow=max(args.per_class, 4) if args.per_class > 1 else 4))
     print(f"Saved {len(samples)} samples to {args.output}")
     result = {"files": files, "labels": labels}
+    if prompts:
+        result["prompts"] = [prompts[j] for j in prompt_ids]
     if args.check_fidelity:
-        result.update(check_fidelity(samples, labels, args.use_video, args.output))
+        result.update(check_fidelity(samples, fidelity_labels, args.use_video, args.output))
     return result
+
+
+def prompt_classes(prompts: list) -> list:
+    """For --check_fidelity on a text model: the shapes class each prompt names ("a red circle" -> "red circle")."""
+    from opendit.data.shapes import SHAPE_CLASSES
+
+    found = []
+    for prompt in prompts:
+        hits = [k for k, name in enumerate(SHAPE_CLASSES) if name in prompt.lower()]
+        if len(hits) != 1:
+            raise UsageError(f"--check_fidelity: prompt {prompt!r} names {len(hits)} shapes classes (need exactly one of {', '.join(SHAPE_CLASSES)}); or pass --labels")
+        found.append(hits[0])
+    return found
 
 
 def check_fidelity(samples: torch.Tensor, labels: list, use_video: bool, output: str) -> dict:
@@ -161,6 +284,15 @@ def main(argv: Optional[list] = None) -> dict:
     except (UsageError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except ValueError as e:  # sequence parallelism: heads or tokens that do not divide by the group size
+        if args.sequence_parallel_size == 1:
+            raise
+        print(f"error: --sequence_parallel_size {args.sequence_parallel_size}: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        from opendit.utils.distributed import cleanup
+
+        cleanup()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from PIL import Image
 
 from opendit import sample as sample_cli
 from opendit import train as train_cli
+from opendit.distributed.checkpoint import read_tensors, read_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "DiT-S/2", "--depth", "2", "--hidden_size", "32", "--num_heads", "2", "--image_size", "16", "--vae", "none",
@@ -48,7 +49,7 @@ def trained(tmp_path_factory):
 
 def test_experiment_folder_layout(trained):
     assert os.path.basename(trained) == "000-DiT-S-2"
-    for name in ("config.json", "log.txt", "metrics.jsonl", "checkpoints/latest", "checkpoints/step-0000003/state.pt", "checkpoints/step-0000006/state.pt"):
+    for name in ("config.json", "log.txt", "metrics.jsonl", "checkpoints/latest", "checkpoints/step-0000003/manifest.json", "checkpoints/step-0000006/train_state.pt"):
         assert os.path.exists(os.path.join(trained, name)), name
     with open(os.path.join(trained, "checkpoints/latest")) as f:
         assert f.read().strip() == "step-0000006"
@@ -60,9 +61,11 @@ def test_experiment_folder_layout(trained):
     with open(os.path.join(trained, "config.json")) as f:
         config = json.load(f)
     assert config["model"] == {"model": "DiT-S/2", "input_size": 16, "in_channels": 3, "num_classes": 8, "depth": 2, "hidden_size": 32, "num_heads": 2}
-    state = torch.load(os.path.join(trained, "checkpoints/step-0000006/state.pt"), weights_only=True)
-    assert state["step"] == 6 and set(state) >= {"model", "ema", "opt", "config"}
-    assert not torch.equal(state["ema"]["blocks.0.attn.qkv.weight"], state["model"]["blocks.0.attn.qkv.weight"])
+    step6 = os.path.join(trained, "checkpoints/step-0000006")  # a DCP checkpoint (opendit/distributed/checkpoint.py)
+    state = read_train_state(step6)
+    assert state["step"] == 6 and set(state) >= {"scheduler", "scaler", "config", "consumed"}
+    ema, weights = read_tensors(step6, "ema"), read_tensors(step6, "model")
+    assert not torch.equal(ema["blocks.0.attn.qkv.weight"], weights["blocks.0.attn.qkv.weight"])
 
 
 def test_resume_gives_identical_losses(trained, tmp_path):
@@ -77,9 +80,9 @@ def test_resume_gives_identical_losses(trained, tmp_path):
     original = {r["step"]: r["loss"] for r in metrics(trained)}
     assert sorted(resumed) == [4, 5, 6]
     assert all(resumed[s] == original[s] for s in (4, 5, 6))
-    a = torch.load(copy / "checkpoints/step-0000006/state.pt", weights_only=True)
-    b = torch.load(os.path.join(trained, "checkpoints/step-0000006/state.pt"), weights_only=True)
-    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    a = read_tensors(str(copy / "checkpoints/step-0000006"), "ema")
+    b = read_tensors(os.path.join(trained, "checkpoints/step-0000006"), "ema")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver"])
@@ -147,7 +150,8 @@ def test_torchrun_ddp_two_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     experiment = os.path.join(tmp_path, os.listdir(tmp_path)[0])
     assert [r["step"] for r in metrics(experiment)] == [1, 2, 3]
-    assert sorted(os.listdir(os.path.join(experiment, "checkpoints", "step-0000003"))) == ["rng-00000.pt", "rng-00001.pt", "state.pt"]
+    assert sorted(os.listdir(os.path.join(experiment, "checkpoints", "step-0000003"))) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "manifest.json", "rng-00000.pt", "rng-00001.pt", "train_state.pt"]
     assert "world size 2" in open(os.path.join(experiment, "log.txt")).read()
 
 
@@ -166,7 +170,7 @@ def test_bad_flags_give_one_line_errors(tmp_path):
     one_line_error(run_cli("train.py", *TINY, "--image_size", "12", *out), "--image_size 12")
     one_line_error(run_cli("train.py", "--image_size", "260", "--model", "DiT-XL/2", *out), "--image_size 260", "16")
     one_line_error(run_cli("train.py", *TINY, "--enable_flashattn", *out), "--enable_flashattn", "CUDA")
-    one_line_error(run_cli("train.py", *TINY, "--sequence_parallel_size", "2", *out), "--sequence_parallel_size", "not available yet")
+    one_line_error(run_cli("train.py", *TINY, "--sequence_parallel_size", "2", *out), "--sequence_parallel_size", "must divide")
     one_line_error(run_cli("train.py", "--model", "VDiT-S/1x2x2", *out), "--use_video")
     one_line_error(run_cli("train.py", *TINY, "--load", str(tmp_path / "nope"), *out), "nope")
     one_line_error(run_cli("sample.py", "--ckpt", str(tmp_path / "missing.pt")), "missing.pt")

@@ -83,8 +83,8 @@ class ClassFidelityChecker:
     def fit(self, dataset, n_per_class: int | None = None) -> "ClassFidelityChecker":
         """Compute per-class reference colours and shape templates from real samples of `dataset`."""
         n_per_class = n_per_class or self.n_per_class
-        xs, ys = zip(*(dataset[i] for i in range(min(len(dataset), n_per_class * self.num_classes))))
-        x, y = torch.stack(xs), torch.as_tensor(ys)
+        items = [dataset[i] for i in range(min(len(dataset), n_per_class * self.num_classes))]
+        x, y = torch.stack([item["x"] for item in items]), torch.as_tensor([item["y"] for item in items])
         if len(y.unique()) < self.num_classes or y.max() >= self.num_classes:
             raise ValueError(f"fit needs samples of exactly the classes 0..{self.num_classes - 1}")
         f = _analyse(x)

@@ -1,8 +1,9 @@
 """Procedural, deterministic, class-labelled shape images and clips (no download needed)."""
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
+
+from .transforms import to_tensor
 
 # Each shape appears in two colours and each colour on two shapes, so a class needs both cues.
 SHAPE_CLASSES = [
@@ -87,6 +88,18 @@ def render_shape(label: int, image_size: int, rng: np.random.Generator) -> np.nd
 
 def render_clip(label: int, image_size: int, num_frames: int, rng: np.random.Generator) -> np.ndarray:
     """Render a clip (T, H, W, 3) uint8 of the class shape moving in a straight line inside the frame."""
+    return render_clip_and_motion(label, image_size, num_frames, rng)[0]
+
+
+def direction(d: np.ndarray) -> str:
+    """The dominant direction of an (x, y) displacement in image coordinates (y points down)."""
+    if abs(d[0]) >= abs(d[1]):
+        return "right" if d[0] > 0 else "left"
+    return "down" if d[1] > 0 else "up"
+
+
+def render_clip_and_motion(label: int, image_size: int, num_frames: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """render_clip's clip and the direction the shape moves ("left", "right", "up" or "down")."""
     _check_size(image_size)
     shape, rgb, side = _class_style(label, image_size, rng)
     lo, hi = side / 2 + 1, image_size - side / 2 - 1  # allowed centre range on each axis
@@ -96,51 +109,56 @@ def render_clip(label: int, image_size: int, num_frames: int, rng: np.random.Gen
     start = rng.uniform(np.maximum(lo, lo - d), np.minimum(hi, hi - d))
     t = np.linspace(0.0, 1.0, num_frames)[:, None]
     pos = start + t * d  # (T, 2)
-    return _composite(_coverage(shape, image_size, pos[:, 0], pos[:, 1], np.full(num_frames, side)), rgb)
-
-
-def _to_tensor(img: np.ndarray) -> torch.Tensor:
-    """uint8 (..., H, W, 3) -> float32 channels-first in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(img)).float().div_(127.5).sub_(1.0)
-    return x.movedim(-1, 0)
+    return _composite(_coverage(shape, image_size, pos[:, 0], pos[:, 1], np.full(num_frames, side)), rgb), direction(d)
 
 
 class ShapesDataset(Dataset):
-    """Deterministic class-conditional images of coloured shapes; item i has label i % num_classes."""
+    """Deterministic class-conditional images of coloured shapes; item i has label i % num_classes.
+
+    Items are {"x": (3, H, W) in [-1, 1], "y": label}, plus "text" (e.g. "a red circle") when `captions`.
+    """
+
+    is_latent = False
 
     def __init__(self, image_size: int = 32, num_classes: int = 8, length: int = 10000, seed: int = 0,
-                 flip: bool = False):
+                 flip: bool = False, captions: bool = False):
         _check_size(image_size)
         self.classes = class_names(num_classes)
         self.image_size, self.num_classes, self.length = image_size, num_classes, length
-        self.seed, self.flip = seed, flip
+        self.seed, self.flip, self.has_text = seed, flip, captions
 
     def __len__(self) -> int:
         return self.length
 
-    def render(self, label: int, rng: np.random.Generator) -> np.ndarray:
+    def render(self, label: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+        """Pixels (H, W, 3) uint8 and caption of one item."""
         img = render_shape(label, self.image_size, rng)
         if self.flip and rng.random() < 0.5:
             img = img[:, ::-1]
-        return img
+        return img, f"a {self.classes[label]}"
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self.length:
             raise IndexError(i)
         rng = np.random.default_rng((self.seed, i))
         label = i % self.num_classes
-        return _to_tensor(self.render(label, rng)), label
+        pixels, caption = self.render(label, rng)
+        item = {"x": to_tensor(pixels), "y": label}
+        if self.has_text:
+            item["text"] = caption
+        return item
 
 
 class ShapesVideoDataset(ShapesDataset):
-    """Deterministic clips (3, T, H, W) of a class shape moving in a straight line."""
+    """Deterministic clips (3, T, H, W) of a class shape moving in a straight line ("a red circle moving left")."""
 
     def __init__(self, image_size: int = 32, num_frames: int = 8, num_classes: int = 8, length: int = 10000,
-                 seed: int = 0):
+                 seed: int = 0, captions: bool = False):
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-        super().__init__(image_size, num_classes, length, seed)
+        super().__init__(image_size, num_classes, length, seed, captions=captions)
         self.num_frames = num_frames
 
-    def render(self, label: int, rng: np.random.Generator) -> np.ndarray:
-        return render_clip(label, self.image_size, self.num_frames, rng)
+    def render(self, label: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+        clip, motion = render_clip_and_motion(label, self.image_size, self.num_frames, rng)
+        return clip, f"a {self.classes[label]} moving {motion}"

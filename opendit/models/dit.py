@@ -1,4 +1,4 @@
-"""DiT: a class-conditional Diffusion Transformer over image latents (Peebles & Xie, 2023).
+"""DiT: a class- and/or text-conditional Diffusion Transformer over image latents (Peebles & Xie, 2023).
 
 Parameter names, shapes, initialisation and maths follow Meta's DiT, so its official checkpoints load with
 strict=True and give the same outputs. The file holds no distributed code: parallelism is applied from outside.
@@ -29,6 +29,7 @@ class DiT(nn.Module):
         class_dropout_prob: float = 0.1,
         num_classes: int = 1000,
         learn_sigma: bool = True,
+        text_dim: int = 0,
     ):
         super().__init__()
         self.learn_sigma = learn_sigma
@@ -39,6 +40,7 @@ class DiT(nn.Module):
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.num_classes = num_classes
+        self.text_dim = text_dim
 
         # Construction order matches DiT, so a seeded init draws the same numbers.
         self.x_embedder = self.build_patch_embedder()
@@ -47,6 +49,8 @@ class DiT(nn.Module):
         self.build_pos_embed()
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, self.patch_numel, self.out_channels)
+        # Pooled text (CLIP's EOS state) -> D, added to c; none when text_dim=0, so such a model is exactly DiT.
+        self.text_embedder = nn.Linear(text_dim, hidden_size) if text_dim > 0 else None
         self.initialize_weights()
 
     # --- geometry hooks (VDiT overrides these) ---
@@ -90,7 +94,7 @@ class DiT(nn.Module):
                 if module.bias is not None:
                     nn.init.constant_(module.bias, 0)
 
-        self.apply(_basic_init)
+        self.apply(_basic_init)  # the text embedder included: Xavier weight, zero bias
 
         # Initialize (and freeze) the position table by sin-cos embedding:
         self.init_pos_embed()
@@ -117,30 +121,41 @@ class DiT(nn.Module):
         nn.init.constant_(self.final_layer.linear.weight, 0)
         nn.init.constant_(self.final_layer.linear.bias, 0)
 
+    # --- sequence-parallel hooks: identities here, replaced from outside by opendit.parallel ---
+    def split_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return x  # (N, T, D) -> this rank's contiguous slice of the tokens
+
+    def gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return x  # this rank's slice -> all (N, T, F) tokens
+
     # --- forward ---
-    def condition(self, t: torch.Tensor, y: Optional[torch.Tensor], cond: Optional[torch.Tensor]) -> torch.Tensor:
-        """c = t_emb + y_emb (+ a precomputed condition embedding such as pooled text)."""
+    def condition(self, t: torch.Tensor, y: Optional[torch.Tensor], text: Optional[torch.Tensor]) -> torch.Tensor:
+        """c = t_emb (+ y_emb for class labels) (+ text_emb for pooled prompt embeddings)."""
         c = self.t_embedder(t)  # (N, D)
         if y is not None:
             if self.y_embedder is None:
                 raise ValueError("this model was built with num_classes=0 and takes no class labels")
             c = c + self.y_embedder(y, self.training)  # (N, D)
-        if cond is not None:
-            c = c + cond.to(c.dtype)  # (N, D)
+        if text is not None:
+            if self.text_embedder is None:
+                raise ValueError("this model was built with text_dim=0 and takes no text embeddings")
+            c = c + self.text_embedder(text.to(self.text_embedder.weight.dtype))  # (N, D)
         return c
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None, cond: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None):
         """
         x: (N, C, H, W) latents (VDiT: (N, C, T, H, W)); t: (N,) timesteps; y: (N,) class labels;
-        cond: optional (N, D) precomputed condition embedding added to the timestep embedding.
+        text: (N, text_dim) pooled prompt embeddings (models built with text_dim > 0).
         Returns (N, out_channels, ...) in fp32: eps, then the learned-sigma interpolation when learn_sigma.
         """
         shape = x.shape
         x = self.embed(x.to(self.x_embedder.proj.weight.dtype))  # (N, T, D)
-        c = self.condition(t, y, cond)  # (N, D)
+        c = self.condition(t, y, text)  # (N, D)
+        x = self.split_tokens(x)  # (N, T / sp, D) under sequence parallelism
         for block in self.blocks:
             x = block(x, c)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, patch_numel * out_channels)
+        x = self.gather_tokens(x)  # (N, T, patch_numel * out_channels) again under sequence parallelism
         return self.unpatchify(x, shape).float()  # (N, out_channels, ...)
 
     def forward_with_cfg(
@@ -149,17 +164,18 @@ class DiT(nn.Module):
         t: torch.Tensor,
         y: Optional[torch.Tensor] = None,
         cfg_scale: float = 1.0,
-        cond: Optional[torch.Tensor] = None,
+        text: Optional[torch.Tensor] = None,
         cfg_channels: Optional[int] = 3,
     ) -> torch.Tensor:
         """
-        Classifier-free guidance on a batch whose second half carries the null condition.
+        Classifier-free guidance on a batch whose second half carries the null condition: the null class in y
+        and/or the empty prompt's embedding in text.
         cfg_channels=3 guides the first three eps channels only, as DiT does (its published numbers use this);
         cfg_channels=None guides all in_channels eps channels.
         """
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
-        model_out = self.forward(combined, t, y, cond)
+        model_out = self.forward(combined, t, y, text)
         guided = self.in_channels if cfg_channels is None else cfg_channels
         eps, rest = model_out[:, :guided], model_out[:, guided:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)

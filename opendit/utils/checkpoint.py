@@ -1,16 +1,20 @@
-"""Training checkpoints (atomic, resumable) and weight loading for sampling (never runs pickled code)."""
+"""Finding checkpoints, RNG state, and weight loading for sampling (never runs pickled code).
+
+Training checkpoints are DCP folders written by opendit/distributed/checkpoint.py (layout there).
+"""
+import json
 import os
 import random
-import shutil
 from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
 
-from opendit.utils.distributed import barrier
-
 LATEST = "latest"
-STATE_FILE = "state.pt"
+MANIFEST = "manifest.json"
+TRAIN_STATE = "train_state.pt"
+STEP_PATTERN = r"step-\d{7}"
+EXPORT_WEIGHTS, EXPORT_CONFIG = "model.safetensors", "config.json"
 OFFICIAL_DIT_CHECKPOINTS = {"DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt"}
 OFFICIAL_DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/{}"
 
@@ -28,8 +32,8 @@ def rng_state() -> Dict[str, Any]:
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "python": random.getstate(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's device only (one GPU per rank)
     return state
 
 
@@ -40,57 +44,34 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# --- saving ------------------------------------------------------------------------------------
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(checkpoint_dir: str, name: str, state: Dict[str, Any], rank: int, is_main: bool) -> str:
-    """
-    Write checkpoints/{name}/ atomically: rank 0 writes state.pt, every rank its RNG state, into a temporary
-    folder that is renamed only when complete, then `latest` is pointed at it. A crash mid-save leaves the
-    previous checkpoint (and `latest`) intact.
-    """
-    final = os.path.join(checkpoint_dir, name)
-    tmp = os.path.join(checkpoint_dir, f".{name}.partial")
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    _atomic_torch_save(rng_state(), os.path.join(tmp, f"rng-{rank:05d}.pt"))
-    if is_main:
-        _atomic_torch_save(state, os.path.join(tmp, STATE_FILE))
-    barrier()
-    if is_main:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        latest_tmp = os.path.join(checkpoint_dir, f".{LATEST}.tmp")
-        with open(latest_tmp, "w") as f:
-            f.write(name + "\n")
-        os.replace(latest_tmp, os.path.join(checkpoint_dir, LATEST))
-    barrier()
-    return final
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 # --- finding and loading -----------------------------------------------------------------------
+def is_checkpoint_folder(path: str) -> bool:
+    """A step folder (finished or not): what --load accepts directly; completeness is checked when loading."""
+    return os.path.isdir(path) and (any(os.path.exists(os.path.join(path, f)) for f in (MANIFEST, TRAIN_STATE, ".metadata")) or ".step-" in os.path.basename(path))
+
+
+def latest_checkpoint(experiment_dir: str) -> Optional[str]:
+    """The checkpoint that {experiment_dir}/checkpoints/latest names, or None when there is none yet."""
+    pointer = os.path.join(experiment_dir, "checkpoints", LATEST)
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        return os.path.join(experiment_dir, "checkpoints", f.read().strip())
+
+
 def resolve_checkpoint_dir(path: str) -> str:
     """An experiment folder, its checkpoints/ folder or one checkpoint folder -> that checkpoint folder."""
-    if os.path.isfile(os.path.join(path, STATE_FILE)):
+    if is_checkpoint_folder(path):
         return path
     for folder in (os.path.join(path, "checkpoints"), path):
         pointer = os.path.join(folder, LATEST)
         if os.path.isfile(pointer):
             with open(pointer) as f:
-                candidate = os.path.join(folder, f.read().strip())
-            if os.path.isfile(os.path.join(candidate, STATE_FILE)):
-                return candidate
-            raise CheckpointError(f"{pointer} points to {candidate}, which holds no {STATE_FILE}")
-    raise CheckpointError(f"{path}: not a checkpoint folder (no {STATE_FILE}) and no checkpoints/{LATEST} inside")
+                return os.path.join(folder, f.read().strip())
+    raise CheckpointError(f"{path}: not a checkpoint folder and no checkpoints/{LATEST} inside")
 
 
 def experiment_dir_of(checkpoint_dir: str) -> str:
@@ -108,14 +89,6 @@ def torch_load(path: str) -> Any:
         raise CheckpointError(f"{path}: cannot be read as a weights-only checkpoint ({type(e).__name__}: {e})".split("\n")[0]) from None
 
 
-def load_training_state(checkpoint_dir: str, rank: int) -> Dict[str, Any]:
-    """state.pt plus this rank's RNG state (None when the checkpoint was written by fewer ranks)."""
-    state = torch_load(os.path.join(checkpoint_dir, STATE_FILE))
-    rng_path = os.path.join(checkpoint_dir, f"rng-{rank:05d}.pt")
-    state["rng"] = torch_load(rng_path) if os.path.isfile(rng_path) else None
-    return state
-
-
 def _download_official(name: str) -> str:
     """Fetch one of Meta's DiT checkpoints into pretrained_models/ (needs network)."""
     local = os.path.join("pretrained_models", name)
@@ -128,22 +101,45 @@ def _download_official(name: str) -> str:
     return local
 
 
+def _read_json(path: str) -> Optional[Dict[str, Any]]:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _load_safetensors(path: str) -> tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]]]:
+    """An exported model.safetensors, with the config.json beside it when there is one (see opendit/export.py)."""
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(path)
+    except Exception as e:
+        raise CheckpointError(f"--ckpt {path}: cannot be read as safetensors ({type(e).__name__}: {e})".split("\n")[0]) from None
+    return weights, _read_json(os.path.join(os.path.dirname(path), EXPORT_CONFIG))
+
+
 def load_model_weights(path: str, use_ema: bool = True) -> tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]]]:
     """
-    Weights for sampling from: this project's checkpoints (folder, experiment folder or state.pt; EMA by
-    default), an official DiT .pt (a plain state dict), a .pt with an "ema"/"model" entry, or .safetensors.
-    Returns (state_dict, training config or None).
+    Weights for sampling, on this process alone, from: a training checkpoint (step folder or experiment folder; the
+    EMA by default, read from the DCP shards), an export folder or its model.safetensors (opendit/export.py), an
+    official DiT .pt (a plain state dict), or a .pt with an "ema"/"model" entry. Returns (state_dict, training
+    config or None).
     """
     if not os.path.exists(path) and os.path.basename(path) in OFFICIAL_DIT_CHECKPOINTS:
         path = _download_official(os.path.basename(path))
     if not os.path.exists(path):
         raise CheckpointError(f"--ckpt {path}: no such file or folder")
-    if os.path.isdir(path):
-        path = os.path.join(resolve_checkpoint_dir(path), STATE_FILE)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, EXPORT_WEIGHTS)):
+        path = os.path.join(path, EXPORT_WEIGHTS)
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        return _load_safetensors(path)
+    if os.path.isdir(path):
+        from opendit.distributed.checkpoint import read_tensors, read_train_state
 
-        return load_file(path), None
+        folder = resolve_checkpoint_dir(path)
+        config = read_train_state(folder).get("config")
+        return read_tensors(folder, "ema" if use_ema else "model"), config
     obj = torch_load(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"--ckpt {path}: expected a state dict, got {type(obj).__name__}")

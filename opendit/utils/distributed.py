@@ -1,6 +1,7 @@
 """Process-group setup for torchrun (NCCL on GPU, gloo on CPU) and small rank helpers."""
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -32,8 +33,15 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=_attempt_store(rank, world_size), rank=rank, world_size=world_size, device_id=dev if use_cuda else None)
     return DistInfo(rank, world_size, local_rank, dev)
+
+
+def _attempt_store(rank: int, world_size: int) -> dist.Store:
+    """The env:// store, with keys prefixed by torchrun's restart count: after a restart (--max-restarts) the agent's
+    store still holds the dead attempt's addresses, which new ranks would otherwise race to connect to."""
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timedelta(minutes=10)))
+    return dist.PrefixStore(f"default_pg/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def barrier() -> None:

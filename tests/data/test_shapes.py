@@ -13,8 +13,8 @@ from opendit.data import shapes
 
 def _batch(ds, n):
     """Stack the first n items of a dataset into (x, y) tensors."""
-    xs, ys = zip(*(ds[i] for i in range(n)))
-    return torch.stack(xs), torch.tensor(ys)
+    items = [ds[i] for i in range(n)]
+    return torch.stack([item["x"] for item in items]), torch.tensor([item["y"] for item in items])
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +41,11 @@ def test_classes_need_both_colour_and_shape():
 def test_determinism():
     """Same (seed, index) gives an identical tensor; another seed gives a different one."""
     a, b = ShapesDataset(32, seed=0), ShapesDataset(32, seed=0)
-    assert torch.equal(a[5][0], b[5][0]) and torch.equal(a[5][0], a[5][0])
-    assert not torch.equal(a[5][0], ShapesDataset(32, seed=1)[5][0])
-    assert not torch.equal(a[5][0], a[13][0])  # same class, different jitter
+    assert torch.equal(a[5]["x"], b[5]["x"]) and torch.equal(a[5]["x"], a[5]["x"])
+    assert not torch.equal(a[5]["x"], ShapesDataset(32, seed=1)[5]["x"])
+    assert not torch.equal(a[5]["x"], a[13]["x"])  # same class, different jitter
     flip = ShapesDataset(32, flip=True)
-    assert torch.equal(flip[3][0], flip[3][0])
+    assert torch.equal(flip[3]["x"], flip[3]["x"])
 
 
 @pytest.mark.parametrize("size", [16, 32, 64])
@@ -62,7 +62,7 @@ def test_shapes_range_and_border(size):
 
 def test_labels_balanced():
     """Labels cycle through the classes, so every class has the same count."""
-    counts = Counter(ShapesDataset(16, num_classes=5, length=50)[i][1] for i in range(50))
+    counts = Counter(ShapesDataset(16, num_classes=5, length=50)[i]["y"] for i in range(50))
     assert counts == {c: 10 for c in range(5)}
 
 
@@ -137,9 +137,17 @@ def test_video_dataset_and_checker(checker):
     x, y = _batch(ds, 48)
     assert x.shape == (48, 3, 8, 32, 32) and x.dtype == torch.float32
     assert x.min() >= -1 and x.max() <= 1
-    assert torch.equal(ds[3][0], ShapesVideoDataset(32, num_frames=8, length=48, seed=5)[3][0])
+    assert torch.equal(ds[3]["x"], ShapesVideoDataset(32, num_frames=8, length=48, seed=5)[3]["x"])
     res = checker.score_video(x, y)
     assert res["accuracy"] >= 0.95 and res["motion_fraction"] >= 0.9
     static = checker.score_video(x[:, :, :1].expand_as(x), y)
     assert static["motion_fraction"] == 0.0 and static["accuracy"] >= 0.95
     assert checker.score_video(x, (y + 1) % 8)["accuracy"] <= 0.05
+
+
+def test_captions():
+    """With captions, items carry "text" naming the class (and the motion of clips); without, no "text"."""
+    assert "text" not in ShapesDataset(16, length=4)[0]
+    assert ShapesDataset(16, length=4, captions=True)[1]["text"] == "a green square"
+    caption = ShapesVideoDataset(16, num_frames=3, length=4, captions=True)[2]["text"]
+    assert caption.startswith("a blue triangle moving ") and caption.split()[-1] in ("left", "right", "up", "down")

@@ -161,15 +161,6 @@ def test_forward_with_cfg_guides_first_three_channels():
     torch.testing.assert_close(model.forward_with_cfg(x, t, y, cfg_scale=1.0)[:2], cond)
 
 
-def test_precomputed_condition_embedding():
-    model = randomised(tiny())
-    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 999]), torch.tensor([2, 5])
-    cond = model.y_embedder(y, train=False)
-    no_label = model(x, t, cond=cond)  # the same embedding, given precomputed
-    torch.testing.assert_close(no_label, model(x, t, y))
-    assert not torch.allclose(model(x, t, y, cond=torch.randn(2, 32)), model(x, t, y))
-
-
 def test_gradients_flow_to_all_trainable_parameters():
     model = randomised(tiny()).train()
     x, t, y = torch.randn(2, 4, 8, 8), torch.randint(0, 1000, (2,)), torch.randint(0, 10, (2,))

@@ -1,0 +1,1 @@
+"""Data-parallel training machinery: the device mesh, the sharded EMA and DCP checkpoints."""

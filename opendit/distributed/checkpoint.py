@@ -1,0 +1,237 @@
+"""Training checkpoints through torch.distributed.checkpoint (DCP): sharded, resharded on load, written atomically.
+
+    checkpoints/
+      latest                        name of the newest complete checkpoint
+      step-0000006/
+        .metadata, __R_0.distcp     DCP: model.*, optim.*, ema.* (every rank writes its own shards)
+        train_state.pt              step, epoch, data position, scheduler, scaler, world size, config (rank 0)
+        rng-00000.pt, ...           every rank's RNG state
+        manifest.json               every file's size, written last
+
+Each checkpoint is written into .step-NNNNNNN.partial/ and renamed when complete, then `latest` is moved to it, so a
+crash or kill mid-save leaves the previous checkpoint (and `latest`) intact. A folder without manifest.json, or
+whose files do not match it, is refused with a one-line CheckpointError. Reading never unpickles code.
+"""
+import io
+import json
+import os
+import pickle
+import re
+import shutil
+import warnings
+from contextlib import contextmanager
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from opendit.utils.checkpoint import LATEST, CheckpointError, MANIFEST, STEP_PATTERN, TRAIN_STATE, rng_state, torch_load
+from opendit.utils.distributed import barrier
+
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)  # optimizer keys by parameter name: reshardable
+
+
+@contextmanager
+def _quiet_single_process():
+    """DCP warns on every single-process save/load; one process is a normal case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+# --- reading without unpickling code ---------------------------------------------------------------
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's .metadata, allowing only DCP's metadata classes, torch sizes/dtypes and plain containers."""
+
+    ALLOWED = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+               ("collections", "OrderedDict"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))
+        if module == "torch.distributed.checkpoint.metadata" or (module, name) in self.ALLOWED or is_dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+class SafeReader(dcp.FileSystemReader):
+    """A FileSystemReader whose metadata is unpickled with an allow-list (tensors are already read weights-only)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        with open(os.path.join(self.path, ".metadata"), "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is not None:
+            metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's planner with non-tensor values (optimizer hyper-parameters) read by torch.load(weights_only=True)."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._nested_dict import set_element  # noqa: PLC0415 (DCP's own helper)
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def verify_checkpoint(path: str) -> None:
+    """Refuse, in one line, a folder that is not a finished checkpoint: no manifest, a missing or truncated file."""
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest_path):
+        raise CheckpointError(f"{path}: incomplete checkpoint (no {MANIFEST}; the save did not finish)")
+    try:
+        with open(manifest_path) as f:
+            sizes = json.load(f)["files"]
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: unreadable {MANIFEST} ({type(e).__name__})") from None
+    for name, size in sizes.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{path}: incomplete checkpoint ({name} is missing)")
+        if os.path.getsize(file) != size:
+            raise CheckpointError(f"{path}: truncated checkpoint ({name} has {os.path.getsize(file)} bytes, expected {size})")
+
+
+def read_tensors(path: str, prefix: str) -> Dict[str, torch.Tensor]:
+    """All tensors under `prefix.` (e.g. the EMA) as full CPU tensors, on this process alone (no process group)."""
+    verify_checkpoint(path)
+    reader = SafeReader(path)
+    try:
+        metadata = reader.read_metadata()
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable DCP metadata ({type(e).__name__}: {e})".split("\n")[0]) from None
+    head = prefix + "."
+    state = {
+        key[len(head) :]: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith(head) and isinstance(meta, TensorStorageMetadata)
+    }
+    if not state:
+        raise CheckpointError(f"{path}: holds no '{prefix}' weights")
+    _load({prefix: state}, path, no_dist=True)
+    return state
+
+
+def _load(state: Dict[str, Any], path: str, no_dist: bool = False) -> None:
+    try:
+        with _quiet_single_process():
+            dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(), no_dist=no_dist)
+    except (Exception, CheckpointException) as e:  # a corrupt shard, a foreign file, a shape that does not fit
+        if isinstance(e, CheckpointException) and e.failures:  # DCP gathers every rank's failure
+            e = next(iter(e.failures.values()))[0]  # (exception, traceback)
+        reason = str(e).strip().split("\n")[0][:300]
+        raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {reason})") from None
+
+
+# --- training state ------------------------------------------------------------------------------
+def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema) -> Dict[str, Any]:
+    """What DCP writes and reads: model, optimizer and EMA state dicts, DTensors left sharded."""
+    model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
+    return {"model": model_state, "optim": optim_state, "ema": ema.state_dict()}
+
+
+def _atomic_torch_save(obj: Any, path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _own_files(folder: str, rank: int) -> Dict[str, int]:
+    """Sizes of the files this rank wrote (its DCP shard and RNG state; rank 0 also .metadata and train_state.pt),
+    seen locally: on a shared file system another node's directory listing may lag behind."""
+    mine = [name for name in os.listdir(folder) if name.startswith(f"__{rank}_") or name == f"rng-{rank:05d}.pt"]
+    mine += [".metadata", TRAIN_STATE] if rank == 0 else []
+    return {name: os.path.getsize(os.path.join(folder, name)) for name in mine}
+
+
+def _write_manifest(folder: str, sizes: Dict[str, int]) -> None:
+    _atomic_json({"files": dict(sorted(sizes.items()))}, os.path.join(folder, MANIFEST))
+
+
+def _atomic_json(obj: Any, path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _publish(checkpoint_dir: str, name: str, tmp: str) -> None:
+    """Rename the finished folder into place (an older copy of the same step is moved aside first), then move `latest`."""
+    final = os.path.join(checkpoint_dir, name)
+    old = os.path.join(checkpoint_dir, f".{name}.old")
+    if os.path.exists(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    pointer = os.path.join(checkpoint_dir, f".{LATEST}.tmp")
+    with open(pointer, "w") as f:
+        f.write(name + "\n")
+    os.replace(pointer, os.path.join(checkpoint_dir, LATEST))
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _prune(checkpoint_dir: str, keep: int, newest: str) -> None:
+    """Delete all but the `keep` newest step folders (keep <= 0: keep all) and leftovers of interrupted saves."""
+    for entry in os.listdir(checkpoint_dir):
+        if entry.startswith(".step-") and entry.endswith((".partial", ".old")):
+            shutil.rmtree(os.path.join(checkpoint_dir, entry), ignore_errors=True)
+    if keep <= 0:
+        return
+    steps = sorted(entry for entry in os.listdir(checkpoint_dir) if re.fullmatch(STEP_PATTERN, entry))
+    for entry in steps[:-keep]:
+        if entry != newest:
+            shutil.rmtree(os.path.join(checkpoint_dir, entry), ignore_errors=True)
+
+
+def save_checkpoint(checkpoint_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema, train_state: Dict[str, Any], keep: int = 3) -> str:
+    """Write checkpoints/step-{step}/ from every rank (see the module docstring); returns its path."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    name = f"step-{step:07d}"
+    tmp = os.path.join(checkpoint_dir, f".{name}.partial")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    with _quiet_single_process():
+        dcp.save(sharded_state(model, optimizer, ema), checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    _atomic_torch_save(rng_state(), os.path.join(tmp, f"rng-{rank:05d}.pt"))
+    if rank == 0:
+        _atomic_torch_save(train_state, os.path.join(tmp, TRAIN_STATE))
+    sizes = [_own_files(tmp, rank)]
+    if dist.is_initialized():
+        sizes = [None] * dist.get_world_size()
+        dist.all_gather_object(sizes, _own_files(tmp, rank))  # also the barrier: every rank has finished writing
+    if rank == 0:
+        _write_manifest(tmp, {file: size for part in sizes for file, size in part.items()})
+        _publish(checkpoint_dir, name, tmp)
+        _prune(checkpoint_dir, keep, name)
+    barrier()
+    return os.path.join(checkpoint_dir, name)
+
+
+def read_train_state(path: str) -> Dict[str, Any]:
+    """train_state.pt of a verified checkpoint: step, epoch, data position, scheduler, scaler, world size, config."""
+    verify_checkpoint(path)
+    return torch_load(os.path.join(path, TRAIN_STATE))
+
+
+def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema) -> Optional[Dict[str, Any]]:
+    """Load model, optimizer and EMA in place (DCP reshards them to this run's layout); returns this rank's RNG
+    state, or None when the checkpoint was written by a different number of processes."""
+    verify_checkpoint(path)
+    state = sharded_state(model, optimizer, ema)
+    _load(state, path, no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=OPTIONS)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng_path = os.path.join(path, f"rng-{rank:05d}.pt")
+    return torch_load(rng_path) if os.path.isfile(rng_path) else None

@@ -1,0 +1,35 @@
+"""An fp32 EMA of the weights kept shard-for-shard like the parameters (FSDP2 DTensor shards, or full tensors)."""
+from typing import Dict
+
+import torch
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a tensor: the local shard of a DTensor, the tensor itself otherwise."""
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+class ShardedEMA:
+    """ema = decay * ema + (1 - decay) * param on each rank's own shards, with no communication; frozen weights are kept, never updated."""
+
+    def __init__(self, model: nn.Module):
+        # A DTensor clone keeps the parameter's mesh and placements: EMA shard i lines up with parameter shard i.
+        params = dict(model.named_parameters())
+        self.shadow: Dict[str, torch.Tensor] = {  # the state_dict's entries: parameters in fp32, persistent buffers as they are
+            name: params[name].detach().to(torch.float32, copy=True) if name in params else t.detach().clone() for name, t in model.state_dict().items()
+        }
+        self._trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # the sharded parameters themselves
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        """One EMA step from the current parameters (DiT's update, as foreach ops on the local shards)."""
+        ema = [_local(self.shadow[name]) for name, _ in self._trainable]
+        params = [_local(p).float() for _, p in self._trainable]
+        torch._foreach_mul_(ema, decay)
+        torch._foreach_add_(ema, params, alpha=1 - decay)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """The EMA weights under the model's names; sharded ones stay DTensors (what DCP saves and loads in place)."""
+        return dict(self.shadow)

@@ -1,0 +1,125 @@
+"""DiT's FID sampler: N class-conditional samples spread over the ranks, as PNGs plus the .npz the ADM suite reads.
+
+    torchrun --nproc_per_node 8 sample_ddp.py --ckpt CKPT --num_fid_samples 50000 [--cfg_scale 1.5]
+
+Writes {sample_dir}/{model}-{ckpt}-size-{S}-vae-{V}-cfg-{C}-seed-{G}/NNNNNN.png and, next to that folder, the same
+name + .npz with arr_0 = uint8 (N, H, W, 3). Batch b of rank r holds the samples ((b * world + r) * n ...) and draws
+its labels and noise from the seed (global_seed, first index): every sample has its own seeds, different on every
+rank, and a rerun skips the batches whose PNGs all exist (resumable, also on another number of ranks).
+"""
+import argparse
+import math
+import os
+import sys
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from opendit.builders import UsageError, check_model_flags, load_vae, model_config
+from opendit.sample import SAMPLERS, build_sampling_model, denoise, resolve_model_flags
+from opendit.utils.checkpoint import CheckpointError, load_model_weights
+from opendit.utils.distributed import barrier, cleanup, setup_distributed
+from opendit.utils.media import save_image
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # DiT's sample_ddp.py flags (its hyphenated spellings work too); model flags default to the checkpoint's config.
+    parser.add_argument("--ckpt", type=str, required=True, help="training checkpoint / experiment / export folder, .safetensors, or an official DiT .pt")
+    parser.add_argument("--model", type=str, default=None)
+    parser.add_argument("--vae", type=str, default=None)
+    parser.add_argument("--image_size", "--image-size", type=int, default=None)
+    parser.add_argument("--num_classes", "--num-classes", type=int, default=None)
+    parser.add_argument("--noise_schedule", type=str, default=None, choices=["linear", "squaredcos_cap_v2"])
+    parser.add_argument("--sample_dir", "--sample-dir", type=str, default="samples")
+    parser.add_argument("--per_proc_batch_size", "--per-proc-batch-size", type=int, default=32)
+    parser.add_argument("--num_fid_samples", "--num-fid-samples", type=int, default=50_000)
+    parser.add_argument("--cfg_scale", "--cfg-scale", type=float, default=1.5, help="classifier-free guidance (<= 1: off)")
+    parser.add_argument("--cfg_channels", type=str, default="3", choices=["3", "all"])
+    parser.add_argument("--num_sampling_steps", "--num-sampling-steps", type=int, default=250)
+    parser.add_argument("--sampler", type=str, default="ddpm", choices=SAMPLERS)
+    parser.add_argument("--global_seed", "--global-seed", type=int, default=0)
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls (DiT: on)")
+    parser.add_argument("--use_model", action="store_true", help="the raw model weights instead of the EMA")
+    parser.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"])
+    return parser
+
+
+def folder_name(args: argparse.Namespace) -> str:
+    """DiT's sample folder name: {model}-{ckpt}-size-{S}-vae-{V}-cfg-{C}-seed-{G}."""
+    ckpt = os.path.basename(os.path.normpath(args.ckpt)).replace(".pt", "").replace(".safetensors", "")
+    return f"{args.model.replace('/', '-')}-{ckpt}-size-{args.image_size}-vae-{args.vae}-cfg-{args.cfg_scale}-seed-{args.global_seed}"
+
+
+def batch_seed(global_seed: int, first_index: int) -> int:
+    """One seed per batch, from its first sample index: independent of the number of ranks."""
+    return global_seed * 1_000_003 + first_index
+
+
+def write_npz(folder: str, num_samples: int) -> str:
+    """Pack NNNNNN.png, 0 <= N < num_samples, into {folder}.npz (arr_0: uint8 NHWC), as ADM's evaluator reads."""
+    images = np.stack([np.asarray(Image.open(os.path.join(folder, f"{i:06d}.png")).convert("RGB")) for i in range(num_samples)])
+    path = f"{folder}.npz"
+    np.savez(path, arr_0=images)
+    return path
+
+
+@torch.no_grad()
+def sample_ddp(args: argparse.Namespace) -> dict:
+    if min(args.num_fid_samples, args.per_proc_batch_size, args.num_sampling_steps) < 1:
+        raise UsageError("--num_fid_samples, --per_proc_batch_size and --num_sampling_steps must be at least 1")
+    info = setup_distributed(args.device)
+    state_dict, train_config = load_model_weights(args.ckpt, use_ema=not args.use_model)
+    args.num_frames, args.use_video = None, False
+    resolve_model_flags(args, train_config)
+    if args.use_video or "text_embedder.weight" in state_dict:
+        raise UsageError(f"--ckpt {args.ckpt}: sample_ddp.py samples class-conditional image models only")
+    check_model_flags(args.model, args.image_size, args.vae, args.use_video)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
+    torch.set_flush_denormal(True)
+    vae = load_vae(args.vae, info.device)
+    config = model_config(args, vae)
+    model = build_sampling_model(args, config, state_dict, info.device)
+
+    folder = os.path.join(args.sample_dir, folder_name(args))
+    os.makedirs(folder, exist_ok=True)
+    n, world = args.per_proc_batch_size, info.world_size
+    latent_shape = (config["in_channels"], config["input_size"], config["input_size"])
+    written = []
+    for b in range(math.ceil(args.num_fid_samples / (n * world))):
+        first = (b * world + info.rank) * n
+        indices = [i for i in range(first, first + n) if i < args.num_fid_samples]
+        paths = [os.path.join(folder, f"{i:06d}.png") for i in indices]
+        if all(os.path.exists(p) for p in paths):  # nothing left in this batch (or beyond N): resumed / done
+            continue
+        torch.manual_seed(batch_seed(args.global_seed, first))  # also drives the sampler's own noise
+        z = torch.randn(n, *latent_shape, device=info.device)
+        y = torch.randint(0, args.num_classes, (n,), device=info.device)
+        images = vae.decode(denoise(args, model, z, y)).clamp(-1, 1).cpu()
+        for x, path in zip(images, paths):
+            if not os.path.exists(path):
+                written.append(save_image(x, path))
+    barrier()
+    npz = write_npz(folder, args.num_fid_samples) if info.is_main else None
+    if npz:
+        print(f"Saved {args.num_fid_samples} samples to {folder} and {npz}")
+    barrier()
+    cleanup()
+    return {"folder": folder, "written": written, "npz": f"{folder}.npz"}
+
+
+def main(argv: Optional[list] = None) -> dict:
+    args = get_parser().parse_args(argv)
+    try:
+        return sample_ddp(args)
+    except (UsageError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        cleanup()
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""Prepare data: a UCF101 tree or media folder -> CSV, any dataset -> latent cache. See `python preprocess.py -h`."""
+from opendit.preprocess import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""DCP checkpoints: written sharded by 2 ranks, loaded exactly on 1 process and resharded onto 4 (zero3 and DDP);
+atomic writes, keep-last-K, and one-line errors for truncated or unfinished folders."""
+import os
+import shutil
+
+import pytest
+import torch
+
+from opendit.distributed import checkpoint as ckpt
+from opendit.distributed.ema import ShardedEMA
+from opendit.parallel.mesh import build_mesh
+from opendit.parallelize import parallelize
+from opendit.utils.checkpoint import CheckpointError, latest_checkpoint, resolve_checkpoint_dir
+
+
+def setup(dt, plugin=None, world_size=1):
+    """Tiny model (parallelized when a plugin is given), AdamW and EMA."""
+    model = dt.tiny_model()
+    if plugin:
+        parallelize(model, mesh=build_mesh(world_size, 1, "cpu"), plugin=plugin)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, foreach=True)
+    return model, opt, ShardedEMA(model)
+
+
+def snapshot(model, opt, ema, dt):
+    """Full copies of every weight, EMA tensor and AdamW moment, keyed by parameter name."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    moments = {f"{names[id(p)]}.{key}": dt.full(v) for p, state in opt.state.items() for key, v in state.items()}
+    return {"model": {n: dt.full(p) for n, p in model.named_parameters()}, "ema": {n: dt.full(t) for n, t in ema.state_dict().items()}, "optim": moments}
+
+
+def assert_same(a, b):
+    for part in ("model", "ema", "optim"):
+        assert a[part].keys() == b[part].keys(), part
+        for key in a[part]:
+            assert torch.equal(a[part][key].reshape(-1), b[part][key].reshape(-1)), f"{part} {key}"
+
+
+def save_sharded(rank, world_size, dt, folder):
+    dt.init()
+    model, opt, ema = setup(dt, "zero2", world_size)
+    for step in range(2):
+        opt.zero_grad()
+        dt.loss_on(model, step, rank, world_size).backward()
+        opt.step()
+        ema.update(0.9)
+    ckpt.save_checkpoint(folder, 2, model, opt, ema, {"step": 2}, keep=3)
+    reference = snapshot(model, opt, ema, dt)
+    if rank == 0:
+        torch.save(reference, os.path.join(os.path.dirname(folder), "reference.pt"))
+
+
+def load_resharded(rank, world_size, dt, folder, reference):
+    dt.init()
+    for plugin in ("zero3", "ddp"):
+        model, opt, ema = setup(dt, plugin, world_size)
+        rng = ckpt.load_checkpoint(os.path.join(folder, "step-0000002"), model, opt, ema)
+        assert (rng is None) == (rank >= 2)  # the writers' RNG states exist for ranks 0 and 1 only
+        assert_same(snapshot(model, opt, ema, dt), reference)
+
+
+def test_sharded_checkpoint_loads_on_any_world_size(dt, tmp_path):
+    folder = str(tmp_path / "checkpoints")
+    os.makedirs(folder)
+    dt.run(save_sharded, 2, dt, folder)
+    assert sorted(os.listdir(folder)) == ["latest", "step-0000002"]
+    assert {"__0_0.distcp", "__1_0.distcp", "rng-00000.pt", "rng-00001.pt", "train_state.pt", "manifest.json", ".metadata"} == set(os.listdir(os.path.join(folder, "step-0000002")))
+    reference = torch.load(tmp_path / "reference.pt", weights_only=True)
+    model, opt, ema = setup(dt)  # one process, no process group, plain tensors
+    rng = ckpt.load_checkpoint(resolve_checkpoint_dir(str(tmp_path)), model, opt, ema)
+    assert rng is not None and "torch" in rng  # rank 0's RNG state
+    assert_same(snapshot(model, opt, ema, dt), reference)
+    dt.run(load_resharded, 4, dt, folder, reference)
+    ema_only = ckpt.read_tensors(os.path.join(folder, "step-0000002"), "ema")  # what sample.py reads
+    assert all(torch.equal(ema_only[k], reference["ema"][k]) for k in reference["ema"])
+
+
+def test_atomic_save_keep_last_and_one_line_errors(dt, tmp_path, monkeypatch):
+    model, opt, ema = setup(dt)
+    folder = str(tmp_path / "checkpoints")
+    os.makedirs(folder)
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(folder, step, model, opt, ema, {"step": step}, keep=2)
+    assert sorted(os.listdir(folder)) == ["latest", "step-0000002", "step-0000003"]
+    assert latest_checkpoint(str(tmp_path)).endswith("step-0000003")
+
+    # A save that dies half-way leaves a .partial folder; the previous checkpoint and `latest` are untouched.
+    real_save = ckpt.dcp.save
+
+    def dying_save(state, checkpoint_id, **kwargs):
+        real_save(state, checkpoint_id=checkpoint_id, **kwargs)
+        raise KeyboardInterrupt  # killed after the shards, before train_state / manifest
+
+    monkeypatch.setattr(ckpt.dcp, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(folder, 4, model, opt, ema, {"step": 4}, keep=2)
+    monkeypatch.setattr(ckpt.dcp, "save", real_save)
+    assert sorted(os.listdir(folder)) == [".step-0000004.partial", "latest", "step-0000002", "step-0000003"]
+    assert ckpt.read_train_state(latest_checkpoint(str(tmp_path)))["step"] == 3
+
+    with pytest.raises(CheckpointError, match="incomplete checkpoint .no manifest.json"):
+        ckpt.load_checkpoint(os.path.join(folder, ".step-0000004.partial"), model, opt, ema)
+    step3 = os.path.join(folder, "step-0000003")
+    shard = os.path.join(step3, "__0_0.distcp")
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
+    with pytest.raises(CheckpointError, match="truncated checkpoint") as error:
+        ckpt.load_checkpoint(step3, model, opt, ema)
+    assert "\n" not in str(error.value)
+    os.remove(os.path.join(step3, "manifest.json"))
+    with pytest.raises(CheckpointError, match="incomplete"):
+        ckpt.read_tensors(step3, "ema")
+    ckpt.load_checkpoint(os.path.join(folder, "step-0000002"), model, opt, ema)  # the previous one still loads
+    ckpt.save_checkpoint(folder, 5, model, opt, ema, {"step": 5}, keep=2)  # the next save clears the leftovers
+    assert sorted(os.listdir(folder)) == ["latest", "step-0000003", "step-0000005"]
+
+
+def test_metadata_that_would_run_code_is_refused(dt, tmp_path):
+    import pickle
+
+    model, opt, ema = setup(dt)
+    folder = str(tmp_path / "checkpoints")
+    os.makedirs(folder)
+    path = ckpt.save_checkpoint(folder, 1, model, opt, ema, {"step": 1})
+    with open(os.path.join(path, ".metadata"), "wb") as f:
+        pickle.dump(shutil.rmtree, f)  # any callable outside DCP's metadata classes
+    ckpt._write_manifest(path, ckpt._own_files(path, 0))
+    with pytest.raises(CheckpointError, match="refusing to load shutil.rmtree"):
+        ckpt.read_tensors(path, "ema")

@@ -1,0 +1,27 @@
+"""parallelize() wiring on one process: torch.compile per block and activation checkpointing keep parameter names."""
+import pytest
+import torch
+
+from opendit.parallelize import parallelize
+
+
+def test_compile_and_checkpointing_are_wired_per_block(dt):
+    model = dt.tiny_model()
+    names = [name for name, _ in model.named_parameters()]
+    assert parallelize(model, grad_checkpoint=True, compile=True) is model  # one process: nothing wraps it
+    assert all(block._compiled_call_impl is not None for block in model.blocks)  # nn.Module.compile, run lazily
+    assert [name for name, _ in model.named_parameters()] == names and "_orig_mod" not in str(model.state_dict().keys())
+    assert model.final_layer._compiled_call_impl is None
+
+
+def test_grad_checkpointing_gives_the_same_gradients(dt):
+    plain, checkpointed = dt.tiny_model(), parallelize(dt.tiny_model(), grad_checkpoint=True)
+    for model in (plain, checkpointed):
+        dt.loss_on(model, 0).backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        assert (a.grad is None) == (b.grad is None) and (a.grad is None or torch.equal(a.grad, b.grad)), name
+
+
+def test_unknown_plugin_is_refused(dt):
+    with pytest.raises(ValueError, match="plugin 'zero1'"):
+        parallelize(dt.tiny_model(), plugin="zero1")

@@ -1,0 +1,54 @@
+"""Launch gloo process groups on the CPU (forked, so the parent's models and tensors reach every rank), and tiny models."""
+import itertools
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from opendit.models import DiT, VDiT
+
+_launches = itertools.count()
+
+
+def _run(rank, world_size, init_file, fn, args):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def spawn(tmp_path):
+    """spawn(fn, world_size, *args) runs fn(rank, world_size, *args) on world_size gloo ranks; a failure on any fails the test."""
+
+    def launch(fn, world_size, *args):
+        init_file = tmp_path / f"pg-{next(_launches)}"
+        mp.start_processes(_run, args=(world_size, str(init_file), fn, args), nprocs=world_size, join=True, start_method="fork")
+
+    return launch
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Replace the adaLN-Zero init (which zeroes most gradients) by small random weights, in float64."""
+    gen = torch.Generator().manual_seed(seed)
+    model.double()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model
+
+
+@pytest.fixture
+def tiny_models():
+    """name -> (randomized float64 model, input shape of one sample): depth 2, hidden 64, 4 heads, 16 tokens per frame."""
+    config = dict(depth=2, hidden_size=64, num_heads=4, in_channels=4, num_classes=10, input_size=8)
+    torch.manual_seed(0)
+    return {
+        "DiT": (randomize(DiT(patch_size=2, **config)), (4, 8, 8)),
+        "VDiT": (randomize(VDiT(patch_size=(1, 2, 2), num_frames=2, **config)), (4, 2, 8, 8)),
+    }
