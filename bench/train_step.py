@@ -166,7 +166,25 @@ def profile(step, x, y) -> None:
         for _ in range(3):
             step(x, y)
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in kernels)
+    shares = {}
+    for e in kernels:
+        name = e.key.lower()
+        kind = next((k for k, words in KERNEL_KINDS if any(w in name for w in words)), "other")
+        shares[kind] = shares.get(kind, 0) + e.self_device_time_total
+    print("| kernel kind | GPU ms per step | share |\n|---|---:|---:|")
+    for kind, us in sorted(shares.items(), key=lambda kv: -kv[1]):
+        print(f"| {kind} | {us / 3e3:.1f} | {100 * us / total:.1f}% |")
+
+
+KERNEL_KINDS = [  # profiler kernel names -> what they do (first match wins)
+    ("attention", ("fmha", "cudnn", "flash", "attention")),
+    ("optimizer / EMA / clip", ("multi_tensor", "fused_adam", "foreach", "lerp")),
+    ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "sm90")),
+    ("Triton (ours or inductor)", ("triton",)),
+]
 
 
 def main() -> None:

@@ -61,7 +61,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--enable_flashattn", action="store_true", help="attention on the fused GPU kernels only (cuDNN/flash; bf16/fp16)")
     parser.add_argument("--sequence_parallel_size", type=int, default=1, help="sequence-parallel group size")
     parser.add_argument("--sequence_parallel_type", type=str, default=None, help="fastseq (longseq) | ulysses")
-    parser.add_argument("--sequence_parallel_overlap", type=str, default="on", choices=["on", "off"], help="FastSeq: overlap the AllGather with the qkv GEMM (async ring)")
+    parser.add_argument("--sequence_parallel_overlap", type=str, default="off", choices=["on", "off"], help="FastSeq: overlap the AllGather with the qkv GEMM through an async ring (measured slower on one NVLink host, see docs/benchmarks.md)")
     # Additions.
     parser.add_argument("--dataset_size", type=int, default=10000, help="items per epoch of the built-in shapes data")
     parser.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps (default: run all epochs)")

@@ -4,7 +4,6 @@ Everything is tiny and offline: a random CLIP text model written by tiny_text_en
 """
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -19,15 +18,7 @@ from opendit.encoders import tiny_text_encoder
 TEXT_DIM = 16
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Fail any attempt to open a network connection."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted in a test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")  # nothing may download (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +141,19 @@ def test_train_on_captions_then_sample_prompts(clip, tmp_path, video):
     suffix = ".mp4" if video else ".png"
     expected = [f"0000-prompt0-a-red-circle{suffix}", f"0001-prompt1-a-blue-square{suffix}"] + ([] if video else ["grid.png"])
     assert sorted(os.listdir(tmp_path / "s")) == expected and result["labels"] == [8, 8]  # the null class: prompts alone
+
+
+def test_shipped_demo_clips_train_and_sample_text_to_video(clip, tmp_path):
+    """videos/demo.csv (shipped clips with captions) -> train.py --use_video -> sample.py --prompt -> mp4 files."""
+    demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "videos", "demo.csv")
+    train_cli.main(["--model", "VDiT-S/1x2x2", "--use_video", "--num_frames", "4", "--frame_interval", "2", "--depth", "1", "--hidden_size", "32",
+                    "--num_heads", "2", "--image_size", "16", "--vae", "none", "--num_classes", "8", "--data_path", demo, "--text_encoder", clip,
+                    "--batch_size", "2", "--max_steps", "2", "--mixed_precision", "fp32", "--num_workers", "0", "--outputs", str(tmp_path / "o")])
+    (experiment,) = [os.path.join(tmp_path / "o", d) for d in os.listdir(tmp_path / "o")]
+    log = open(os.path.join(experiment, "log.txt")).read()
+    assert "with 5 items" in log and "Skipped" not in log  # every shipped clip decodes
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving up\n\na green cross moving down\n")
+    run("--ckpt", experiment, "--prompt_path", str(prompts), "--labels", "0", "--output", str(tmp_path / "s"))
+    files = sorted(os.listdir(tmp_path / "s"))
+    assert len(files) == 2 and all(f.endswith(".mp4") and os.path.getsize(tmp_path / "s" / f) > 0 for f in files), files

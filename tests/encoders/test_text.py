@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import socket
 
 import pytest
 import torch
@@ -10,15 +9,7 @@ import torch
 from opendit.encoders import TextEncoder, build_text_encoder, tiny_text_encoder
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Fail any attempt to open a network connection."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted in a test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")  # nothing may download (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

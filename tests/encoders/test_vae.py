@@ -1,6 +1,5 @@
 """Tests for the frozen VAE wrapper, built from tiny configs (nothing is downloaded)."""
 
-import socket
 
 import pytest
 import torch
@@ -8,15 +7,7 @@ import torch
 from opendit.encoders import VAE, build_vae, tiny_vae
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Fail any attempt to open a network connection."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted in a test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")  # nothing may download (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

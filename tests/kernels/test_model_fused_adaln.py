@@ -10,6 +10,16 @@ from opendit.parallelize import parallelize
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def assert_same_outputs_and_grads(ref, fused, x, t, y):
+    out_ref, out_fused = ref.eval()(x, t, y), fused.eval()(x, t, y)
+    torch.testing.assert_close(out_fused, out_ref, rtol=1e-5, atol=1e-5)
+    out_ref.square().sum().backward()
+    out_fused.square().sum().backward()
+    for (n, a), (_, b) in zip(ref.named_parameters(), fused.named_parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
 @pytest.mark.parametrize("name", ["DiT-S/2", "VDiT-S/2x2x2"])
 def test_fused_adaln_model_matches_pytorch(name):
     torch.manual_seed(0)
@@ -24,13 +34,7 @@ def test_fused_adaln_model_matches_pytorch(name):
     shape = (3, 4, 2, 4, 4) if name.startswith("VDiT") else (3, 4, 4, 4)
     x = torch.randn(shape, device=DEVICE)
     t, y = torch.tensor([1, 500, 999], device=DEVICE), torch.tensor([0, 3, 4], device=DEVICE)
-    out_ref, out_fused = ref.eval()(x, t, y), fused.eval()(x, t, y)
-    torch.testing.assert_close(out_fused, out_ref, rtol=1e-5, atol=1e-5)
-    out_ref.square().sum().backward()
-    out_fused.square().sum().backward()
-    for (n, a), (_, b) in zip(ref.named_parameters(), fused.named_parameters()):
-        if a.grad is not None:
-            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=n)
+    assert_same_outputs_and_grads(ref, fused, x, t, y)
 
 
 def test_fused_adaln_model_compiles_without_graph_breaks():
@@ -45,11 +49,5 @@ def test_fused_adaln_model_compiles_without_graph_breaks():
         block.compile(backend=backend, fullgraph=True)
     x = torch.randn(3, 4, 4, 4, device=DEVICE)
     t, y = torch.tensor([1, 500, 999], device=DEVICE), torch.tensor([0, 3, 4], device=DEVICE)
-    out_ref, out_fused = ref.eval()(x, t, y), fused.eval()(x, t, y)
-    torch.testing.assert_close(out_fused, out_ref, rtol=1e-5, atol=1e-5)
-    out_ref.square().sum().backward()
-    out_fused.square().sum().backward()
-    for (n, a), (_, b) in zip(ref.named_parameters(), fused.named_parameters()):
-        if a.grad is not None:
-            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=n)
+    assert_same_outputs_and_grads(ref, fused, x, t, y)
     torch._dynamo.reset()
