@@ -1,4 +1,5 @@
 """Shared set-up for train.py and sample.py: flag checks, the VAE, the model and its geometry."""
+import sys
 from typing import Any, Dict, Optional
 
 import torch
@@ -10,6 +11,19 @@ KNOWN_VAE_DOWNSAMPLE = {"none": 1, "ema": 8, "mse": 8}
 
 class UsageError(ValueError):
     """A user mistake in flags or inputs; reported as one line, never a traceback."""
+
+
+def run_or_exit(fn, args: Any) -> Any:
+    """fn(args); a user mistake (UsageError, CheckpointError) ends the process with one line on stderr and status 2."""
+    from opendit.utils.checkpoint import CheckpointError
+    from opendit.utils.distributed import cleanup
+
+    try:
+        return fn(args)
+    except (UsageError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        cleanup()
+        sys.exit(2)
 
 
 def patch_hw(model_name: str) -> int:

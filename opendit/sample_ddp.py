@@ -10,16 +10,15 @@ rank, and a rerun skips the batches whose PNGs all exist (resumable, also on ano
 import argparse
 import math
 import os
-import sys
 from typing import Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
-from opendit.builders import UsageError, check_model_flags, load_vae, model_config
+from opendit.builders import UsageError, check_model_flags, load_vae, model_config, run_or_exit
 from opendit.sample import SAMPLERS, build_sampling_model, denoise, resolve_model_flags
-from opendit.utils.checkpoint import CheckpointError, load_model_weights
+from opendit.utils.checkpoint import load_model_weights
 from opendit.utils.distributed import barrier, cleanup, setup_distributed
 from opendit.utils.media import save_image
 
@@ -112,13 +111,7 @@ def sample_ddp(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Optional[list] = None) -> dict:
-    args = get_parser().parse_args(argv)
-    try:
-        return sample_ddp(args)
-    except (UsageError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        cleanup()
-        sys.exit(2)
+    return run_or_exit(sample_ddp, get_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

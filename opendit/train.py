@@ -4,7 +4,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from functools import partial
 from typing import Optional
@@ -15,7 +14,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
 
-from opendit.builders import UsageError, build_model, check_model_flags, load_vae, model_config
+from opendit.builders import UsageError, build_model, check_model_flags, load_vae, model_config, run_or_exit
 from opendit.data import prepare_batch, text_encoder_for
 from opendit.diffusion import create_diffusion
 from opendit.distributed.checkpoint import load_checkpoint, read_train_state, save_checkpoint
@@ -23,7 +22,7 @@ from opendit.distributed.ema import ShardedEMA
 from opendit.distributed.mesh import SP, dp_coordinate, sp_size
 from opendit.parallel import broadcast_from_sp_leader, build_mesh
 from opendit.parallelize import PLUGINS, parallelize
-from opendit.utils.checkpoint import CheckpointError, experiment_dir_of, latest_checkpoint, resolve_checkpoint_dir, set_rng_state
+from opendit.utils.checkpoint import experiment_dir_of, latest_checkpoint, resolve_checkpoint_dir, set_rng_state
 from opendit.utils.distributed import all_reduce_mean, barrier, cleanup, setup_distributed
 from opendit.utils.flops import train_flops_per_sample
 from opendit.utils.logging import create_logger
@@ -489,13 +488,7 @@ def train(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[list] = None) -> None:
-    args = get_parser().parse_args(argv)
-    try:
-        train(args)
-    except (UsageError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        cleanup()
-        sys.exit(2)
+    run_or_exit(train, get_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
