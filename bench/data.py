@@ -10,6 +10,7 @@ torchvision.io.read_video does, for comparison.
 
 import argparse
 import os
+import sys
 import time
 from types import SimpleNamespace
 
@@ -17,6 +18,13 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from opendit.data.build import build_dataset  # noqa: E402
+from opendit.data.transforms import center_crop, short_side_size, to_tensor  # noqa: E402
+from opendit.data.video import clip_indices  # noqa: E402
+from opendit.utils.media import read_video  # noqa: E402
 
 
 def synthetic_images(folder: str, n: int) -> str:
@@ -82,10 +90,6 @@ class WholeFile(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> dict:
-        from opendit.data.transforms import center_crop, short_side_size, to_tensor
-        from opendit.data.video import clip_indices
-        from opendit.utils.media import read_video
-
         ds = self.dataset
         frames = read_video(ds.rows[i].path)  # (N, H, W, 3)
         idx = clip_indices(len(frames), ds.num_frames, ds.frame_interval, float(torch.rand(())))
@@ -109,8 +113,6 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--items", type=int, default=128, help="items timed per row (after a warm-up batch)")
     args = parser.parse_args()
-
-    from opendit.data.build import build_dataset
 
     def dataset(path: str, video: bool):
         flags = SimpleNamespace(data_path=path, dataset="auto", use_video=video, image_size=args.image_size, num_frames=args.num_frames,

@@ -33,10 +33,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from opendit.diffusion import create_diffusion  # noqa: E402
 from opendit.models import VDiT_models  # noqa: E402
-from opendit.models.attention import Attention, fast_attention  # noqa: E402
 from opendit.models.blocks import DiTBlock  # noqa: E402
 from opendit.parallel import apply_sequence_parallel, build_mesh, collectives, sp_all_reduce_grads  # noqa: E402
 from opendit.parallel.attention import FastSeqAttention, UlyssesAttention  # noqa: E402
+from opendit.parallelize import enable_fast_attention, enable_grad_checkpointing  # noqa: E402
 from opendit.utils.distributed import setup_distributed  # noqa: E402
 
 MODES = {"fastseq+overlap": ("fastseq", True), "fastseq": ("fastseq", False), "ulysses": ("ulysses", True)}
@@ -159,13 +159,12 @@ def raw_comm_step(kind: str, overlap: bool, x: torch.Tensor, group):
 def bench_layers(args, device, dtype, sp_group, rank) -> list:
     """Rows (tokens, mode, layer, compute, exposed, raw, sp1) for every token count and mode."""
     s, C, H = dist.get_world_size(sp_group), args.hidden_size, args.num_heads
-    attention_fn = fast_attention if device.type == "cuda" else None
     rows = []
     for N in [int(v) for v in args.tokens.split(",")]:
         torch.manual_seed(0)
         block = DiTBlock(C, H).to(device)
-        if attention_fn is not None:
-            block.attn.attention_fn = attention_fn
+        if device.type == "cuda":
+            enable_fast_attention(block)
         c = torch.randn(1, C, device=device, requires_grad=True)
 
         sp1 = None  # the full sequence on rank 0 alone; the others wait
@@ -203,12 +202,8 @@ def e2e_model(args, device, tokens):
     size = dict(depth=2, hidden_size=args.hidden_size, num_heads=args.num_heads) if args.tiny else {}
     model = VDiT_models["VDiT-XL/1x2x2"](input_size=latent, num_frames=frames, num_classes=1000, **size).to(device)
     if device.type == "cuda":
-        for module in model.modules():
-            if isinstance(module, Attention):
-                module.attention_fn = fast_attention
+        enable_fast_attention(model)
     if args.grad_checkpoint:
-        from opendit.parallelize import enable_grad_checkpointing
-
         enable_grad_checkpointing(model)
     return model, (1, 4, frames, latent, latent)
 

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from opendit.diffusion import create_diffusion  # noqa: E402
 from opendit.models import DiT_models  # noqa: E402
-from opendit.parallelize import enable_fast_attention, enable_fused_adaln  # noqa: E402
+from opendit.parallelize import compile_blocks, enable_fast_attention, enable_fused_adaln  # noqa: E402
 from opendit.utils.flops import train_flops_per_sample  # noqa: E402
 
 VARIANTS = {  # name -> (autocast dtype, fast attention, fused kernels, compile)
@@ -112,8 +112,7 @@ def build(name: str, args: argparse.Namespace, device: torch.device) -> nn.Modul
     if flash:
         enable_fast_attention(model)
     if compiled:
-        for block in model.blocks:
-            block.compile()
+        compile_blocks(model)
     return model.train()
 
 
@@ -160,14 +159,23 @@ def run(name: str, batch: int, args: argparse.Namespace, device: torch.device) -
     return dict(img_s=batch / seconds, ms=1000 * seconds, peak=peak)
 
 
+KERNEL_KINDS = [  # profiler kernel names -> what they do (first match wins)
+    ("attention", ("fmha", "cudnn", "flash", "attention")),
+    ("optimizer / EMA / clip", ("multi_tensor", "fused_adam", "foreach", "lerp")),
+    ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "sm90")),
+    ("Triton (ours or inductor)", ("triton",)),
+]
+
+
 def profile(step, x, y) -> None:
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(3):
             step(x, y)
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
-    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.self_device_time_total for e in kernels)
     shares = {}
     for e in kernels:
@@ -177,14 +185,6 @@ def profile(step, x, y) -> None:
     print("| kernel kind | GPU ms per step | share |\n|---|---:|---:|")
     for kind, us in sorted(shares.items(), key=lambda kv: -kv[1]):
         print(f"| {kind} | {us / 3e3:.1f} | {100 * us / total:.1f}% |")
-
-
-KERNEL_KINDS = [  # profiler kernel names -> what they do (first match wins)
-    ("attention", ("fmha", "cudnn", "flash", "attention")),
-    ("optimizer / EMA / clip", ("multi_tensor", "fused_adam", "foreach", "lerp")),
-    ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "sm90")),
-    ("Triton (ours or inductor)", ("triton",)),
-]
 
 
 def main() -> None:

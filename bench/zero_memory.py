@@ -36,7 +36,6 @@ from opendit.train import PRECISIONS, optimizer_step  # noqa: E402
 from opendit.utils.distributed import cleanup, setup_distributed  # noqa: E402
 
 
-
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="DiT-XL/2")

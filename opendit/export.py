@@ -10,12 +10,11 @@ CKPT is a step folder or an experiment folder (its latest checkpoint). DIR recei
 import argparse
 import json
 import os
-import sys
 from typing import Optional
 
 import torch
 
-from opendit.builders import UsageError, build_model
+from opendit.builders import UsageError, build_model, run_or_exit
 from opendit.utils.checkpoint import EXPORT_CONFIG, EXPORT_WEIGHTS, CheckpointError, load_model_weights
 
 OFFICIAL_LAYOUT = "model.pt"
@@ -52,11 +51,7 @@ def export(ckpt: str, output: str, weights: str = "ema") -> dict:
 
 def main(argv: Optional[list] = None) -> dict:
     args = get_parser().parse_args(argv)
-    try:
-        paths = export(args.ckpt, args.output, args.weights)
-    except (UsageError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    paths = run_or_exit(lambda a: export(a.ckpt, a.output, a.weights), args)
     print(f"Exported the {args.weights} weights of {args.ckpt} to {', '.join(paths.values())}")
     return paths
 

@@ -117,7 +117,10 @@ def to_csv(args: argparse.Namespace, extensions: tuple) -> None:
     present = [f for f in files if os.path.isfile(os.path.join(root, f))]
     if not present:
         raise UsageError(f"--root {root}: no media files found" + (f" from --split {split}" if split else ""))
-    classes = read_class_index(split) or (sorted({f.split(os.sep)[0] for f in list_media(root, extensions) if os.sep in f}) or None)
+    classes = read_class_index(split)
+    if not classes:  # the class folders of the whole tree (already listed when there is no split)
+        tree = list_media(root, extensions) if split else files
+        classes = sorted({f.split(os.sep)[0] for f in tree if os.sep in f}) or None
     rows = media_rows(root, present, classes)
     write_csv(rows, args.output)
     missing = f"; {len(files) - len(present)} listed files are missing" if len(present) < len(files) else ""
@@ -128,8 +131,7 @@ def posterior(vae, x: torch.Tensor) -> tuple:
     """Scaled posterior (mean, std) of vae.encode(x): mean + std * noise is the sample vae.encode draws."""
     if vae.is_identity:
         return x, None
-    mean, logvar = vae._frames(vae._prepare(x), vae._moments).chunk(2, dim=1)
-    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    mean, std = vae.posterior(x)
     return (mean - vae.shift_factor) * vae.scaling_factor, std * vae.scaling_factor
 
 

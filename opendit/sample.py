@@ -214,14 +214,15 @@ def sample(args: argparse.Namespace) -> dict:
         chunk = slice(start, start + args.batch_size)
         y = torch.tensor(labels[chunk], device=device) if labels[0] is not None else None
         text = text_emb[prompt_ids[chunk]] if text_emb is not None else None
-        latents = denoise(args, model, noise[chunk], y, text, null_text)
-        outputs.append(vae.decode(latents).clamp(-1, 1).cpu())
+        latents = denoise(args, model, noise[chunk], y, text, null_text)  # every sequence-parallel rank takes part
+        if info is None or info.is_main:  # ... and holds the same latents: rank 0 alone decodes and writes them
+            outputs.append(vae.decode(latents).clamp(-1, 1).cpu())
+    if not outputs:
+        return {"labels": labels}
     samples = torch.cat(outputs)
 
     from opendit.utils.media import save_image, save_image_grid, save_video
 
-    if info and not info.is_main:  # every rank holds the same samples; rank 0 writes them
-        return {"labels": labels}
     os.makedirs(args.output, exist_ok=True)
     files = []
     for i, (x, label, j) in enumerate(zip(samples, labels, prompt_ids)):

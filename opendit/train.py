@@ -86,13 +86,18 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def restarted_by_torchrun() -> bool:
+    """True in the workers torchrun started again after a failure (--max-restarts)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
 def check_flags(args: argparse.Namespace, world_size: int) -> None:
     """Refuse, in one line, flags whose feature is not in this version or that contradict each other."""
     if args.sequence_parallel_size < 1 or world_size % args.sequence_parallel_size:
         raise UsageError(f"--sequence_parallel_size {args.sequence_parallel_size}: must divide the {world_size} processes")
     if args.plugin not in PLUGINS:
         raise UsageError(f"--plugin {args.plugin}: choose zero2, zero3 or ddp")
-    if args.load == "auto" and args.experiment_dir is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+    if args.load == "auto" and args.experiment_dir is None and not restarted_by_torchrun():
         raise UsageError("--load auto needs --experiment_dir (the folder whose latest checkpoint to resume)")
     if args.sequence_parallel_type not in (None, "fastseq", "longseq", "ulysses"):
         raise UsageError(f"--sequence_parallel_type {args.sequence_parallel_type}: choose fastseq (longseq) or ulysses")
@@ -178,9 +183,8 @@ def run_experiment_dir(outputs: str) -> Optional[str]:
 def resume_dir_for(args: argparse.Namespace) -> Optional[str]:
     """The checkpoint to resume: --load's; with --load auto, or when torchrun restarted this job after a failure,
     the newest checkpoint of the run's experiment folder (none yet: start fresh)."""
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     loaded = resolve_checkpoint_dir(args.load) if args.load not in (None, "auto") else None
-    if args.load == "auto" or restarted:
+    if args.load == "auto" or restarted_by_torchrun():
         experiment = args.experiment_dir or (experiment_dir_of(loaded) if loaded else None) or run_experiment_dir(args.outputs)
         return (latest_checkpoint(experiment) if experiment else None) or loaded
     if loaded is None and args.experiment_dir and latest_checkpoint(args.experiment_dir):
@@ -226,7 +230,7 @@ def peak_tflops(args: argparse.Namespace, device: torch.device) -> Optional[floa
 def maybe_fail(step: int, rank: int) -> None:
     """Test hook: OPENDIT_TEST_KILL=RANK:STEP kills that rank after that step, on the first attempt only."""
     spec = os.environ.get("OPENDIT_TEST_KILL")
-    if spec and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and spec == f"{rank}:{step}":
+    if spec and not restarted_by_torchrun() and spec == f"{rank}:{step}":
         os._exit(17)
 
 
@@ -301,11 +305,10 @@ def train(args: argparse.Namespace) -> None:
     model = build_model(config).to(device)
     flops_per_image = train_flops_per_sample(model)
 
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # by torchrun, after a failure
     if resume_dir:
         experiment_dir = experiment_dir_of(resume_dir)
     else:  # chosen by rank 0: --experiment_dir, the folder of this run before a restart, or a new one
-        choice = (args.experiment_dir or (restarted and run_experiment_dir(args.outputs)) or new_experiment_dir(args.outputs, args.model)) if info.is_main else None
+        choice = (args.experiment_dir or (restarted_by_torchrun() and run_experiment_dir(args.outputs)) or new_experiment_dir(args.outputs, args.model)) if info.is_main else None
         experiment_dir = broadcast_str(choice)
     checkpoint_dir = os.path.join(experiment_dir, "checkpoints")
     if info.is_main:

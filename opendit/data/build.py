@@ -5,11 +5,12 @@ auto: the built-in shapes when --data_path does not exist (an error for a missin
 ImageNet-style class folder. Every user mistake found here is a one-line UsageError raised before training starts.
 """
 
+import itertools
 import os
 
 import torch
 
-from opendit.builders import UsageError
+from opendit.builders import UsageError, load_text_encoder
 
 from .image import Cifar10Dataset, ImageCSVDataset, ImageFolderDataset, cifar_folder
 from .latents import is_latent_cache, open_cache
@@ -57,12 +58,13 @@ def _media_paths(dataset) -> list:
 def check_readable(dataset, source: str) -> None:
     """Stop before training when no item can be read: the first few items whose files exist must not all fail."""
     paths = _media_paths(dataset)
-    candidates = [i for i, path in enumerate(paths) if os.path.exists(path)] if paths else list(range(len(dataset)))
+    existing = (i for i, path in enumerate(paths) if os.path.exists(path)) if paths else iter(range(len(dataset)))
+    candidates = list(itertools.islice(existing, PROBE_TRIES))  # stat only until enough files are found
     if not candidates:
         raise UsageError(f"{source}: none of its {len(paths)} files exist (the first: {paths[0]})")
     errors = []
     with torch.random.fork_rng(devices=[]):  # probing leaves the training RNG untouched
-        for i in candidates[:PROBE_TRIES]:
+        for i in candidates:
             try:
                 dataset[i]
                 return
@@ -118,6 +120,4 @@ def text_encoder_for(args, dataset, device):
         return None
     if dataset.is_latent:
         return dataset.prompt_cache(device)
-    from opendit.builders import load_text_encoder
-
     return load_text_encoder(args.text_encoder, device)

@@ -123,9 +123,8 @@ class ImageCSVDataset(Dataset):
         self.rows = read_table(csv_path)
         if is_video(self.rows[0].path):
             raise UsageError(f"{csv_path} row {self.rows[0].line}: {os.path.basename(self.rows[0].path)} is a video; add --use_video")
+        check_labels(self.rows, num_classes, csv_path)
         self.labelled = self.rows[0].label is not None
-        if self.labelled:
-            check_labels(self.rows, num_classes, csv_path)
         self.num_classes = num_classes if self.labelled else 0
         self.image_size, self.train = image_size, train
 

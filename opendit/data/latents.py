@@ -9,6 +9,7 @@ frames, classes. It is written last, so its presence marks a complete cache.
 """
 
 import bisect
+import itertools
 import json
 import os
 
@@ -84,9 +85,7 @@ class LatentDataset(Dataset):
         missing = [f for f in self.files if not os.path.isfile(f)]
         if missing:
             raise UsageError(f"--data_path {folder}: {len(missing)} shards of {INDEX} are missing (first: {os.path.basename(missing[0])})")
-        self.ends = []  # cumulative item counts, for item -> (shard, row)
-        for s in self.meta["shards"]:
-            self.ends.append((self.ends[-1] if self.ends else 0) + s["count"])
+        self.ends = list(itertools.accumulate(s["count"] for s in self.meta["shards"]))  # for item -> (shard, row)
         if not self.ends or self.ends[-1] == 0:
             raise UsageError(f"--data_path {folder}: the latent cache holds no items")
         self.has_text = self.meta.get("text_dim", 0) > 0

@@ -9,11 +9,8 @@ def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
     """ADM's crop: halve with BOX while the short side >= 2 * size, BICUBIC to short side == size, centre crop."""
     while min(*image.size) >= 2 * image_size:
         image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
-    scale = image_size / min(*image.size)
-    image = image.resize(tuple(max(image_size, round(s * scale)) for s in image.size), resample=Image.BICUBIC)
-    arr = np.array(image)  # (H, W, 3), writable
-    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
-    return arr[top : top + image_size, left : left + image_size]
+    h, w = short_side_size(image.height, image.width, image_size)
+    return center_crop(np.array(image.resize((w, h), resample=Image.BICUBIC)), image_size)  # (S, S, 3), writable
 
 
 def short_side_size(height: int, width: int, image_size: int) -> tuple[int, int]:

@@ -116,9 +116,8 @@ class VideoCSVDataset(Dataset):
         self.rows = read_table(csv_path)
         if not is_video(self.rows[0].path):
             raise UsageError(f"{csv_path} row {self.rows[0].line}: {self.rows[0].path} is not a video file; drop --use_video for image CSVs")
+        check_labels(self.rows, num_classes, csv_path)
         self.labelled = self.rows[0].label is not None
-        if self.labelled:
-            check_labels(self.rows, num_classes, csv_path)
         self.num_classes = num_classes if self.labelled else 0
         self.image_size, self.num_frames, self.frame_interval = image_size, num_frames, frame_interval
         self.train, self.short = train, short

@@ -25,6 +25,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._nested_dict import set_element  # DCP's own helper
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -75,8 +76,6 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
         obj = torch.load(value, weights_only=True)
         if self.flatten_state_dict:
-            from torch.distributed.checkpoint._nested_dict import set_element  # noqa: PLC0415 (DCP's own helper)
-
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
@@ -153,16 +152,13 @@ def _own_files(folder: str, rank: int) -> Dict[str, int]:
 
 
 def _write_manifest(folder: str, sizes: Dict[str, int]) -> None:
-    _atomic_json({"files": dict(sorted(sizes.items()))}, os.path.join(folder, MANIFEST))
-
-
-def _atomic_json(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+    """manifest.json, written atomically and synced: its presence marks the checkpoint complete."""
+    path = os.path.join(folder, MANIFEST)
+    with open(f"{path}.tmp", "w") as f:
+        json.dump({"files": dict(sorted(sizes.items()))}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(f"{path}.tmp", path)
 
 
 def _publish(checkpoint_dir: str, name: str, tmp: str) -> None:
@@ -207,10 +203,11 @@ def save_checkpoint(checkpoint_dir: str, step: int, model: torch.nn.Module, opti
     _atomic_torch_save(rng_state(), os.path.join(tmp, f"rng-{rank:05d}.pt"))
     if rank == 0:
         _atomic_torch_save(train_state, os.path.join(tmp, TRAIN_STATE))
-    sizes = [_own_files(tmp, rank)]
+    mine = _own_files(tmp, rank)
+    sizes = [mine]
     if dist.is_initialized():
         sizes = [None] * dist.get_world_size()
-        dist.all_gather_object(sizes, _own_files(tmp, rank))  # also the barrier: every rank has finished writing
+        dist.all_gather_object(sizes, mine)  # also the barrier: every rank has finished writing
     if rank == 0:
         _write_manifest(tmp, {file: size for part in sizes for file, size in part.items()})
         _publish(checkpoint_dir, name, tmp)

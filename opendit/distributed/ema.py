@@ -20,7 +20,7 @@ class ShardedEMA:
         self.shadow: Dict[str, torch.Tensor] = {  # the state_dict's entries: parameters in fp32, persistent buffers as they are
             name: params[name].detach().to(torch.float32, copy=True) if name in params else t.detach().clone() for name, t in model.state_dict().items()
         }
-        self._trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # the sharded parameters themselves
+        self._trainable = [(name, p) for name, p in params.items() if p.requires_grad]  # the sharded parameters themselves
 
     @torch.no_grad()
     def update(self, decay: float) -> None:

@@ -7,15 +7,15 @@ classifier-free guidance.
 
 import json
 import os
-import re
 import string
 
 import torch
 from torch import nn
 
+from .vae import _HUB_ID
+
 DEFAULT_TEXT_ENCODER = "openai/clip-vit-base-patch32"
 MAX_LENGTH = 77  # CLIP's context length
-_HUB_ID = re.compile(r"^[\w-][\w.-]*/[\w-][\w.-]*$")  # "org/name"
 _LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError)
 
 

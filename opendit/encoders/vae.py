@@ -89,16 +89,19 @@ class VAE(nn.Module):
         return torch.cat([dist.mean, dist.logvar], dim=1)
 
     @torch.no_grad()
+    def posterior(self, x: torch.Tensor) -> tuple:
+        """Pixels in [-1, 1] -> the posterior's (mean, std), in the VAE's own (unscaled, unshifted) latent units."""
+        mean, logvar = self._frames(self._prepare(x), self._moments).chunk(2, dim=1)
+        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+
+    @torch.no_grad()
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
         """Pixels in [-1, 1] -> posterior sample (mean if ``sample=False``) times ``scaling_factor``."""
         if self.is_identity:
             return x
-        x = self._prepare(x)
-        stats = self._frames(x, self._moments)
-        mean, logvar = stats.chunk(2, dim=1)
+        mean, std = self.posterior(x)
         z = mean
         if sample:
-            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
             device = generator.device if generator is not None else mean.device
             noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=device)
             z = mean + std * noise.to(mean.device)

@@ -40,11 +40,9 @@ def _op(name: str, launcher, fake):
     return op
 
 
-def _launchers():
-    """The four launchers: plain Python calls in eager mode, custom ops while torch.compile traces."""
-    if not torch.compiler.is_compiling():
-        return _ops.adaln_fwd, _ops.adaln_bwd, _ops.gate_res_fwd, _ops.gate_res_bwd
-    return _COMPILED
+def _launcher(name: str):
+    """The launcher `name` of `_ops`: a plain Python call in eager mode, its custom op while torch.compile traces."""
+    return _COMPILED[name] if torch.compiler.is_compiling() else getattr(_ops, name)
 
 
 if _ops is not None:
@@ -76,12 +74,12 @@ if _ops is not None:
     def _gate_res_bwd_fake(dout, gate, y):
         return torch.empty_like(y), y.new_empty(y.shape[0], y.shape[2], dtype=torch.float32)
 
-    _COMPILED = (
-        _op("adaln_fwd", _adaln_fwd, _adaln_fwd_fake),
-        _op("adaln_bwd", _adaln_bwd, _adaln_bwd_fake),
-        _op("gate_res_fwd", _gate_res_fwd, _gate_res_fwd_fake),
-        _op("gate_res_bwd", _gate_res_bwd, _gate_res_bwd_fake),
-    )
+    _COMPILED = {
+        "adaln_fwd": _op("adaln_fwd", _adaln_fwd, _adaln_fwd_fake),
+        "adaln_bwd": _op("adaln_bwd", _adaln_bwd, _adaln_bwd_fake),
+        "gate_res_fwd": _op("gate_res_fwd", _gate_res_fwd, _gate_res_fwd_fake),
+        "gate_res_bwd": _op("gate_res_bwd", _gate_res_bwd, _gate_res_bwd_fake),
+    }
 
 
 def _expand_rows(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +126,7 @@ class FusedAdaLNFunction(torch.autograd.Function):
         x3 = _as_bnc(x)  # (B, N, C)
         B, _, C = x3.shape
         shift2, scale2 = _rows(shift, B, C, "shift"), _rows(scale, B, C, "scale")  # (B, C)
-        y, mean, rstd = _launchers()[0](x3, shift2, scale2, eps)
+        y, mean, rstd = _launcher("adaln_fwd")(x3, shift2, scale2, eps)
         ctx.save_for_backward(x3, scale2, mean, rstd)
         ctx.meta = (x.shape, shift.shape, shift.dtype, scale.shape, scale.dtype)
         return y.view(x.shape)
@@ -138,7 +136,7 @@ class FusedAdaLNFunction(torch.autograd.Function):
         x3, scale2, mean, rstd = ctx.saved_tensors
         x_shape, shift_shape, shift_dtype, scale_shape, scale_dtype = ctx.meta
         dy3 = dy.reshape(x3.shape).to(x3.dtype).contiguous()
-        dx, dscale, dshift = _launchers()[1](dy3, x3, scale2, mean, rstd)
+        dx, dscale, dshift = _launcher("adaln_bwd")(dy3, x3, scale2, mean, rstd)
         return (
             dx.view(x_shape),
             dshift.to(shift_dtype).view(shift_shape),
@@ -165,7 +163,7 @@ class GateResidualFunction(torch.autograd.Function):
         B, _, C = x3.shape
         gate2 = _rows(gate, B, C, "gate")  # (B, C)
         out_dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), gate.dtype)
-        out = _launchers()[2](x3, gate2, y3, out_dtype)
+        out = _launcher("gate_res_fwd")(x3, gate2, y3, out_dtype)
         ctx.save_for_backward(gate2, y3)
         ctx.meta = (x.shape, x.dtype, gate.shape, gate.dtype)
         return out.view(x.shape)
@@ -175,7 +173,7 @@ class GateResidualFunction(torch.autograd.Function):
         gate2, y3 = ctx.saved_tensors
         x_shape, x_dtype, gate_shape, gate_dtype = ctx.meta
         dout3 = dout.reshape(y3.shape).contiguous()
-        dy, dgate = _launchers()[3](dout3, gate2, y3)
+        dy, dgate = _launcher("gate_res_bwd")(dout3, gate2, y3)
         return dout.to(x_dtype).reshape(x_shape), dgate.to(gate_dtype).view(gate_shape), dy.view(x_shape)
 
 

@@ -1,6 +1,6 @@
 """Turn a DiT/VDiT into a sequence-parallel one from outside, and the two helpers a training loop needs."""
 from functools import partial
-from typing import Iterable
+from typing import List
 
 import torch
 import torch.distributed as dist
@@ -51,9 +51,8 @@ def sp_all_reduce_grads(model: nn.Module, sp_group: dist.ProcessGroup, bucket_nu
             _all_reduce_flat(bucket, sp_group)
 
 
-def _all_reduce_flat(tensors: Iterable[torch.Tensor], group: dist.ProcessGroup) -> None:
+def _all_reduce_flat(tensors: List[torch.Tensor], group: dist.ProcessGroup) -> None:
     """Sum-all-reduce tensors of one dtype as one flat buffer, copying the results back."""
-    tensors = list(tensors)
     flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat, group=group)
     for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):

@@ -70,7 +70,7 @@ class GatherLinear(torch.autograd.Function):
             chunks = collectives.all_gather(x, group)  # (s, B, n, C)
             _linear_into(out, chunks, weight, bias)
         ctx.save_for_backward(chunks, weight)
-        ctx.group, ctx.overlap, ctx.has_bias = group, overlap, bias is not None
+        ctx.group, ctx.overlap = group, overlap
         return out.transpose(0, 1).reshape(B, s * n, -1)  # (B, N, F); a view when B == 1
 
     @staticmethod
@@ -84,7 +84,7 @@ class GatherLinear(torch.autograd.Function):
         else:
             grad_x = collectives.reduce_scatter(grad @ weight, ctx.group)  # (s, B, n, C) summed over ranks -> (B, n, C)
             grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ chunks.reshape(-1, C) if need_weight else None  # (F, C)
-        grad_bias = grad.sum(dim=(0, 1, 2)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_bias = grad.sum(dim=(0, 1, 2)) if ctx.needs_input_grad[2] else None  # False when bias is None
         grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
         return grad_x, grad_weight, grad_bias, None, None
 

@@ -53,24 +53,27 @@ def is_checkpoint_folder(path: str) -> bool:
     return os.path.isdir(path) and (any(os.path.exists(os.path.join(path, f)) for f in (MANIFEST, TRAIN_STATE, ".metadata")) or ".step-" in os.path.basename(path))
 
 
-def latest_checkpoint(experiment_dir: str) -> Optional[str]:
-    """The checkpoint that {experiment_dir}/checkpoints/latest names, or None when there is none yet."""
-    pointer = os.path.join(experiment_dir, "checkpoints", LATEST)
+def _pointed(folder: str) -> Optional[str]:
+    """The checkpoint that {folder}/latest names, or None when there is no such pointer."""
+    pointer = os.path.join(folder, LATEST)
     if not os.path.isfile(pointer):
         return None
     with open(pointer) as f:
-        return os.path.join(experiment_dir, "checkpoints", f.read().strip())
+        return os.path.join(folder, f.read().strip())
+
+
+def latest_checkpoint(experiment_dir: str) -> Optional[str]:
+    """The checkpoint that {experiment_dir}/checkpoints/latest names, or None when there is none yet."""
+    return _pointed(os.path.join(experiment_dir, "checkpoints"))
 
 
 def resolve_checkpoint_dir(path: str) -> str:
     """An experiment folder, its checkpoints/ folder or one checkpoint folder -> that checkpoint folder."""
     if is_checkpoint_folder(path):
         return path
-    for folder in (os.path.join(path, "checkpoints"), path):
-        pointer = os.path.join(folder, LATEST)
-        if os.path.isfile(pointer):
-            with open(pointer) as f:
-                return os.path.join(folder, f.read().strip())
+    found = latest_checkpoint(path) or _pointed(path)
+    if found:
+        return found
     raise CheckpointError(f"{path}: not a checkpoint folder and no checkpoints/{LATEST} inside")
 
 
@@ -135,11 +138,11 @@ def load_model_weights(path: str, use_ema: bool = True) -> tuple[Dict[str, torch
     if path.endswith(".safetensors"):
         return _load_safetensors(path)
     if os.path.isdir(path):
-        from opendit.distributed.checkpoint import read_tensors, read_train_state
+        from opendit.distributed.checkpoint import read_tensors
 
         folder = resolve_checkpoint_dir(path)
-        config = read_train_state(folder).get("config")
-        return read_tensors(folder, "ema" if use_ema else "model"), config
+        weights = read_tensors(folder, "ema" if use_ema else "model")  # verifies the folder first
+        return weights, torch_load(os.path.join(folder, TRAIN_STATE)).get("config")
     obj = torch_load(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"--ckpt {path}: expected a state dict, got {type(obj).__name__}")
