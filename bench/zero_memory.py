@@ -1,6 +1,7 @@
 """Per-GPU memory and speed of the data-parallel plugins on DiT-XL/2 at 256 (latents 4 x 32 x 32), as a markdown table.
 
-    torchrun --standalone --nproc_per_node N bench/zero_memory.py [--batch_size 32] [--variants ddp:fp32,zero2:bf16,...]
+    torchrun --standalone --nproc_per_node N bench/zero_memory.py [--batch_size 32] [--variants ddp:fp32,zero2:bf16,zero2:bf16:1,...]
+        [--compile] [--profile VARIANT] [--sync_debug VARIANT]      (VARIANT: plugin:precision[:blocks per FSDP2 unit])
     torchrun --standalone --nproc_per_node 2 bench/zero_memory.py --tiny     # CPU (gloo) check of the script itself
 
 Each variant builds the model, applies the plugin through opendit.parallelize, and trains --warmup + --steps steps
@@ -16,10 +17,13 @@ exactly as train.py does (hybrid loss at random t, backward, clipping, AdamW fus
 Memory numbers are the maximum over ranks.
 """
 import argparse
+import collections
 import gc
 import os
 import sys
 import time
+import traceback
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -30,8 +34,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from opendit.builders import build_model  # noqa: E402
 from opendit.diffusion import create_diffusion  # noqa: E402
 from opendit.distributed.ema import ShardedEMA  # noqa: E402
+from opendit.distributed.optim import ShardedAdamW  # noqa: E402
 from opendit.parallel.mesh import build_mesh  # noqa: E402
-from opendit.parallelize import parallelize  # noqa: E402
+from opendit.parallelize import BLOCKS_PER_UNIT, parallelize  # noqa: E402
 from opendit.train import PRECISIONS, optimizer_step  # noqa: E402
 from opendit.utils.distributed import cleanup, setup_distributed  # noqa: E402
 
@@ -41,11 +46,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", default="DiT-XL/2")
     p.add_argument("--latent_size", type=int, default=32, help="latent side (256 px / 8)")
     p.add_argument("--batch_size", type=int, default=32, help="per GPU")
-    p.add_argument("--variants", default="ddp:fp32,ddp:bf16,zero2:bf16,zero3:bf16", help="plugin:precision, comma-separated")
+    p.add_argument("--variants", default="ddp:fp32,ddp:bf16,zero2:bf16,zero3:bf16", help="plugin:precision[:blocks per FSDP2 unit, default train.py's], comma-separated")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--grad_checkpoint", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block (train.py --compile)")
     p.add_argument("--profile", default=None, help="plugin:precision whose 3 extra steps rank 0 profiles (top GPU and CPU ops)")
+    p.add_argument("--sync_debug", default=None, help="plugin:precision whose one extra step rank 0 runs under CUDA sync debugging, printing where the host waited")
     p.add_argument("--tiny", action="store_true", help="2-block, width-64 model on 8 x 8 latents, batch 2 (runs on CPU)")
     return p.parse_args()
 
@@ -74,24 +81,56 @@ def profile(step, sync, show: bool) -> None:
             step()
         sync()
     if show:
+        events = prof.key_averages()
         for key in ("self_cuda_time_total", "self_cpu_time_total"):
-            print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60))
+            print(events.table(sort_by=key, row_limit=15, max_name_column_width=60))
+        print("CPU time per step inside FSDP2's and the optimizer's annotated ranges (inclusive):")
+        ranges = collections.defaultdict(lambda: [0.0, 0])  # range name without its module list -> [us, calls]
+        for e in events:
+            if e.key.startswith(("FSDP", "Optimizer")):
+                ranges[e.key.split(" (")[0]][0] += e.cpu_time_total
+                ranges[e.key.split(" (")[0]][1] += e.count
+        for name, (us, calls) in sorted(ranges.items(), key=lambda item: -item[1][0]):
+            print(f"  {name:50s} {us / 3e3:9.1f} ms  x{calls / 3:g}")
 
 
-def run_variant(args: argparse.Namespace, plugin: str, precision: str, mesh, device: torch.device, unit: int) -> dict:
+def report_syncs(step, show: bool) -> None:
+    """One step with torch.cuda.set_sync_debug_mode("warn"): rank 0 prints each Python stack that made the host wait for the GPU."""
+    stacks = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" in str(message):
+            stacks["".join(traceback.format_stack(limit=7)[:-2])] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    if show:
+        print(f"{sum(stacks.values())} synchronizing CUDA calls in one step")
+        for stack, count in stacks.most_common():
+            print(f"--- {count} x\n{stack}")
+
+
+def run_variant(args: argparse.Namespace, variant: str, mesh, device: torch.device, unit: int) -> dict:
     config = dict(model=args.model, input_size=args.latent_size, in_channels=4, num_classes=1000)
     if args.tiny:
         config.update(depth=2, hidden_size=64, num_heads=2)
+    plugin, precision, blocks_per_unit = (variant.split(":") + [str(BLOCKS_PER_UNIT)])[:3]
     cuda = device.type == "cuda"
     baseline = torch.cuda.memory_allocated(device) if cuda else 0  # whatever an earlier variant left behind
     torch.manual_seed(0)
     with torch.device(device):
         model = build_model(config)
     amp = PRECISIONS[precision]
-    train_model = parallelize(model, grad_checkpoint=args.grad_checkpoint, mesh=mesh, plugin=plugin, param_dtype=amp)
+    train_model = parallelize(model, grad_checkpoint=args.grad_checkpoint, compile=args.compile, blocks_per_unit=int(blocks_per_unit), mesh=mesh, plugin=plugin, param_dtype=amp)
     sharded = mesh is not None and plugin != "ddp"
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0, fused=cuda, foreach=not cuda)
+    opt = ShardedAdamW(trainable, lr=1e-4, weight_decay=0, fused=cuda, foreach=not cuda)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     ema = ShardedEMA(model)
     diffusion = create_diffusion(timestep_respacing="")
@@ -124,8 +163,10 @@ def run_variant(args: argparse.Namespace, plugin: str, precision: str, mesh, dev
     sync()
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) - baseline if cuda else float("nan")
-    if args.profile == f"{plugin}:{precision}":
+    if args.profile == variant:
         profile(step, sync, dist.get_rank() == 0 if dist.is_initialized() else True)
+    if args.sync_debug == variant and cuda:
+        report_syncs(step, dist.get_rank() == 0 if dist.is_initialized() else True)
     row = {name: max_over_ranks(v / unit, device) for name, v in state.items()}
     row.update(resident=max_over_ranks(resident / unit, device), peak=max_over_ranks(peak / unit, device), images_per_sec=b * args.steps / elapsed)
     del model, train_model, opt, ema, trainable
@@ -146,18 +187,19 @@ def main() -> None:
     unit, unit_name = (2**20, "MiB") if args.tiny else (2**30, "GiB")
     rows = []
     for variant in args.variants.split(","):
-        plugin, precision = variant.split(":")
-        rows.append((plugin, precision, run_variant(args, plugin, precision, mesh, info.device, unit)))
+        rows.append((variant, run_variant(args, variant, mesh, info.device, unit)))
     if info.is_main:
         gpu = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "CPU"
         print(f"\n{args.model}{' (tiny)' if args.tiny else ''}, latents 4x{args.latent_size}x{args.latent_size}, batch {args.batch_size} per GPU, "
-              f"{info.world_size} x {gpu}{', grad checkpointing' if args.grad_checkpoint else ''}"
+              f"{info.world_size} x {gpu}{', grad checkpointing' if args.grad_checkpoint else ''}{', compiled blocks' if args.compile else ''}"
               f"{' (one process: no plugin applies)' if mesh is None else ''}\n")
-        print(f"| plugin | precision | params {unit_name} | AdamW {unit_name} | EMA {unit_name} | state {unit_name} | resident {unit_name} | peak {unit_name} | images/s/GPU |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for plugin, precision, r in rows:
+        print(f"| plugin | precision | blocks per unit | params {unit_name} | AdamW {unit_name} | EMA {unit_name} | state {unit_name} | resident {unit_name} | peak {unit_name} | images/s/GPU |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for variant, r in rows:
+            plugin, precision, blocks_per_unit = (variant.split(":") + [str(BLOCKS_PER_UNIT)])[:3]
+            blocks_per_unit = "-" if plugin == "ddp" or mesh is None else blocks_per_unit
             total = r["params"] + r["optimizer"] + r["ema"]
-            print(f"| {plugin} | {precision} | {r['params']:.3f} | {r['optimizer']:.3f} | {r['ema']:.3f} | {total:.3f} | {r['resident']:.2f} | {r['peak']:.2f} | {r['images_per_sec']:.1f} |")
+            print(f"| {plugin} | {precision} | {blocks_per_unit} | {r['params']:.3f} | {r['optimizer']:.3f} | {r['ema']:.3f} | {total:.3f} | {r['resident']:.2f} | {r['peak']:.2f} | {r['images_per_sec']:.1f} |")
     cleanup()
 
 

@@ -18,6 +18,9 @@ from torch.utils.checkpoint import checkpoint
 from opendit.distributed.mesh import SP, reduction_mesh, sp_size
 
 PLUGINS = ("zero2", "zero3", "ddp")
+# Blocks per FSDP2 unit (one all-gather and one reduce-scatter each). FSDP2 spends CPU time per unit and per parameter;
+# at 28 units a DiT-XL/2 step at batch 32 waits on the CPU, at 4 units (7 blocks) it does not (docs/benchmarks.md).
+BLOCKS_PER_UNIT = 7
 
 
 def enable_fused_adaln(model: nn.Module) -> None:
@@ -56,16 +59,18 @@ def broadcast_from_rank0(model: nn.Module, mesh: DeviceMesh) -> None:
         dist.broadcast(tensor, src=dist.get_global_rank(group, 0), group=group)
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool, param_dtype: Optional[torch.dtype]) -> nn.Module:
-    """FSDP2 per block and at the root, sharded over every rank: zero2 keeps the gathered parameters until backward
-    (reshard_after_forward=False), zero3 frees them after forward. fp32 master weights and fp32 gradient reduction;
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool, param_dtype: Optional[torch.dtype], blocks_per_unit: int = BLOCKS_PER_UNIT) -> nn.Module:
+    """FSDP2 per unit of blocks_per_unit blocks and at the root, sharded over every rank: zero2 keeps the gathered
+    parameters until backward (reshard_after_forward=False), zero3 frees each unit's after its forward. fp32 master weights and fp32 gradient reduction;
     forward/backward run in param_dtype (bf16/fp16) when given."""
     broadcast_from_rank0(model, mesh)
     low = param_dtype is not None and param_dtype != torch.float32
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if low else MixedPrecisionPolicy()
     shard_mesh = reduction_mesh(mesh)
-    for block in model.blocks:
-        fully_shard(block, mesh=shard_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
+    blocks = list(model.blocks)
+    for i in range(0, len(blocks), blocks_per_unit):  # one all-gather / reduce-scatter per unit of blocks
+        unit = blocks[i : i + blocks_per_unit]
+        fully_shard(unit if len(unit) > 1 else unit[0], mesh=shard_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
     fully_shard(model, mesh=shard_mesh, reshard_after_forward=False, mp_policy=mp_policy)  # the root is needed first in backward
     return model
 
@@ -87,6 +92,7 @@ def parallelize(
     param_dtype: Optional[torch.dtype] = None,
     sequence_parallel_type: Optional[str] = None,
     sequence_parallel_overlap: bool = True,
+    blocks_per_unit: int = BLOCKS_PER_UNIT,
 ) -> nn.Module:
     """Apply everything requested in the fixed order above. Returns the module to train: a DDP wrapper for ddp,
     the model itself otherwise (FSDP2 works in place; without a mesh, i.e. on one process, nothing is wrapped)."""
@@ -108,4 +114,4 @@ def parallelize(
         return model
     if plugin == "ddp":
         return apply_ddp(model, mesh)
-    return apply_fsdp(model, mesh, reshard_after_forward=plugin == "zero3", param_dtype=param_dtype)
+    return apply_fsdp(model, mesh, reshard_after_forward=plugin == "zero3", param_dtype=param_dtype, blocks_per_unit=blocks_per_unit)

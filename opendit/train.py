@@ -19,9 +19,10 @@ from opendit.data import prepare_batch, text_encoder_for
 from opendit.diffusion import create_diffusion
 from opendit.distributed.checkpoint import load_checkpoint, read_train_state, save_checkpoint
 from opendit.distributed.ema import ShardedEMA
+from opendit.distributed.optim import ShardedAdamW
 from opendit.distributed.mesh import SP, dp_coordinate, sp_size
 from opendit.parallel import broadcast_from_sp_leader, build_mesh
-from opendit.parallelize import PLUGINS, parallelize
+from opendit.parallelize import BLOCKS_PER_UNIT, PLUGINS, parallelize
 from opendit.utils.checkpoint import experiment_dir_of, latest_checkpoint, resolve_checkpoint_dir, set_rng_state
 from opendit.utils.distributed import all_reduce_mean, barrier, cleanup, setup_distributed
 from opendit.utils.flops import train_flops_per_sample
@@ -82,6 +83,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--experiment_dir", type=str, default=None, help="use this experiment folder instead of a new {outputs}/NNN-model (restart-safe with --load auto)")
     parser.add_argument("--ckpt_keep", type=int, default=3, help="keep the newest K checkpoints (<= 0: keep all)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    parser.add_argument("--fsdp_blocks_per_unit", type=int, default=BLOCKS_PER_UNIT, help="zero2/zero3: blocks gathered and reduced together (fewer units: less FSDP2 CPU time per step)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="per-GPU peak for MFU (default: 989 for bf16/fp16 on H100/H200, else no MFU)")
     return parser
 
@@ -101,7 +103,7 @@ def check_flags(args: argparse.Namespace, world_size: int) -> None:
         raise UsageError("--load auto needs --experiment_dir (the folder whose latest checkpoint to resume)")
     if args.sequence_parallel_type not in (None, "fastseq", "longseq", "ulysses"):
         raise UsageError(f"--sequence_parallel_type {args.sequence_parallel_type}: choose fastseq (longseq) or ulysses")
-    for flag in ("batch_size", "epochs", "num_frames", "frame_interval", "log_every", "dataset_size"):
+    for flag in ("batch_size", "epochs", "num_frames", "frame_interval", "log_every", "dataset_size", "fsdp_blocks_per_unit"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
     if args.num_classes < 0:
@@ -335,12 +337,13 @@ def train(args: argparse.Namespace) -> None:
         param_dtype=amp_dtype,
         sequence_parallel_type=args.sequence_parallel_type,
         sequence_parallel_overlap=args.sequence_parallel_overlap == "on",
+        blocks_per_unit=args.fsdp_blocks_per_unit,
     )
     use_autocast = amp_dtype != torch.float32 and not sharded
     loss_scale = sp_size(mesh)  # sp peers hold partial gradients; DDP/FSDP average over dp x sp (opendit/parallelize.py)
     trainable = [p for p in model.parameters() if p.requires_grad]
     cuda = device.type == "cuda"
-    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, fused=cuda, foreach=not cuda)
+    opt = ShardedAdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, fused=cuda, foreach=not cuda)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     ema = ShardedEMA(model)  # fp32, laid out like the (sharded) parameters; starts equal to the model
     diffusion = create_diffusion(timestep_respacing="", noise_schedule=args.noise_schedule)  # 1000 steps, learned-range sigma

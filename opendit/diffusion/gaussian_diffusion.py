@@ -99,7 +99,8 @@ _ON_DEVICE = {}  # (id(arr), device) -> (arr, tensor): schedules copied to a dev
 
 
 def _on_device(arr: np.ndarray, device: th.device) -> th.Tensor:
-    """arr as a tensor on device, cached: a host-to-device copy per call would stall the GPU queue every step."""
+    """arr as a tensor on device, cached: a host-to-device copy per call would stall the GPU queue every step
+    (arr must be an array kept alive, e.g. an attribute set once: a fresh array each call misses the cache)."""
     key = (id(arr), str(device))
     hit = _ON_DEVICE.get(key)
     if hit is None or hit[0] is not arr:
@@ -126,6 +127,7 @@ class GaussianDiffusion:
         assert betas.ndim == 1, "betas must be 1-D"
         assert (betas > 0).all() and (betas <= 1).all(), "betas must lie in (0, 1]"
         self.betas = betas
+        self.log_betas = np.log(betas)
         # Schedule the DPM-Solver uses; SpacedDiffusion replaces it with the unspaced one.
         self.base_betas = betas
         self.num_timesteps = int(betas.shape[0])
@@ -133,6 +135,7 @@ class GaussianDiffusion:
         alphas = 1.0 - betas
         ac = np.cumprod(alphas, axis=0)
         self.alphas_cumprod = ac
+        self.one_minus_alphas_cumprod = 1.0 - ac
         self.alphas_cumprod_prev = np.append(1.0, ac[:-1])
         self.alphas_cumprod_next = np.append(ac[1:], 0.0)
         assert self.alphas_cumprod_prev.shape == (self.num_timesteps,)
@@ -156,12 +159,15 @@ class GaussianDiffusion:
             self.posterior_log_variance_clipped = np.array([], dtype=np.float64)
         self.posterior_mean_coef1 = betas * np.sqrt(ac_prev) / (1.0 - ac)
         self.posterior_mean_coef2 = (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac)
+        # Fixed-large variance: beta_t, except at t = 0 where beta-tilde_1 gives a better decoder.
+        self.fixed_large_variance = np.append(self.posterior_variance[1], betas[1:]) if len(betas) > 1 else betas
+        self.fixed_large_log_variance = np.log(self.fixed_large_variance)
 
     # ------------------------------------------------------------------ forward process
     def q_mean_variance(self, x_start, t):
         """Mean, variance and log-variance of q(x_t | x_0)."""
         mean = _extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-        variance = _extract_into_tensor(1.0 - self.alphas_cumprod, t, x_start.shape)
+        variance = _extract_into_tensor(self.one_minus_alphas_cumprod, t, x_start.shape)
         log_variance = _extract_into_tensor(self.log_one_minus_alphas_cumprod, t, x_start.shape)
         return mean, variance, log_variance
 
@@ -204,15 +210,13 @@ class GaussianDiffusion:
                 model_log_variance = var_values
             else:
                 lower = _extract_into_tensor(self.posterior_log_variance_clipped, t, x.shape)
-                upper = _extract_into_tensor(np.log(self.betas), t, x.shape)
+                upper = _extract_into_tensor(self.log_betas, t, x.shape)
                 frac = (var_values + 1) / 2  # network output lives in [-1, 1]
                 model_log_variance = frac * upper + (1 - frac) * lower
             model_variance = th.exp(model_log_variance)
         else:
             if self.model_var_type == ModelVarType.FIXED_LARGE:
-                # beta_t, except at t = 0 where beta-tilde_1 gives a better decoder.
-                var_arr = np.append(self.posterior_variance[1], self.betas[1:])
-                log_var_arr = np.log(var_arr)
+                var_arr, log_var_arr = self.fixed_large_variance, self.fixed_large_log_variance
             else:
                 var_arr, log_var_arr = self.posterior_variance, self.posterior_log_variance_clipped
             model_variance = _extract_into_tensor(var_arr, t, x.shape)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch as th
 
-from .gaussian_diffusion import GaussianDiffusion
+from .gaussian_diffusion import GaussianDiffusion, _on_device
 
 
 def space_timesteps(num_timesteps: int, section_counts) -> set[int]:
@@ -44,14 +44,14 @@ def space_timesteps(num_timesteps: int, section_counts) -> set[int]:
 class _WrappedModel:
     """Calls the model with original timesteps instead of compact (respaced) indices."""
 
-    def __init__(self, model, timestep_map, original_num_steps):
+    def __init__(self, model, timestep_map: np.ndarray, original_num_steps):
         self.model = model
         self.timestep_map = timestep_map
         self.original_num_steps = original_num_steps
 
     def __call__(self, x, ts, **kwargs):
-        lookup = th.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)
-        return self.model(x, lookup[ts], **kwargs)
+        lookup = _on_device(self.timestep_map, ts.device)  # copied to the GPU once, not on every call
+        return self.model(x, lookup[ts].to(ts.dtype), **kwargs)
 
 
 class SpacedDiffusion(GaussianDiffusion):
@@ -74,6 +74,7 @@ class SpacedDiffusion(GaussianDiffusion):
                 new_betas.append(1 - ac / prev_ac)
                 prev_ac = ac
                 self.timestep_map.append(i)
+        self._timestep_map_array = np.array(self.timestep_map, dtype=np.int64)
         kwargs["betas"] = np.array(new_betas)
         super().__init__(**kwargs)
         self.base_betas = base.betas
@@ -98,7 +99,7 @@ class SpacedDiffusion(GaussianDiffusion):
         """Wrap once so compact indices are mapped to original timesteps."""
         if isinstance(model, _WrappedModel):
             return model
-        return _WrappedModel(model, self.timestep_map, self.original_num_steps)
+        return _WrappedModel(model, self._timestep_map_array, self.original_num_steps)
 
     def _scale_timesteps(self, t):
         """Scaling is done by the wrapper, so this is the identity."""

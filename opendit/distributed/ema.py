@@ -6,7 +6,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_shard(t: torch.Tensor) -> torch.Tensor:
     """This rank's piece of a tensor: the local shard of a DTensor, the tensor itself otherwise."""
     return t._local_tensor if isinstance(t, DTensor) else t
 
@@ -25,8 +25,8 @@ class ShardedEMA:
     @torch.no_grad()
     def update(self, decay: float) -> None:
         """One EMA step from the current parameters (DiT's update, as foreach ops on the local shards)."""
-        ema = [_local(self.shadow[name]) for name, _ in self._trainable]
-        params = [_local(p).float() for _, p in self._trainable]
+        ema = [local_shard(self.shadow[name]) for name, _ in self._trainable]
+        params = [local_shard(p).float() for _, p in self._trainable]
         torch._foreach_mul_(ema, decay)
         torch._foreach_add_(ema, params, alpha=1 - decay)
 

@@ -7,6 +7,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+_FREQUENCIES = {}  # (half, max_period, device) -> frequencies: a host-to-device copy per call would stall the GPU queue
+
+
+def _frequencies(half: int, max_period: int, device: torch.device) -> torch.Tensor:
+    """exp(-log(max_period) * i / half), computed on the CPU (as DiT does, so values match bit for bit) and copied once per device."""
+    key = (half, max_period, str(device))
+    if key not in _FREQUENCIES:
+        _FREQUENCIES[key] = torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half).to(device)
+    return _FREQUENCIES[key]
+
+
 class TimestepEmbedder(nn.Module):
     """Embeds scalar diffusion timesteps into vectors: a 256-d sinusoid followed by an MLP."""
 
@@ -23,8 +34,7 @@ class TimestepEmbedder(nn.Module):
     def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
         """(N,) timesteps, possibly fractional -> (N, dim) features [cos | sin] in fp32."""
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half)
-        args = t[:, None].float() * freqs.to(t.device)[None]  # (N, half)
+        args = t[:, None].float() * _frequencies(half, max_period, t.device)[None]  # (N, half)
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
             embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)

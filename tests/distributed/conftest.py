@@ -69,7 +69,8 @@ def batch(step: int, n: int = 8) -> tuple:
 
 def loss_on(model, step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
     """MSE of the model on this rank's slice of the step's fixed batch (the slices' mean is the full batch's loss)."""
-    x, t, y, target = batch(step)
+    device = next(model.parameters()).device  # CPU here; a GPU in nccl_equivalence.py
+    x, t, y, target = (v.to(device) for v in batch(step))
     part = slice(rank * len(x) // world_size, (rank + 1) * len(x) // world_size)
     return ((model(x[part], t[part], y[part]) - target[part]) ** 2).mean()
 
@@ -81,4 +82,4 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def dt():
-    return SimpleNamespace(run=run_ranks, init=init_gloo, tiny_model=tiny_model, batch=batch, loss_on=loss_on, full=full, config=TINY_CONFIG, flags=TRAIN_FLAGS)
+    return SimpleNamespace(run=run_ranks, init=init_gloo, tiny_model=tiny_model, batch=batch, loss_on=loss_on, full=full, config=TINY_CONFIG, flags=TRAIN_FLAGS, device_type="cpu")

@@ -8,6 +8,7 @@ import torch
 
 from opendit.distributed import checkpoint as ckpt
 from opendit.distributed.ema import ShardedEMA
+from opendit.distributed.optim import ShardedAdamW
 from opendit.parallel.mesh import build_mesh
 from opendit.parallelize import parallelize
 from opendit.utils.checkpoint import CheckpointError, latest_checkpoint, resolve_checkpoint_dir
@@ -18,7 +19,7 @@ def setup(dt, plugin=None, world_size=1):
     model = dt.tiny_model()
     if plugin:
         parallelize(model, mesh=build_mesh(world_size, 1, "cpu"), plugin=plugin)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, foreach=True)
+    opt = ShardedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, foreach=True)
     return model, opt, ShardedEMA(model)
 
 

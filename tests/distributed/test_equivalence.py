@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from opendit.distributed.ema import ShardedEMA
+from opendit.distributed.optim import ShardedAdamW
 from opendit.parallel.mesh import build_mesh
 from opendit.parallelize import parallelize
 from opendit.train import optimizer_step
@@ -11,11 +12,11 @@ from opendit.train import optimizer_step
 STEPS, DECAY, CLIP = 2, 0.9, 0.05  # clipping at 0.05 is active: it tests the global norm across shards
 
 
-def train(model, train_model, dt, rank=0, world_size=1):
+def train(model, train_model, dt, rank=0, world_size=1, optimizer=ShardedAdamW):
     """STEPS optimizer steps on fixed batches; returns (first-step gradients, final parameters, final EMA, unsharded EMA)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01, foreach=True)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    opt = optimizer(params, lr=1e-2, weight_decay=0.01, foreach=True)
+    scaler = torch.amp.GradScaler(dt.device_type, enabled=False)
     ema = ShardedEMA(model)
     unsharded = {name: dt.full(p) for name, p in model.named_parameters()}
     grads = None
@@ -35,20 +36,20 @@ def train(model, train_model, dt, rank=0, world_size=1):
 
 def compare_plugins(rank, world_size, dt):
     dt.init()
-    mesh = build_mesh(world_size, 1, "cpu")
+    mesh = build_mesh(world_size, 1, dt.device_type)
     reference = dt.tiny_model()
-    ref_grads, ref_weights, ref_ema, _ = train(reference, reference, dt)
-    for plugin in ("zero2", "zero3", "ddp"):
+    ref_grads, ref_weights, ref_ema, _ = train(reference, reference, dt, optimizer=torch.optim.AdamW)  # PyTorch's own
+    for plugin, blocks_per_unit in (("zero2", 7), ("zero2", 1), ("zero3", 7), ("zero3", 1), ("ddp", 1)):  # 7: both blocks in one unit
         model = dt.tiny_model()
-        train_model = parallelize(model, mesh=mesh, plugin=plugin, param_dtype=torch.float32)
+        train_model = parallelize(model, mesh=mesh, plugin=plugin, param_dtype=torch.float32, blocks_per_unit=blocks_per_unit)
         grads, weights, ema, unsharded = train(model, train_model, dt, rank, world_size)
         assert grads.keys() == ref_grads.keys()
         for name in ref_grads:
-            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7, msg=f"{plugin} gradient {name}")
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7, msg=f"{plugin}/{blocks_per_unit} gradient {name}")
         for name in ref_weights:
             # Adam divides by sqrt(v): roundoff in near-zero gradients moves weights by ~1e-3 of lr (a bug moves them by ~lr)
-            torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-4, atol=3e-5, msg=f"{plugin} weight {name}")
-            torch.testing.assert_close(ema[name], ref_ema[name], rtol=1e-4, atol=3e-5, msg=f"{plugin} EMA {name}")
+            torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-4, atol=3e-5, msg=f"{plugin}/{blocks_per_unit} weight {name}")
+            torch.testing.assert_close(ema[name], ref_ema[name], rtol=1e-4, atol=3e-5, msg=f"{plugin}/{blocks_per_unit} EMA {name}")
             assert torch.equal(ema[name], unsharded[name]), f"{plugin}: sharded EMA {name} differs from the unsharded EMA"
         if plugin != "ddp":  # FSDP2 keeps 1/world of every parameter, optimizer moment and EMA tensor on each rank
             p = model.blocks[0].mlp.fc1.weight
@@ -64,10 +65,10 @@ def test_plugins_match_one_process(dt, world_size):
 def overflow(rank, world_size, dt):
     dt.init()
     model = dt.tiny_model()
-    parallelize(model, mesh=build_mesh(world_size, 1, "cpu"), plugin="zero2")
+    parallelize(model, mesh=build_mesh(world_size, 1, dt.device_type), plugin="zero2")
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-2, foreach=True)
-    scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+    opt = ShardedAdamW(params, lr=1e-2, foreach=True)
+    scaler = torch.amp.GradScaler(dt.device_type, init_scale=16.0)
     for step, poison in enumerate([True, False]):
         opt.zero_grad(set_to_none=True)
         scaler.scale(dt.loss_on(model, step, rank, world_size)).backward()
@@ -81,7 +82,7 @@ def overflow(rank, world_size, dt):
 
     # bf16 mixed precision: the forward runs on bf16 copies; the sharded master weights and their gradients stay fp32.
     model = dt.tiny_model()
-    parallelize(model, mesh=build_mesh(world_size, 1, "cpu"), plugin="zero2", param_dtype=torch.bfloat16)
+    parallelize(model, mesh=build_mesh(world_size, 1, dt.device_type), plugin="zero2", param_dtype=torch.bfloat16)
     seen = []
     model.blocks[0].mlp.fc1.register_forward_hook(lambda module, args, out: seen.append((module.weight.dtype, out.dtype)))
     dt.loss_on(model, 0, rank, world_size).backward()

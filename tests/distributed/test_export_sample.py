@@ -13,6 +13,7 @@ from opendit import export, sample, sample_ddp
 from opendit.builders import build_model
 from opendit.distributed.checkpoint import save_checkpoint
 from opendit.distributed.ema import ShardedEMA
+from opendit.distributed.optim import ShardedAdamW
 from opendit.parallel.mesh import build_mesh
 from opendit.parallelize import parallelize
 
@@ -26,7 +27,7 @@ def train_and_save(rank, world_size, folder):
     torch.manual_seed(0)
     model = build_model(CONFIG)
     parallelize(model, mesh=build_mesh(world_size, 1, "cpu"), plugin="zero2")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, foreach=True)
+    opt = ShardedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, foreach=True)
     ema = ShardedEMA(model)
     g = torch.Generator().manual_seed(rank)
     for _ in range(3):

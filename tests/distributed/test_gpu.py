@@ -1,4 +1,5 @@
-"""On 2+ GPUs (NCCL): zero2 bf16 and zero3 fp16 train through train.py, checkpoint, resume on one GPU, and export."""
+"""On 2 and 4 GPUs (NCCL): the plugins reproduce one process (nccl_equivalence.py); zero2 bf16, zero3 fp16 and ddp bf16
+train through train.py, checkpoint, resume on one GPU, and export."""
 import json
 import os
 import subprocess
@@ -14,15 +15,24 @@ FLAGS = ["--model", "DiT-S/2", "--depth", "2", "--image_size", "32", "--vae", "n
          "--dataset_size", "256", "--batch_size", "8", "--num_workers", "0", "--log_every", "1", "--max_steps", "4", "--ckpt_every", "2"]
 
 
-def run(args, nproc):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), os.path.join(ROOT, "train.py"), *args]
+GPU_COUNTS = [pytest.param(n, marks=pytest.mark.skipif(torch.cuda.device_count() < n, reason=f"needs {n} CUDA GPUs")) for n in (2, 4)]
+
+
+def run(args, nproc, script="train.py"):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), os.path.join(ROOT, script), *args]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.parametrize("nproc", GPU_COUNTS)
+def test_plugins_match_one_process_over_nccl(nproc):
+    run([], nproc, script=os.path.join("tests", "distributed", "nccl_equivalence.py"))
+
+
+@pytest.mark.parametrize("nproc", GPU_COUNTS)
 @pytest.mark.parametrize("plugin,precision", [("zero2", "bf16"), ("zero3", "fp16"), ("ddp", "bf16")])
-def test_train_resume_export_on_gpus(tmp_path, plugin, precision):
-    run(FLAGS + ["--plugin", plugin, "--mixed_precision", precision, "--grad_checkpoint", "--outputs", str(tmp_path / "o")], 2)
+def test_train_resume_export_on_gpus(tmp_path, plugin, precision, nproc):
+    run(FLAGS + ["--plugin", plugin, "--mixed_precision", precision, "--grad_checkpoint", "--outputs", str(tmp_path / "o")], nproc)
     (experiment,) = [os.path.join(tmp_path, "o", d) for d in os.listdir(tmp_path / "o")]
     with open(os.path.join(experiment, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
