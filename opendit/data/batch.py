@@ -35,8 +35,9 @@ def prepare_batch(batch: dict, vae, text_encoder, device: torch.device, train: b
             drop = (torch.rand(len(x), generator=generator, device=_draw_device(generator, "cpu")) < TEXT_DROP_PROB).cpu()
         if "text_emb" in batch:  # a latent cache's pooled caption embeddings; dropped ones become the null prompt's
             text = batch["text_emb"].to(device, non_blocking=True).float()
-            if drop.any():
-                text[drop.to(device)] = text_encoder.null_embedding().to(device, text.dtype)
+            if drop.any():  # torch.where, from a pinned copy of the mask: no host-device synchronisation
+                mask = drop.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else drop
+                text = torch.where(mask[:, None], text_encoder.null_embedding().to(device, text.dtype), text)
         else:
             with torch.no_grad():
                 text = text_encoder.encode(["" if d else caption for d, caption in zip(drop.tolist(), batch["text"])])

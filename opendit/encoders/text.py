@@ -29,6 +29,7 @@ class TextEncoder(nn.Module):
         self.batch_size = batch_size
         self.dim = int(model.config.hidden_size)
         self.max_length = min(MAX_LENGTH, int(model.config.max_position_embeddings))
+        self._null = {}  # device -> the empty prompt's embedding, encoded once
         self.requires_grad_(False)
         self.eval()
 
@@ -51,8 +52,12 @@ class TextEncoder(nn.Module):
         return torch.cat(out) if out else torch.zeros(0, self.dim, device=device)
 
     def null_embedding(self) -> torch.Tensor:
-        """The empty prompt's embedding (1, dim): the unconditional branch of classifier-free guidance."""
-        return self.encode([""])
+        """The empty prompt's embedding (1, dim): the unconditional branch of classifier-free guidance (encoded once
+        per device: training asks for it every step)."""
+        device = next(self.model.parameters()).device
+        if device not in self._null:
+            self._null[device] = self.encode([""])
+        return self._null[device]
 
     def forward(self, prompts: list) -> torch.Tensor:
         """Same as :meth:`encode`."""
