@@ -17,7 +17,6 @@ GEMMs, as FSDP2 does: slowdown = how much longer the GEMMs take than alone (NCCL
 import argparse
 import os
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -25,25 +24,11 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from opendit.utils.distributed import cleanup, setup_distributed  # noqa: E402
+from timing import timed  # noqa: E402  (bench/timing.py)
 
 BLOCK_PARAMS = 23_905_152  # one DiT-XL block: attention (qkv + proj), MLP (4x) and adaLN (1152 -> 6 x 1152)
 MODEL_PARAMS = 675_129_632
 BLOCKS = 28
-
-
-def timed(fn, iters: int, sync, device: torch.device) -> float:
-    """Mean seconds per call, max over ranks."""
-    for _ in range(2):
-        fn()
-    sync()
-    dist.barrier()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync()
-    seconds = torch.tensor([(time.perf_counter() - start) / iters], dtype=torch.float64, device=device)
-    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-    return seconds.item()
 
 
 def main() -> None:
@@ -52,12 +37,12 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="1/1000 of the sizes, on CPU with gloo")
     args = p.parse_args()
     info = setup_distributed("cpu" if args.tiny else "auto")
+    WORLD = dist.group.WORLD
     device, n = info.device, info.world_size
     if n < 2:
         raise SystemExit("run under torchrun with --nproc_per_node >= 2")
     scale = 1000 if args.tiny else 1
     block, model, bucket = BLOCK_PARAMS // scale // n * n, MODEL_PARAMS // scale // n * n, 25 * 2**20 // 4 // scale // n * n
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gathered = torch.empty(block, dtype=torch.bfloat16, device=device)
     shard = torch.randn(block // n, device=device).to(torch.bfloat16)
     grads = torch.randn(block, device=device)
@@ -77,11 +62,11 @@ def main() -> None:
             scatter()
 
     rows = [
-        ("all_gather bf16 block", gathered.numel() * 2, timed(gather, args.iters, sync, device), (n - 1) / n),
-        ("reduce_scatter fp32 block", grads.numel() * 4, timed(scatter, args.iters, sync, device), (n - 1) / n),
-        ("all_reduce fp32 25 MiB bucket", bucket * 4, timed(lambda: dist.all_reduce(bucket_t), args.iters, sync, device), 2 * (n - 1) / n),
-        ("all_reduce fp32 whole model", model * 4, timed(lambda: dist.all_reduce(model_t), max(2, args.iters // 5), sync, device), 2 * (n - 1) / n),
-        ("zero2 step comm (28 AG + 28 RS)", BLOCKS * (gathered.numel() * 2 + grads.numel() * 4), timed(step_comm, max(2, args.iters // 5), sync, device), (n - 1) / n),
+        ("all_gather bf16 block", gathered.numel() * 2, timed(gather, args.iters, device, WORLD), (n - 1) / n),
+        ("reduce_scatter fp32 block", grads.numel() * 4, timed(scatter, args.iters, device, WORLD), (n - 1) / n),
+        ("all_reduce fp32 25 MiB bucket", bucket * 4, timed(lambda: dist.all_reduce(bucket_t), args.iters, device, WORLD), 2 * (n - 1) / n),
+        ("all_reduce fp32 whole model", model * 4, timed(lambda: dist.all_reduce(model_t), max(2, args.iters // 5), device, WORLD), 2 * (n - 1) / n),
+        ("zero2 step comm (28 AG + 28 RS)", BLOCKS * (gathered.numel() * 2 + grads.numel() * 4), timed(step_comm, max(2, args.iters // 5), device, WORLD), (n - 1) / n),
     ]
     overlap = []
     if device.type == "cuda":
@@ -99,7 +84,7 @@ def main() -> None:
             gemms()
             torch.cuda.current_stream(device).wait_stream(side)
 
-        alone, comm, together = timed(gemms, 3, sync, device), rows[-1][2], timed(both, 3, sync, device)
+        alone, comm, together = timed(gemms, 3, device, WORLD), rows[-1][2], timed(both, 3, device, WORLD)
         overlap = [("GEMMs alone", alone), ("zero2 step comm alone", comm), ("GEMMs + comm on a side stream", together)]
         overlap.append(("hidden comm", 1 - (together - alone) / comm))
     if info.is_main:

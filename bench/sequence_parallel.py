@@ -24,7 +24,6 @@ import contextlib
 import copy
 import os
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -38,6 +37,7 @@ from opendit.parallel import apply_sequence_parallel, build_mesh, collectives, s
 from opendit.parallel.attention import FastSeqAttention, UlyssesAttention  # noqa: E402
 from opendit.parallelize import enable_fast_attention, enable_grad_checkpointing  # noqa: E402
 from opendit.utils.distributed import setup_distributed  # noqa: E402
+from timing import timed  # noqa: E402  (bench/timing.py)
 
 MODES = {"fastseq+overlap": ("fastseq", True), "fastseq": ("fastseq", False), "ulysses": ("ulysses", True)}
 
@@ -59,29 +59,6 @@ def parse_args() -> argparse.Namespace:
         args.tokens, args.hidden_size, args.num_heads, args.iters, args.warmup = "64,256", 64, 4, 3, 1
         args.e2e_tokens, args.e2e_steps = min(args.e2e_tokens, 64), 2
     return args
-
-
-# --- timing -----------------------------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, args, device, group=None) -> float:
-    """Mean seconds of fn() over args.iters after args.warmup, the slowest rank of group (None: this rank alone)."""
-    for _ in range(args.warmup):
-        fn()
-    sync(device)
-    if group is not None:
-        dist.barrier(group)
-    start = time.perf_counter()
-    for _ in range(args.iters):
-        fn()
-    sync(device)
-    elapsed = torch.tensor((time.perf_counter() - start) / args.iters, device=device)
-    if group is not None:
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)
-    return elapsed.item()
 
 
 def _local_ring_exchange(send, recv, group):
@@ -170,7 +147,7 @@ def bench_layers(args, device, dtype, sp_group, rank) -> list:
         sp1 = None  # the full sequence on rank 0 alone; the others wait
         if rank == 0:
             x, grad = torch.randn(1, N, C, device=device, requires_grad=True), torch.randn(1, N, C, device=device)
-            sp1 = timed(layer_step(block, x, c, grad, dtype), args, device)
+            sp1 = timed(layer_step(block, x, c, grad, dtype), args.iters, device, warmup=args.warmup)
             del x, grad
         dist.barrier()
 
@@ -181,10 +158,10 @@ def bench_layers(args, device, dtype, sp_group, rank) -> list:
             cls, options = (FastSeqAttention, {"overlap": overlap}) if kind == "fastseq" else (UlyssesAttention, {})
             cls.convert(sp_block.attn, sp_group, **options)
             step = layer_step(sp_block, x, c, grad, dtype)
-            layer = timed(step, args, device, sp_group)
+            layer = timed(step, args.iters, device, sp_group, args.warmup)
             with no_communication():
-                compute = timed(step, args, device, sp_group)
-            raw = timed(raw_comm_step(kind, overlap, x.detach().to(dtype), sp_group), args, device, sp_group)
+                compute = timed(step, args.iters, device, sp_group, args.warmup)
+            raw = timed(raw_comm_step(kind, overlap, x.detach().to(dtype), sp_group), args.iters, device, sp_group, args.warmup)
             rows.append((N, mode, layer, compute, layer - compute, raw, sp1))
             del sp_block, step
         del block, x, grad
@@ -251,7 +228,7 @@ def run_e2e(args, device, dtype, tokens, sp_group, sp_mode):
         model.train()
         if sp_mode is not None:
             apply_sequence_parallel(model, sp_group, *sp_mode)
-        seconds = timed(e2e_step(model, shape, device, dtype, sp_group), argparse.Namespace(iters=args.e2e_steps, warmup=1), device, sp_group)
+        seconds = timed(e2e_step(model, shape, device, dtype, sp_group), args.e2e_steps, device, sp_group, warmup=1)
     except torch.cuda.OutOfMemoryError:
         if sp_group is not None:
             raise

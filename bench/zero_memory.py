@@ -27,13 +27,12 @@ import warnings
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from opendit.builders import build_model  # noqa: E402
 from opendit.diffusion import create_diffusion  # noqa: E402
-from opendit.distributed.ema import ShardedEMA  # noqa: E402
+from opendit.distributed.ema import ShardedEMA, local_shard  # noqa: E402
 from opendit.distributed.optim import ShardedAdamW  # noqa: E402
 from opendit.parallel.mesh import build_mesh  # noqa: E402
 from opendit.parallelize import BLOCKS_PER_UNIT, parallelize  # noqa: E402
@@ -59,7 +58,7 @@ def parse_args() -> argparse.Namespace:
 
 def local_bytes(tensors) -> int:
     """Bytes of this rank's pieces (DTensor: its local shard)."""
-    return sum((t._local_tensor if isinstance(t, DTensor) else t).numel() * t.element_size() for t in tensors)
+    return sum(local_shard(t).numel() * t.element_size() for t in tensors)
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer):
@@ -116,11 +115,16 @@ def report_syncs(step, show: bool) -> None:
             print(f"--- {count} x\n{stack}")
 
 
+def parse_variant(variant: str) -> tuple:
+    """"plugin:precision[:blocks per unit]" -> (plugin, precision, blocks per unit as a string; train.py's default)."""
+    return tuple((variant.split(":") + [str(BLOCKS_PER_UNIT)])[:3])
+
+
 def run_variant(args: argparse.Namespace, variant: str, mesh, device: torch.device, unit: int) -> dict:
     config = dict(model=args.model, input_size=args.latent_size, in_channels=4, num_classes=1000)
     if args.tiny:
         config.update(depth=2, hidden_size=64, num_heads=2)
-    plugin, precision, blocks_per_unit = (variant.split(":") + [str(BLOCKS_PER_UNIT)])[:3]
+    plugin, precision, blocks_per_unit = parse_variant(variant)
     cuda = device.type == "cuda"
     baseline = torch.cuda.memory_allocated(device) if cuda else 0  # whatever an earlier variant left behind
     torch.manual_seed(0)
@@ -196,7 +200,7 @@ def main() -> None:
         print(f"| plugin | precision | blocks per unit | params {unit_name} | AdamW {unit_name} | EMA {unit_name} | state {unit_name} | resident {unit_name} | peak {unit_name} | images/s/GPU |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for variant, r in rows:
-            plugin, precision, blocks_per_unit = (variant.split(":") + [str(BLOCKS_PER_UNIT)])[:3]
+            plugin, precision, blocks_per_unit = parse_variant(variant)
             blocks_per_unit = "-" if plugin == "ddp" or mesh is None else blocks_per_unit
             total = r["params"] + r["optimizer"] + r["ema"]
             print(f"| {plugin} | {precision} | {blocks_per_unit} | {r['params']:.3f} | {r['optimizer']:.3f} | {r['ema']:.3f} | {total:.3f} | {r['resident']:.2f} | {r['peak']:.2f} | {r['images_per_sec']:.1f} |")

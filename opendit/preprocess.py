@@ -105,14 +105,13 @@ def write_csv(rows: list, output: str) -> None:
 
 def to_csv(args: argparse.Namespace, extensions: tuple) -> None:
     """The ucf101 / folder subcommands."""
-    root = args.root
-    if args.split and not os.path.isfile(args.split) and os.path.isdir(os.path.join(root, args.split)):
-        root = os.path.join(root, args.split)  # OpenDiT's layout: root/<split>/<Class>/<video>
+    root, split = args.root, args.split
+    if split and not os.path.isfile(split) and os.path.isdir(os.path.join(root, split)):
+        root, split = os.path.join(root, split), None  # OpenDiT's layout: root/<split>/<Class>/<video>
     if not os.path.isdir(root):
         raise UsageError(f"--root {root}: no such folder")
-    split = args.split if args.split and os.path.isfile(args.split) else None
-    if args.split and not split and root == args.root:
-        raise UsageError(f"--split {args.split}: neither a split list file nor a folder {os.path.join(args.root, args.split)}")
+    if split and not os.path.isfile(split):
+        raise UsageError(f"--split {split}: neither a split list file nor a folder {os.path.join(root, split)}")
     files = read_split(split, root) if split else list_media(root, extensions)
     present = [f for f in files if os.path.isfile(os.path.join(root, f))]
     if not present:
@@ -261,7 +260,7 @@ def extract_latents(args: argparse.Namespace) -> None:
     def bounds(k: int) -> range:
         return range(k * args.shard_size, min(len(dataset), (k + 1) * args.shard_size))
 
-    batches = [list(bounds(k))[i : i + args.batch_size] for k in todo for i in range(0, len(bounds(k)), args.batch_size)]
+    batches = [list(bounds(k)[i : i + args.batch_size]) for k in todo for i in range(0, len(bounds(k)), args.batch_size)]
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers, collate_fn=list)
     parts, skipped = [], 0
     for indices, items in zip(batches, loader):

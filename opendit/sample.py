@@ -8,10 +8,10 @@ from typing import Optional
 
 import torch
 
-from opendit.builders import UsageError, build_model, check_model_flags, load_text_encoder, load_vae, model_config, parse_labels
+from opendit.builders import UsageError, build_model, check_model_flags, load_text_encoder, load_vae, model_config, parse_labels, run_or_exit
 from opendit.diffusion import create_diffusion
 from opendit.encoders.text import DEFAULT_TEXT_ENCODER
-from opendit.utils.checkpoint import CheckpointError, load_model_weights
+from opendit.utils.checkpoint import load_model_weights
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver")
 # Flags that fall back to the checkpoint's training config when not given, then to these defaults.
@@ -281,10 +281,7 @@ def check_fidelity(samples: torch.Tensor, labels: list, use_video: bool, output:
 def main(argv: Optional[list] = None) -> dict:
     args = get_parser().parse_args(argv)
     try:
-        return sample(args)
-    except (UsageError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return run_or_exit(sample, args)
     except ValueError as e:  # sequence parallelism: heads or tokens that do not divide by the group size
         if args.sequence_parallel_size == 1:
             raise

@@ -15,10 +15,10 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
 
 from opendit.builders import UsageError, build_model, check_model_flags, load_vae, model_config, run_or_exit
-from opendit.data import prepare_batch, text_encoder_for
+from opendit.data import build_dataset, prepare_batch, text_encoder_for
 from opendit.diffusion import create_diffusion
 from opendit.distributed.checkpoint import load_checkpoint, read_train_state, save_checkpoint
-from opendit.distributed.ema import ShardedEMA
+from opendit.distributed.ema import ShardedEMA, local_shard
 from opendit.distributed.optim import ShardedAdamW
 from opendit.distributed.mesh import SP, dp_coordinate, sp_size
 from opendit.parallel import broadcast_from_sp_leader, build_mesh
@@ -119,13 +119,6 @@ def check_flags(args: argparse.Namespace, world_size: int) -> None:
     check_model_flags(args.model, args.image_size, args.vae, args.use_video)
 
 
-def build_dataset(args: argparse.Namespace):
-    """The training set for --dataset / --data_path (the built-in shapes when --data_path does not exist)."""
-    from opendit.data.build import build_dataset as build
-
-    return build(args, train=True)
-
-
 class ResumableSampler(DistributedSampler):
     """A DistributedSampler (drop_last) that starts start_index items into the epoch's shuffled order, counted over
     all ranks: a resumed epoch continues exactly where it stopped, on the same or a different number of ranks."""
@@ -201,7 +194,7 @@ def clip_grad_norm(params: list, max_norm: float) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads or not isinstance(grads[0], DTensor):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    local = [g.to_local() for g in grads]
+    local = [local_shard(g) for g in grads]
     total = torch.stack(torch._foreach_norm(local, 2.0)).square().sum()  # sum over this rank's shards of |g|^2
     dist.all_reduce(total, group=grads[0].device_mesh.get_group())
     total = total.sqrt()
@@ -296,7 +289,7 @@ def train(args: argparse.Namespace) -> None:
     # Everything that can fail on user input comes before the experiment folder is made:
     resume_dir = resume_dir_for(args)
     resume_state = read_train_state(resume_dir) if resume_dir else None
-    dataset = build_dataset(args)
+    dataset = build_dataset(args, train=True)  # the built-in shapes when --data_path does not exist
     if dataset.num_classes == 0:  # unlabelled data (captions only): no label table, which would never get a gradient
         args.num_classes = 0
     vae = load_vae(args.vae, device)

@@ -51,16 +51,17 @@ class SkipBadSamples(Dataset):
             try:
                 return self.dataset[i]
             except Exception as e:  # decoding errors come in many types (OSError, av.error.*, ValueError, ...)
+                line = error_line(e)
                 if self.on_bad == "error":
-                    raise BadSampleError(f"bad sample (--on_bad_sample error): {error_line(e)}") from None
-                first_error = first_error or error_line(e)
+                    raise BadSampleError(f"bad sample (--on_bad_sample error): {line}") from None
+                first_error = first_error or line
                 with self.skipped.get_lock():
                     self.skipped.value += 1
                     count = self.skipped.value
                 if self.on_bad == "drop":
-                    logging.getLogger("opendit").warning(f"Dropped bad sample #{count} (item {i}): {error_line(e)}")
+                    logging.getLogger("opendit").warning(f"Dropped bad sample #{count} (item {i}): {line}")
                     return None
                 replacement = random.Random(i * 1_000_003 + attempt).randrange(len(self.dataset))  # same on resume
-                logging.getLogger("opendit").warning(f"Skipped bad sample #{count} (item {i}, using item {replacement}): {error_line(e)}")
+                logging.getLogger("opendit").warning(f"Skipped bad sample #{count} (item {i}, using item {replacement}): {line}")
                 i = replacement
         raise BadSampleError(f"{self.max_retries} unreadable samples in a row; the first: {first_error}")

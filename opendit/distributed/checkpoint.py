@@ -35,6 +35,11 @@ from opendit.utils.checkpoint import LATEST, CheckpointError, MANIFEST, STEP_PAT
 from opendit.utils.distributed import barrier
 
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)  # optimizer keys by parameter name: reshardable
+RNG_FILE = "rng-{:05d}.pt"  # one per rank
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 @contextmanager
@@ -146,7 +151,7 @@ def _atomic_torch_save(obj: Any, path: str) -> None:
 def _own_files(folder: str, rank: int) -> Dict[str, int]:
     """Sizes of the files this rank wrote (its DCP shard and RNG state; rank 0 also .metadata and train_state.pt),
     seen locally: on a shared file system another node's directory listing may lag behind."""
-    mine = [name for name in os.listdir(folder) if name.startswith(f"__{rank}_") or name == f"rng-{rank:05d}.pt"]
+    mine = [name for name in os.listdir(folder) if name.startswith(f"__{rank}_") or name == RNG_FILE.format(rank)]
     mine += [".metadata", TRAIN_STATE] if rank == 0 else []
     return {name: os.path.getsize(os.path.join(folder, name)) for name in mine}
 
@@ -191,7 +196,7 @@ def _prune(checkpoint_dir: str, keep: int, newest: str) -> None:
 
 def save_checkpoint(checkpoint_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema, train_state: Dict[str, Any], keep: int = 3) -> str:
     """Write checkpoints/step-{step}/ from every rank (see the module docstring); returns its path."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = _rank()
     name = f"step-{step:07d}"
     tmp = os.path.join(checkpoint_dir, f".{name}.partial")
     if rank == 0:
@@ -200,7 +205,7 @@ def save_checkpoint(checkpoint_dir: str, step: int, model: torch.nn.Module, opti
     barrier()
     with _quiet_single_process():
         dcp.save(sharded_state(model, optimizer, ema), checkpoint_id=tmp, no_dist=not dist.is_initialized())
-    _atomic_torch_save(rng_state(), os.path.join(tmp, f"rng-{rank:05d}.pt"))
+    _atomic_torch_save(rng_state(), os.path.join(tmp, RNG_FILE.format(rank)))
     if rank == 0:
         _atomic_torch_save(train_state, os.path.join(tmp, TRAIN_STATE))
     mine = _own_files(tmp, rank)
@@ -229,6 +234,5 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
     state = sharded_state(model, optimizer, ema)
     _load(state, path, no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=OPTIONS)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    rng_path = os.path.join(path, f"rng-{rank:05d}.pt")
+    rng_path = os.path.join(path, RNG_FILE.format(_rank()))
     return torch_load(rng_path) if os.path.isfile(rng_path) else None

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from opendit.distributed.ema import local_shard
 from opendit.models.attention import Attention
 from opendit.parallel.attention import FastSeqAttention, UlyssesAttention
 from opendit.parallel.comm import gather_tokens, split_tokens
@@ -20,11 +21,12 @@ def apply_sequence_parallel(model: nn.Module, sp_group: dist.ProcessGroup, kind:
         raise ValueError(f"sequence-parallel type {kind!r}: choose fastseq (longseq) or ulysses")
     if dist.get_world_size(sp_group) == 1:
         return model
-    options = {"overlap": overlap} if KINDS[kind] is FastSeqAttention else {}
+    cls = KINDS[kind]
+    options = {"overlap": overlap} if cls is FastSeqAttention else {}
     for block in model.blocks:
         if type(block.attn) is not Attention:
             raise ValueError(f"block attention is {type(block.attn).__name__}: sequence parallelism was already applied")
-        KINDS[kind].convert(block.attn, sp_group, **options)
+        cls.convert(block.attn, sp_group, **options)
     model.split_tokens = partial(split_tokens, group=sp_group)  # instance attributes shadow DiT's identity hooks
     model.gather_tokens = partial(gather_tokens, group=sp_group)
     return model
@@ -37,8 +39,7 @@ def sp_all_reduce_grads(model: nn.Module, sp_group: dist.ProcessGroup, bucket_nu
     Needed when the data-parallel reduction covers the dp ranks only; see opendit/parallel/__init__.py."""
     if dist.get_world_size(sp_group) == 1:
         return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2 / DTensor: this rank's shard
+    grads = [local_shard(p.grad) for p in model.parameters() if p.grad is not None]  # FSDP2 / DTensor: this rank's shard
     for dtype in sorted({g.dtype for g in grads}, key=str):  # the same order on every rank
         bucket, numel = [], 0
         for g in (g for g in grads if g.dtype == dtype):

@@ -21,12 +21,10 @@ def main() -> None:
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 comparisons, as on CPU
-    initialized = []
 
     def init() -> None:  # each check calls dt.init(); the NCCL group is made once
-        if not initialized:
+        if not dist.is_initialized():
             dist.init_process_group("nccl", device_id=device)
-            initialized.append(True)
 
     dt = SimpleNamespace(init=init, tiny_model=lambda: conftest.tiny_model().to(device), loss_on=conftest.loss_on, full=conftest.full, device_type="cuda")
     for check in (compare_plugins, overflow, local_step):
