@@ -1,5 +1,5 @@
 """Sample from a DiT / VDiT checkpoint. See `python sample.py --help` and README.md."""
-from opendit.sample import main
+from opendit.sampling.sample import main
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,5 @@
 """DiT's FID sampler over many GPUs (torchrun). See `python sample_ddp.py --help` and README.md."""
-from opendit.sample_ddp import main
+from opendit.sampling.sample_ddp import main
 
 if __name__ == "__main__":
     main()

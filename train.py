@@ -1,5 +1,5 @@
 """Train a DiT / VDiT. See `python train.py --help` and README.md."""
-from opendit.train import main
+from opendit.training.train import main
 
 if __name__ == "__main__":
     main()

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from opendit.utils.distributed import cleanup, setup_distributed  # noqa: E402
+from opendit.parallel.process import cleanup, setup_distributed  # noqa: E402
 from timing import timed  # noqa: E402  (bench/timing.py)
 
 BLOCK_PARAMS = 23_905_152  # one DiT-XL block: attention (qkv + proj), MLP (4x) and adaLN (1152 -> 6 x 1152)

@@ -35,8 +35,8 @@ from opendit.models import VDiT_models  # noqa: E402
 from opendit.models.blocks import DiTBlock  # noqa: E402
 from opendit.parallel import apply_sequence_parallel, build_mesh, collectives, sp_all_reduce_grads  # noqa: E402
 from opendit.parallel.attention import FastSeqAttention, UlyssesAttention  # noqa: E402
-from opendit.parallelize import enable_fast_attention, enable_grad_checkpointing  # noqa: E402
-from opendit.utils.distributed import setup_distributed  # noqa: E402
+from opendit.parallel.parallelize import enable_fast_attention, enable_grad_checkpointing  # noqa: E402
+from opendit.parallel.process import setup_distributed  # noqa: E402
 from timing import timed  # noqa: E402  (bench/timing.py)
 
 MODES = {"fastseq+overlap": ("fastseq", True), "fastseq": ("fastseq", False), "ulysses": ("ulysses", True)}
@@ -248,7 +248,7 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
     sp_size = args.sp_size or world
     mesh = build_mesh(world, sp_size, device.type)
-    sp_group = mesh.get_group("sp")
+    sp_group = mesh.sp_group
     dtype = torch.bfloat16
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (gloo)"
 

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from opendit.diffusion import create_diffusion  # noqa: E402
 from opendit.models import DiT_models  # noqa: E402
-from opendit.parallelize import compile_blocks, enable_fast_attention, enable_fused_adaln  # noqa: E402
+from opendit.parallel.parallelize import compile_blocks, enable_fast_attention, enable_fused_adaln  # noqa: E402
 from opendit.utils.flops import train_flops_per_sample  # noqa: E402
 
 VARIANTS = {  # name -> (autocast dtype, fast attention, fused kernels, compile)

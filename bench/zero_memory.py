@@ -4,7 +4,7 @@
         [--compile] [--profile VARIANT] [--sync_debug VARIANT]      (VARIANT: plugin:precision[:blocks per FSDP2 unit])
     torchrun --standalone --nproc_per_node 2 bench/zero_memory.py --tiny     # CPU (gloo) check of the script itself
 
-Each variant builds the model, applies the plugin through opendit.parallelize, and trains --warmup + --steps steps
+Each variant builds the model, applies the plugin through opendit.parallel.parallelize, and trains --warmup + --steps steps
 exactly as train.py does (hybrid loss at random t, backward, clipping, AdamW fused on CUDA, EMA update):
 
     state       bytes this rank holds for parameters + AdamW moments + EMA, counted tensor by tensor
@@ -32,12 +32,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from opendit.builders import build_model  # noqa: E402
 from opendit.diffusion import create_diffusion  # noqa: E402
-from opendit.distributed.ema import ShardedEMA, local_shard  # noqa: E402
-from opendit.distributed.optim import ShardedAdamW  # noqa: E402
-from opendit.parallel.mesh import build_mesh  # noqa: E402
-from opendit.parallelize import BLOCKS_PER_UNIT, parallelize  # noqa: E402
-from opendit.train import PRECISIONS, optimizer_step  # noqa: E402
-from opendit.utils.distributed import cleanup, setup_distributed  # noqa: E402
+from opendit.parallel import build_mesh, parallelize  # noqa: E402
+from opendit.parallel.mesh import local_shard  # noqa: E402
+from opendit.parallel.parallelize import BLOCKS_PER_UNIT  # noqa: E402
+from opendit.parallel.process import cleanup, setup_distributed  # noqa: E402
+from opendit.training.args import PRECISIONS  # noqa: E402
+from opendit.training.ema import ShardedEMA  # noqa: E402
+from opendit.training.optim import ShardedAdamW, optimizer_step  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -132,7 +133,7 @@ def run_variant(args: argparse.Namespace, variant: str, mesh, device: torch.devi
         model = build_model(config)
     amp = PRECISIONS[precision]
     train_model = parallelize(model, grad_checkpoint=args.grad_checkpoint, compile=args.compile, blocks_per_unit=int(blocks_per_unit), mesh=mesh, plugin=plugin, param_dtype=amp)
-    sharded = mesh is not None and plugin != "ddp"
+    sharded = mesh.device_mesh is not None and plugin != "ddp"
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = ShardedAdamW(trainable, lr=1e-4, weight_decay=0, fused=cuda, foreach=not cuda)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
@@ -185,7 +186,7 @@ def main() -> None:
     if args.tiny:
         args.latent_size, args.batch_size, args.steps, args.warmup = 8, 2, 2, 1
     info = setup_distributed("cpu" if args.tiny else "auto")
-    mesh = build_mesh(info.world_size, 1, info.device.type) if info.world_size > 1 else None
+    mesh = build_mesh(info.world_size, 1, info.device.type)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     unit, unit_name = (2**20, "MiB") if args.tiny else (2**30, "GiB")
@@ -196,12 +197,12 @@ def main() -> None:
         gpu = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "CPU"
         print(f"\n{args.model}{' (tiny)' if args.tiny else ''}, latents 4x{args.latent_size}x{args.latent_size}, batch {args.batch_size} per GPU, "
               f"{info.world_size} x {gpu}{', grad checkpointing' if args.grad_checkpoint else ''}{', compiled blocks' if args.compile else ''}"
-              f"{' (one process: no plugin applies)' if mesh is None else ''}\n")
+              f"{' (one process: no plugin applies)' if mesh.device_mesh is None else ''}\n")
         print(f"| plugin | precision | blocks per unit | params {unit_name} | AdamW {unit_name} | EMA {unit_name} | state {unit_name} | resident {unit_name} | peak {unit_name} | images/s/GPU |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for variant, r in rows:
             plugin, precision, blocks_per_unit = parse_variant(variant)
-            blocks_per_unit = "-" if plugin == "ddp" or mesh is None else blocks_per_unit
+            blocks_per_unit = "-" if plugin == "ddp" or mesh.device_mesh is None else blocks_per_unit
             total = r["params"] + r["optimizer"] + r["ema"]
             print(f"| {plugin} | {precision} | {blocks_per_unit} | {r['params']:.3f} | {r['optimizer']:.3f} | {r['ema']:.3f} | {total:.3f} | {r['resident']:.2f} | {r['peak']:.2f} | {r['images_per_sec']:.1f} |")
     cleanup()

@@ -1,29 +1,12 @@
-"""Shared set-up for train.py and sample.py: flag checks, the VAE, the model and its geometry."""
-import sys
-from typing import Any, Dict, Optional
+"""Shared set-up for train.py and sample.py: model flag checks, the model and its geometry."""
+from typing import Any, Dict
 
 import torch
 
+from opendit.errors import UsageError
 from opendit.models import DiT_models, is_video_model
 
 KNOWN_VAE_DOWNSAMPLE = {"none": 1, "ema": 8, "mse": 8}
-
-
-class UsageError(ValueError):
-    """A user mistake in flags or inputs; reported as one line, never a traceback."""
-
-
-def run_or_exit(fn, args: Any) -> Any:
-    """fn(args); a user mistake (UsageError, CheckpointError) ends the process with one line on stderr and status 2."""
-    from opendit.utils.checkpoint import CheckpointError
-    from opendit.utils.distributed import cleanup
-
-    try:
-        return fn(args)
-    except (UsageError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        cleanup()
-        sys.exit(2)
 
 
 def patch_hw(model_name: str) -> int:
@@ -50,26 +33,6 @@ def check_image_size(model: str, image_size: int, downsample: int) -> None:
     factor = downsample * patch_hw(model)
     if image_size % factor:
         raise UsageError(f"--image_size {image_size} is not divisible by {factor} (VAE downsampling {downsample} x patch size of {model})")
-
-
-def load_vae(name: str, device: torch.device):
-    """The frozen VAE for --vae (none|ema|mse|PATH), with user-facing one-line errors."""
-    from opendit.encoders import build_vae
-
-    try:
-        return build_vae(name, device=device)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
-def load_text_encoder(name: str, device: torch.device):
-    """The frozen CLIP text encoder for --text_encoder (a hub id or a local folder), with one-line errors."""
-    from opendit.encoders import build_text_encoder
-
-    try:
-        return build_text_encoder(name, device=device)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
 
 
 def model_config(args: Any, vae, text_encoder=None) -> Dict[str, Any]:
@@ -100,24 +63,3 @@ def build_model(config: Dict[str, Any]) -> torch.nn.Module:
         raise UsageError(f"--model {config['model']}: cannot be built with {kwargs} ({e})") from None
 
 
-def default_labels(num_classes: int) -> list:
-    """Classes sampled when none are given: DiT's eight ImageNet classes, or the first ten."""
-    if num_classes == 1000:
-        return [207, 360, 387, 974, 88, 979, 417, 279]
-    return list(range(min(num_classes, 10)))
-
-
-def parse_labels(text: Optional[str], num_classes: int) -> list:
-    """--labels '1,2,3' or 'all' -> a list of ints, each checked against num_classes."""
-    if text is None:
-        return default_labels(num_classes)
-    if text == "all":
-        return list(range(num_classes))
-    try:
-        labels = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"--labels {text}: expected comma-separated integers or 'all'") from None
-    bad = [v for v in labels if not 0 <= v < num_classes]
-    if bad or not labels:
-        raise UsageError(f"--labels {text}: each label must lie in [0, {num_classes})")
-    return labels

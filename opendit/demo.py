@@ -9,8 +9,8 @@ import shutil
 import sys
 import time
 
-from opendit import sample as sample_cli
-from opendit import train as train_cli
+from opendit.sampling import sample as sample_cli
+from opendit.training import train as train_cli
 
 # Small enough for two CPU cores, large enough to draw the eight shapes classes cleanly.
 # The cosine noise schedule matters at 16x16: with the linear one (tuned for 256x256 latents) the last third of

@@ -21,11 +21,12 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader
 
-from opendit.builders import UsageError, load_vae
 from opendit.data.build import KINDS, build_dataset, infer_kind, text_encoder_for
 from opendit.data.latents import FORMAT, INDEX, shard_name, source_id, vae_id
 from opendit.data.table import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
-from opendit.utils.distributed import barrier, cleanup, setup_distributed
+from opendit.encoders import load_vae
+from opendit.errors import UsageError
+from opendit.parallel.process import barrier, cleanup, setup_distributed
 from opendit.utils.logging import create_logger
 from opendit.utils.media import atomic_path
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from opendit import sample as sample_cli
-from opendit import train as train_cli
-from opendit.distributed.checkpoint import read_tensors, read_train_state
+from opendit.sampling import sample as sample_cli
+from opendit.training import train as train_cli
+from opendit.checkpoint.dcp import read_tensors, read_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "DiT-S/2", "--depth", "2", "--hidden_size", "32", "--num_heads", "2", "--image_size", "16", "--vae", "none",
@@ -23,7 +23,7 @@ SCHEDULE = ["--lr_schedule", "cosine", "--lr_warmup_steps", "2"]  # resume must 
 
 
 def test_lr_factor_warmup_and_cosine():
-    f = train_cli.lr_factor
+    from opendit.training.optim import lr_factor as f
     assert [f("constant", 2, 10, s) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
     assert f("cosine", 0, 10, 0) == 1.0 and abs(f("cosine", 0, 10, 5) - 0.5) < 1e-12 and f("cosine", 0, 10, 10) == 0.0
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from opendit import preprocess
-from opendit import train as train_cli
+from opendit.training import train as train_cli
 from opendit.data.latents import LatentDataset
 from opendit.utils.media import save_video
 

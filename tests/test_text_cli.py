@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from opendit import sample as sample_cli
-from opendit import train as train_cli
+from opendit.sampling import sample as sample_cli
+from opendit.training import train as train_cli
 from opendit.builders import build_model
 from opendit.encoders import tiny_text_encoder
 

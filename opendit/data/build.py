@@ -10,7 +10,8 @@ import os
 
 import torch
 
-from opendit.builders import UsageError, load_text_encoder
+from opendit.encoders import load_text_encoder
+from opendit.errors import UsageError
 
 from .image import Cifar10Dataset, ImageCSVDataset, ImageFolderDataset, cifar_folder
 from .latents import is_latent_cache, open_cache

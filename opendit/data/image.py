@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from opendit.builders import UsageError
+from opendit.errors import UsageError
 
 from .robust import error_line
 from .table import IMAGE_EXTENSIONS, check_labels, is_video, read_table

@@ -16,7 +16,7 @@ import os
 import torch
 from torch.utils.data import Dataset
 
-from opendit.builders import UsageError
+from opendit.errors import UsageError
 
 INDEX = "index.json"
 FORMAT = "opendit-latents"

@@ -8,7 +8,7 @@ import random
 
 from torch.utils.data import Dataset
 
-from opendit.builders import UsageError
+from opendit.errors import UsageError
 
 
 def error_line(e: BaseException) -> str:

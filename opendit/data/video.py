@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from opendit.builders import UsageError
+from opendit.errors import UsageError
 
 from .robust import error_line
 from .table import check_labels, is_video, read_table

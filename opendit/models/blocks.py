@@ -1,4 +1,7 @@
 """Transformer blocks with adaptive layer norm zero (adaLN-Zero) conditioning."""
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
@@ -25,6 +28,13 @@ def add_gated(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, fused: bool)
     return x + gate.unsqueeze(1) * y
 
 
+@dataclass
+class KernelChoice:
+    """Which implementation a model's blocks run; one object shared by all of them, switched from outside."""
+
+    fused_adaln: bool = False  # LayerNorm + modulate and gate + residual as Triton kernels (--enable_modulate_kernel)
+
+
 class Mlp(nn.Module):
     """Two-layer MLP with tanh-approximated GELU (timm's Mlp layout)."""
 
@@ -41,33 +51,34 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """A DiT block with adaptive layer norm zero (adaLN-Zero) conditioning."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, kernels: Optional[KernelChoice] = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
-        self.fused_adaln = False  # switched on from outside (--enable_modulate_kernel)
+        self.kernels = kernels or KernelChoice()
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = add_gated(x, gate_msa, self.attn(norm_modulate(self.norm1, x, shift_msa, scale_msa, self.fused_adaln)), self.fused_adaln)
-        x = add_gated(x, gate_mlp, self.mlp(norm_modulate(self.norm2, x, shift_mlp, scale_mlp, self.fused_adaln)), self.fused_adaln)
+        fused = self.kernels.fused_adaln
+        x = add_gated(x, gate_msa, self.attn(norm_modulate(self.norm1, x, shift_msa, scale_msa, fused)), fused)
+        x = add_gated(x, gate_mlp, self.mlp(norm_modulate(self.norm2, x, shift_mlp, scale_mlp, fused)), fused)
         return x  # (N, T, D)
 
 
 class FinalLayer(nn.Module):
     """The final layer of DiT: adaLN modulation, then a linear map from tokens to patches."""
 
-    def __init__(self, hidden_size: int, patch_numel: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_numel: int, out_channels: int, kernels: Optional[KernelChoice] = None):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_numel * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
-        self.fused_adaln = False
+        self.kernels = kernels or KernelChoice()
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        x = norm_modulate(self.norm_final, x, shift, scale, self.fused_adaln)
+        x = norm_modulate(self.norm_final, x, shift, scale, self.kernels.fused_adaln)
         return self.linear(x)  # (N, T, patch_numel * out_channels)

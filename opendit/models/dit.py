@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from opendit.models.blocks import DiTBlock, FinalLayer
+from opendit.models.blocks import DiTBlock, FinalLayer, KernelChoice
 from opendit.models.embed import LabelEmbedder, PatchEmbed, TimestepEmbedder
 from opendit.models.pos_embed import get_2d_sincos_pos_embed
 
@@ -47,8 +47,9 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
         self.build_pos_embed()
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, self.patch_numel, self.out_channels)
+        self.kernels = KernelChoice()  # one switch for every block and the final layer (opendit.parallel.parallelize)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, kernels=self.kernels) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, self.patch_numel, self.out_channels, kernels=self.kernels)
         # Pooled text (CLIP's EOS state) -> D, added to c; none when text_dim=0, so such a model is exactly DiT.
         self.text_embedder = nn.Linear(text_dim, hidden_size) if text_dim > 0 else None
         self.initialize_weights()
@@ -121,13 +122,6 @@ class DiT(nn.Module):
         nn.init.constant_(self.final_layer.linear.weight, 0)
         nn.init.constant_(self.final_layer.linear.bias, 0)
 
-    # --- sequence-parallel hooks: identities here, replaced from outside by opendit.parallel ---
-    def split_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        return x  # (N, T, D) -> this rank's contiguous slice of the tokens
-
-    def gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        return x  # this rank's slice -> all (N, T, F) tokens
-
     # --- forward ---
     def condition(self, t: torch.Tensor, y: Optional[torch.Tensor], text: Optional[torch.Tensor]) -> torch.Tensor:
         """c = t_emb (+ y_emb for class labels) (+ text_emb for pooled prompt embeddings)."""
@@ -151,11 +145,9 @@ class DiT(nn.Module):
         shape = x.shape
         x = self.embed(x.to(self.x_embedder.proj.weight.dtype))  # (N, T, D)
         c = self.condition(t, y, text)  # (N, D)
-        x = self.split_tokens(x)  # (N, T / sp, D) under sequence parallelism
         for block in self.blocks:
-            x = block(x, c)  # (N, T, D)
-        x = self.final_layer(x, c)  # (N, T, patch_numel * out_channels)
-        x = self.gather_tokens(x)  # (N, T, patch_numel * out_channels) again under sequence parallelism
+            x = block(x, c)  # (N, T, D); sequence parallelism (applied from outside) splits T at the first block
+        x = self.final_layer(x, c)  # (N, T, patch_numel * out_channels), gathered again under sequence parallelism
         return self.unpatchify(x, shape).float()  # (N, out_channels, ...)
 
     def forward_with_cfg(

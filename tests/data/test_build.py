@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from opendit import train as train_cli
+from opendit.training import train as train_cli
 from opendit.data.build import build_dataset, infer_kind
 
 TINY = ["--model", "DiT-S/2", "--depth", "1", "--hidden_size", "32", "--num_heads", "2", "--image_size", "16", "--vae", "none",
@@ -125,7 +125,7 @@ def test_demo_clips_are_reproducible_and_readable(tmp_path):
 
 def test_text_to_image_from_a_captioned_image_csv(tmp_path, folder, clip_dir):
     """A CSV of images and captions trains a text-conditioned DiT; sample.py then draws PNGs from prompts."""
-    from opendit import sample as sample_cli
+    from opendit.sampling import sample as sample_cli
 
     rows = [f"{os.path.join(folder, c, f'{k}.jpg')},a {colour} picture" for c, colour in (("n00", "red"), ("n01", "green")) for k in range(3)]
     (tmp_path / "captions.csv").write_text("path,caption\n" + "\n".join(rows) + "\n")

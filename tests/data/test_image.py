@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from opendit.builders import UsageError
+from opendit.errors import UsageError
 from opendit.data.image import Cifar10Dataset, ImageCSVDataset, ImageFolderDataset
 from opendit.data.transforms import center_crop_arr
 

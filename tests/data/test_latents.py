@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from opendit import preprocess
-from opendit.builders import UsageError
+from opendit.errors import UsageError
 from opendit.data.batch import TEXT_DROP_PROB, prepare_batch
 from opendit.data.image import ImageFolderDataset
 from opendit.data.latents import LatentDataset
@@ -131,7 +131,7 @@ def test_bad_caches_are_one_line_errors(images, vae_dir, tmp_path):
 
 
 def test_training_flags_must_match_the_cache(images, vae_dir, tmp_path, capsys):
-    from opendit import train as train_cli
+    from opendit.training import train as train_cli
 
     extract(images, tmp_path / "cache", vae_dir)
     base = ["--model", "DiT-S/2", "--depth", "1", "--hidden_size", "32", "--num_heads", "2", "--vae", vae_dir, "--batch_size", "2",

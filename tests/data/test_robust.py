@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from opendit.builders import UsageError
+from opendit.errors import UsageError
 from opendit.data.robust import BadSampleError, SkipBadSamples
 
 
@@ -99,7 +99,7 @@ def test_train_py_stops_when_a_worker_crashes(tmp_path, media):
         "real = video.read_clip\n"
         "video.read_clip = lambda *a, **k: os.kill(os.getpid(), signal.SIGSEGV) if os.getpid() != MAIN else real(*a, **k)\n"
         "MAIN = os.getpid()\n"
-        "from opendit.train import main\n"
+        "from opendit.training.train import main\n"
         "main(sys.argv[1:])\n"
     )
     args = ["--model", "VDiT-S/1x2x2", "--use_video", "--depth", "1", "--hidden_size", "32", "--num_heads", "2", "--image_size", "16",

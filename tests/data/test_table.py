@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from opendit.builders import UsageError
+from opendit.errors import UsageError
 from opendit.data.table import check_labels, read_table
 
 

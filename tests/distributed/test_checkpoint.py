@@ -6,12 +6,13 @@ import shutil
 import pytest
 import torch
 
-from opendit.distributed import checkpoint as ckpt
-from opendit.distributed.ema import ShardedEMA
-from opendit.distributed.optim import ShardedAdamW
+from opendit.checkpoint import dcp as ckpt
+from opendit.training.ema import ShardedEMA
+from opendit.training.optim import ShardedAdamW
 from opendit.parallel.mesh import build_mesh
-from opendit.parallelize import parallelize
-from opendit.utils.checkpoint import CheckpointError, latest_checkpoint, resolve_checkpoint_dir
+from opendit.parallel.parallelize import parallelize
+from opendit.errors import CheckpointError
+from opendit.checkpoint.layout import latest_checkpoint, resolve_checkpoint_dir
 
 
 def setup(dt, plugin=None, world_size=1):

@@ -3,11 +3,11 @@ sharded EMA equals an unsharded one; an fp16 overflow on any rank skips the step
 import pytest
 import torch
 
-from opendit.distributed.ema import ShardedEMA
-from opendit.distributed.optim import ShardedAdamW
+from opendit.training.ema import ShardedEMA
+from opendit.training.optim import ShardedAdamW
 from opendit.parallel.mesh import build_mesh
-from opendit.parallelize import parallelize
-from opendit.train import optimizer_step
+from opendit.parallel.parallelize import parallelize
+from opendit.training.optim import optimizer_step
 
 STEPS, DECAY, CLIP = 2, 0.9, 0.05  # clipping at 0.05 is active: it tests the global norm across shards
 

@@ -9,13 +9,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from opendit import export, sample, sample_ddp
+from opendit.checkpoint import export
+from opendit.sampling import sample, sample_ddp
 from opendit.builders import build_model
-from opendit.distributed.checkpoint import save_checkpoint
-from opendit.distributed.ema import ShardedEMA
-from opendit.distributed.optim import ShardedAdamW
+from opendit.checkpoint.dcp import save_checkpoint
+from opendit.training.ema import ShardedEMA
+from opendit.training.optim import ShardedAdamW
 from opendit.parallel.mesh import build_mesh
-from opendit.parallelize import parallelize
+from opendit.parallel.parallelize import parallelize
 
 # A pixel-space model of train.py's geometry (16 px, patch 2, 3 channels), so sample.py can decode without a VAE.
 CONFIG = dict(model="DiT-S/2", input_size=16, in_channels=3, num_classes=8, depth=2, hidden_size=32, num_heads=2)

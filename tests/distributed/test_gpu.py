@@ -38,7 +38,7 @@ def test_train_resume_export_on_gpus(tmp_path, plugin, precision, nproc):
         records = [json.loads(line) for line in f]
     assert [r["step"] for r in records] == [1, 2, 3, 4] and all(r["loss"] == r["loss"] and r["peak_mem_gib"] > 0 for r in records)
     run(FLAGS + ["--max_steps", "5", "--plugin", plugin, "--mixed_precision", precision, "--load", os.path.join(experiment, "checkpoints", "step-0000002")], 1)
-    from opendit import export
+    from opendit.checkpoint import export
 
     paths = export.main([experiment, "--output", str(tmp_path / "export")])
     assert os.path.getsize(paths["safetensors"]) > 0

@@ -4,9 +4,9 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from opendit.distributed.optim import ShardedAdamW
+from opendit.training.optim import ShardedAdamW
 from opendit.parallel.mesh import build_mesh
-from opendit.parallelize import parallelize
+from opendit.parallel.parallelize import parallelize
 
 
 class DTensorOps(TorchDispatchMode):

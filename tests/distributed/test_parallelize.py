@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from opendit.parallelize import parallelize
+from opendit.parallel.parallelize import parallelize
 
 
 def test_compile_and_checkpointing_are_wired_per_block(dt):

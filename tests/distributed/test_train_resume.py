@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from opendit import train as train_cli
-from opendit.distributed.checkpoint import read_tensors
+from opendit.training import train as train_cli
+from opendit.checkpoint.dcp import read_tensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUN = ["--max_steps", "4", "--ckpt_every", "2", "--plugin", "zero2"]

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from opendit import train as train_cli
+from opendit.training import train as train_cli
 
 RUN = ["--max_steps", "3", "--ckpt_every", "0"]
 
@@ -34,7 +34,7 @@ def test_sequence_parallel_training_matches_one_process(dt, tmp_path, kind):
 
 
 def sample_rank(rank, world_size, argv):
-    from opendit import sample as sample_cli
+    from opendit.sampling import sample as sample_cli
 
     sample_cli.main(argv)
 
@@ -45,7 +45,7 @@ def test_sequence_parallel_sampling_matches_one_process(dt, tmp_path, kind):
     train_cli.main(dt.flags + ["--max_steps", "2", "--outputs", out])
     (experiment,) = [os.path.join(out, d) for d in os.listdir(out)]
     flags = ["--ckpt", experiment, "--num_sampling_steps", "4", "--labels", "1,2", "--device", "cpu"]
-    from opendit import sample as sample_cli
+    from opendit.sampling import sample as sample_cli
 
     one = sample_cli.main(flags + ["--output", str(tmp_path / "one")])
     dt.run(sample_rank, 2, flags + ["--output", str(tmp_path / "two"), "--sequence_parallel_size", "2", "--sequence_parallel_type", kind])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from opendit.models import DiT_models
-from opendit.parallelize import parallelize
+from opendit.parallel.parallelize import parallelize
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -30,7 +30,7 @@ def test_fused_adaln_model_matches_pytorch(name):
     for p in ref.parameters():
         p.data.normal_(0, 0.1)  # non-zero adaLN, so the modulation matters
     fused = parallelize(copy.deepcopy(ref), fused_adaln=True)
-    assert all(b.fused_adaln for b in fused.blocks) and fused.final_layer.fused_adaln
+    assert all(b.kernels.fused_adaln for b in fused.blocks) and fused.final_layer.kernels.fused_adaln and not ref.kernels.fused_adaln
     shape = (3, 4, 2, 4, 4) if name.startswith("VDiT") else (3, 4, 4, 4)
     x = torch.randn(shape, device=DEVICE)
     t, y = torch.tensor([1, 500, 999], device=DEVICE), torch.tensor([0, 3, 4], device=DEVICE)

@@ -8,7 +8,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from opendit.diffusion import create_diffusion
-from opendit.parallel import apply_sequence_parallel, broadcast_from_sp_leader, build_mesh, sp_all_reduce_grads
+from opendit.parallel import apply_sequence_parallel, build_mesh, sp_all_reduce_grads
 
 
 def _losses(model, x, t, y, noise):
@@ -24,12 +24,14 @@ def _check_grads(model, grads_ref, what):
 
 def _check_dp_sp(rank, world_size, model, batch, grads_ref, kind):
     mesh = build_mesh(world_size, 2, "cpu")
-    assert mesh.mesh_dim_names == ("dp", "sp") and mesh.mesh.tolist() == [[0, 1], [2, 3]], "sp ranks are contiguous"
-    dp_rank, dp_group, sp_group = mesh.get_local_rank("dp"), mesh.get_group("dp"), mesh.get_group("sp")
+    dm = mesh.device_mesh
+    assert dm.mesh_dim_names == ("dp", "sp") and dm.mesh.tolist() == [[0, 1], [2, 3]], "sp ranks are contiguous"
+    assert (mesh.dp_size, mesh.sp_size, mesh.dp_rank) == (2, 2, rank // 2)
+    dp_rank, dp_group, sp_group = mesh.dp_rank, mesh.dp_group, mesh.sp_group
     x, t, y, noise = (v.chunk(2)[dp_rank].clone() for v in batch)  # dp peers get different data
-    if mesh.get_local_rank("sp") > 0:  # a follower's own draws are overwritten by its leader's
+    if dm.get_local_rank("sp") > 0:  # a follower's own draws are overwritten by its leader's
         x, noise = torch.zeros_like(x), torch.randn_like(noise)
-    x, t, y, noise = broadcast_from_sp_leader(x, t, y, noise, sp_group=sp_group)
+    mesh.share_sample(x, t, y, noise)
 
     # Rule 1: average over dp only (DDP on the dp group), then sum over sp.
     ddp = DDP(apply_sequence_parallel(copy.deepcopy(model), sp_group, kind), process_group=dp_group)
@@ -39,12 +41,12 @@ def _check_dp_sp(rank, world_size, model, batch, grads_ref, kind):
 
     # Rule 2: average over every rank (DDP on the world) and back-propagate loss * sp.
     ddp = DDP(apply_sequence_parallel(copy.deepcopy(model), sp_group, kind))
-    (_losses(ddp, x, t, y, noise).mean() * dist.get_world_size(sp_group)).backward()
+    mesh.gradient_loss(_losses(ddp, x, t, y, noise).mean()).backward()
     _check_grads(ddp.module, grads_ref, f"{kind}, DDP over the world + loss * sp")
 
     # Rule 2 with FSDP2 (ZeRO) sharding every block and the root over all dp x sp ranks.
     sharded = apply_sequence_parallel(copy.deepcopy(model), sp_group, kind)
-    flat = mesh["dp", "sp"]._flatten("dp_sp")
+    flat = mesh.reduction
     for block in sharded.blocks:
         fully_shard(block, mesh=flat)
     fully_shard(sharded, mesh=flat)

@@ -16,10 +16,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from opendit.builders import UsageError, check_model_flags, load_vae, model_config, run_or_exit
-from opendit.sample import SAMPLERS, build_sampling_model, denoise, resolve_model_flags
-from opendit.utils.checkpoint import load_model_weights
-from opendit.utils.distributed import barrier, cleanup, setup_distributed
+from opendit.builders import check_model_flags, model_config
+from opendit.checkpoint.weights import load_model_weights
+from opendit.encoders import load_vae
+from opendit.errors import UsageError, run_or_exit
+from opendit.parallel.process import barrier, cleanup, setup_distributed
+from opendit.sampling.denoise import SAMPLERS, denoise
+from opendit.sampling.sample import build_sampling_model, resolve_model_flags
 from opendit.utils.media import save_image
 
 

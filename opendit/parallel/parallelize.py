@@ -1,8 +1,8 @@
 """The one place where parallelism and speed-ups are applied to a model from outside, so model files stay single-device.
 
 Order: fused kernels -> sequence parallelism -> activation checkpointing -> torch.compile (per block) -> data
-parallelism (FSDP2 for zero2/zero3, DDP for ddp) over every rank of the (dp, sp) mesh. Gradients are averaged over
-all dp x sp ranks; sequence-parallel training back-propagates loss * sp_size so that this is the right gradient.
+parallelism (FSDP2 for zero2/zero3, DDP for ddp; none for sampling) over every rank of the (dp, sp) mesh. Gradients
+are averaged over all dp x sp ranks; ParallelMesh.gradient_loss scales the loss so that this is the right gradient.
 """
 from functools import partial
 from typing import Optional
@@ -10,12 +10,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from opendit.distributed.mesh import SP, reduction_mesh, sp_size
+from opendit.parallel.mesh import ParallelMesh
 
 PLUGINS = ("zero2", "zero3", "ddp")
 # Blocks per FSDP2 unit (one all-gather and one reduce-scatter each). FSDP2 spends CPU time per unit and per parameter;
@@ -24,10 +23,8 @@ BLOCKS_PER_UNIT = 7
 
 
 def enable_fused_adaln(model: nn.Module) -> None:
-    """Run every block's (and the final layer's) LayerNorm + modulate as one Triton kernel."""
-    for module in model.modules():
-        if hasattr(module, "fused_adaln"):
-            module.fused_adaln = True
+    """Run every block's (and the final layer's) LayerNorm + modulate, and gate + residual, as Triton kernels."""
+    model.kernels.fused_adaln = True
 
 
 def enable_fast_attention(model: nn.Module) -> None:
@@ -52,21 +49,21 @@ def compile_blocks(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def broadcast_from_rank0(model: nn.Module, mesh: DeviceMesh) -> None:
+def broadcast_from_rank0(model: nn.Module, mesh: ParallelMesh) -> None:
     """Give every rank rank 0's initial weights (DDP does this itself; FSDP shards whatever each rank holds)."""
-    group = reduction_mesh(mesh).get_group()
+    group = mesh.reduction.get_group()
     for tensor in model.state_dict().values():
         dist.broadcast(tensor, src=dist.get_global_rank(group, 0), group=group)
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool, param_dtype: Optional[torch.dtype], blocks_per_unit: int = BLOCKS_PER_UNIT) -> nn.Module:
+def apply_fsdp(model: nn.Module, mesh: ParallelMesh, reshard_after_forward: bool, param_dtype: Optional[torch.dtype], blocks_per_unit: int = BLOCKS_PER_UNIT) -> nn.Module:
     """FSDP2 per unit of blocks_per_unit blocks and at the root, sharded over every rank: zero2 keeps the gathered
     parameters until backward (reshard_after_forward=False), zero3 frees each unit's after its forward. fp32 master weights and fp32 gradient reduction;
     forward/backward run in param_dtype (bf16/fp16) when given."""
     broadcast_from_rank0(model, mesh)
     low = param_dtype is not None and param_dtype != torch.float32
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if low else MixedPrecisionPolicy()
-    shard_mesh = reduction_mesh(mesh)
+    shard_mesh = mesh.reduction
     blocks = list(model.blocks)
     for i in range(0, len(blocks), blocks_per_unit):  # one all-gather / reduce-scatter per unit of blocks
         unit = blocks[i : i + blocks_per_unit]
@@ -75,42 +72,43 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool, 
     return model
 
 
-def apply_ddp(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+def apply_ddp(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
     """Replicated fp32 weights, gradients all-reduced over every rank."""
     device = next(model.parameters()).device
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, process_group=reduction_mesh(mesh).get_group())
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, process_group=mesh.reduction.get_group())
 
 
 def parallelize(
     model: nn.Module,
+    mesh: Optional[ParallelMesh] = None,
+    plugin: Optional[str] = "zero2",
+    param_dtype: Optional[torch.dtype] = None,
+    blocks_per_unit: int = BLOCKS_PER_UNIT,
     fused_adaln: bool = False,
     flash_attention: bool = False,
     grad_checkpoint: bool = False,
     compile: bool = False,
-    mesh: Optional[DeviceMesh] = None,
-    plugin: str = "zero2",
-    param_dtype: Optional[torch.dtype] = None,
     sequence_parallel_type: Optional[str] = None,
     sequence_parallel_overlap: bool = True,
-    blocks_per_unit: int = BLOCKS_PER_UNIT,
 ) -> nn.Module:
-    """Apply everything requested in the fixed order above. Returns the module to train: a DDP wrapper for ddp,
-    the model itself otherwise (FSDP2 works in place; without a mesh, i.e. on one process, nothing is wrapped)."""
-    if plugin not in PLUGINS:
+    """Apply everything requested in the fixed order above. Returns the module to run: a DDP wrapper for ddp, the
+    model itself otherwise (FSDP2 works in place; on one process, or with plugin=None for sampling, nothing wraps it)."""
+    if plugin is not None and plugin not in PLUGINS:
         raise ValueError(f"plugin {plugin!r}: choose one of {', '.join(PLUGINS)}")
+    mesh = mesh or ParallelMesh()
     if fused_adaln:
         enable_fused_adaln(model)
     if flash_attention:
         enable_fast_attention(model)
-    if mesh is not None and sp_size(mesh) > 1:
-        from opendit.parallel import apply_sequence_parallel
+    if mesh.sp_size > 1:
+        from opendit.parallel.sequence import apply_sequence_parallel
 
-        apply_sequence_parallel(model, mesh[SP].get_group(), kind=sequence_parallel_type or "fastseq", overlap=sequence_parallel_overlap)
+        apply_sequence_parallel(model, mesh.sp_group, kind=sequence_parallel_type or "fastseq", overlap=sequence_parallel_overlap)
     if grad_checkpoint:
         enable_grad_checkpointing(model)
     if compile:
         compile_blocks(model)
-    if mesh is None:
+    if mesh.device_mesh is None or plugin is None:
         return model
     if plugin == "ddp":
         return apply_ddp(model, mesh)

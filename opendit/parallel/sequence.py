@@ -1,4 +1,4 @@
-"""Turn a DiT/VDiT into a sequence-parallel one from outside, and the two helpers a training loop needs."""
+"""Turn a DiT/VDiT into a sequence-parallel one from outside (module hooks and attention conversion)."""
 from functools import partial
 from typing import List
 
@@ -6,17 +6,18 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from opendit.distributed.ema import local_shard
 from opendit.models.attention import Attention
 from opendit.parallel.attention import FastSeqAttention, UlyssesAttention
 from opendit.parallel.comm import gather_tokens, split_tokens
+from opendit.parallel.mesh import local_shard
 
 KINDS = {"fastseq": FastSeqAttention, "longseq": FastSeqAttention, "ulysses": UlyssesAttention}  # longseq: OpenDiT's name
 
 
 def apply_sequence_parallel(model: nn.Module, sp_group: dist.ProcessGroup, kind: str = "fastseq", overlap: bool = True) -> nn.Module:
-    """Split the tokens over sp_group after the embedding, gather them after the final layer, and make every block's
-    self-attention FastSeq or Ulysses. In place; parameter names and values are unchanged. A group of one is a no-op."""
+    """Split the tokens over sp_group as they enter the first block, gather them as they leave the final layer (module
+    hooks: the model itself has no sequence-parallel code), and make every block's self-attention FastSeq or
+    Ulysses. In place; parameter names and values are unchanged. A group of one is a no-op."""
     if kind not in KINDS:
         raise ValueError(f"sequence-parallel type {kind!r}: choose fastseq (longseq) or ulysses")
     if dist.get_world_size(sp_group) == 1:
@@ -27,9 +28,22 @@ def apply_sequence_parallel(model: nn.Module, sp_group: dist.ProcessGroup, kind:
         if type(block.attn) is not Attention:
             raise ValueError(f"block attention is {type(block.attn).__name__}: sequence parallelism was already applied")
         cls.convert(block.attn, sp_group, **options)
-    model.split_tokens = partial(split_tokens, group=sp_group)  # instance attributes shadow DiT's identity hooks
-    model.gather_tokens = partial(gather_tokens, group=sp_group)
+    add_split_gather_hooks(model, partial(split_tokens, group=sp_group), partial(gather_tokens, group=sp_group))
     return model
+
+
+def add_split_gather_hooks(model: nn.Module, split, gather) -> None:
+    """split(x) on the hidden state (first positional input) of model.blocks[0]; gather(out) on model.final_layer's
+    output: the plan by which a sequence-parallel scheme reaches an unmodified model."""
+
+    def split_input(module, args):
+        return (split(args[0]), *args[1:])
+
+    def gather_output(module, args, output):
+        return gather(output)
+
+    model.blocks[0].register_forward_pre_hook(split_input)
+    model.final_layer.register_forward_hook(gather_output)
 
 
 @torch.no_grad()
@@ -58,13 +72,3 @@ def _all_reduce_flat(tensors: List[torch.Tensor], group: dist.ProcessGroup) -> N
     dist.all_reduce(flat, group=group)
     for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
         t.copy_(part.view_as(t))
-
-
-@torch.no_grad()
-def broadcast_from_sp_leader(*tensors: torch.Tensor, sp_group: dist.ProcessGroup):
-    """Overwrite each tensor (in place) with the sp group's first rank's copy, so all sp ranks see the same batch."""
-    if dist.get_world_size(sp_group) > 1:
-        src = dist.get_global_rank(sp_group, 0)
-        for t in tensors:
-            dist.broadcast(t, src=src, group=sp_group)
-    return tensors if len(tensors) != 1 else tensors[0]

@@ -1,19 +1,26 @@
 """Sample images (PNG grid + one file each) or videos (one mp4 each) from a trained DiT / VDiT, by class or prompt."""
 import argparse
-import json
 import os
-import re
 import sys
 from typing import Optional
 
 import torch
 
-from opendit.builders import UsageError, build_model, check_model_flags, load_text_encoder, load_vae, model_config, parse_labels, run_or_exit
-from opendit.diffusion import create_diffusion
+from opendit.builders import build_model, check_model_flags, model_config
+from opendit.checkpoint.weights import load_model_weights
+from opendit.encoders import load_text_encoder, load_vae
 from opendit.encoders.text import DEFAULT_TEXT_ENCODER
-from opendit.utils.checkpoint import load_model_weights
+from opendit.errors import UsageError, run_or_exit
+from opendit.parallel import build_mesh, parallelize
+from opendit.sampling.conditions import (
+    conditions,
+    file_stem,
+    prompt_classes,
+    read_prompts,
+)
+from opendit.sampling.denoise import SAMPLERS, denoise
+from opendit.sampling.fidelity import check_fidelity
 
-SAMPLERS = ("ddpm", "ddim", "dpm-solver")
 # Flags that fall back to the checkpoint's training config when not given, then to these defaults.
 MODEL_DEFAULTS = dict(model="DiT-XL/2", vae="ema", image_size=256, num_classes=1000, num_frames=16, noise_schedule="linear")
 
@@ -65,18 +72,6 @@ def resolve_model_flags(args: argparse.Namespace, train_config: Optional[dict]) 
         args.use_video = True
 
 
-def read_prompts(args: argparse.Namespace) -> list:
-    """--prompt (repeatable) followed by the non-blank lines of --prompt_path."""
-    prompts = list(args.prompt or [])
-    if args.prompt_path:
-        try:
-            with open(args.prompt_path, encoding="utf-8") as f:
-                prompts += [line.strip() for line in f if line.strip()]
-        except OSError as e:
-            raise UsageError(f"--prompt_path {args.prompt_path}: {e.strerror or e}") from None
-    return prompts
-
-
 def resolve_text_flags(args: argparse.Namespace, state_dict: dict, prompts: list, train_config: Optional[dict]) -> int:
     """A text model needs prompts and takes --text_encoder from the checkpoint; a class model refuses both. -> text_dim"""
     text_dim = state_dict["text_embedder.weight"].shape[1] if "text_embedder.weight" in state_dict else 0
@@ -93,71 +88,11 @@ def resolve_text_flags(args: argparse.Namespace, state_dict: dict, prompts: list
     return text_dim
 
 
-def slug(prompt: str, limit: int = 40) -> str:
-    """A file-name-safe short form of a prompt: "A red circle!" -> "a-red-circle"."""
-    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit].strip("-") or "empty"
-
-
-def denoise(
-    args: argparse.Namespace,
-    model: torch.nn.Module,
-    z: torch.Tensor,
-    y: Optional[torch.Tensor],
-    text: Optional[torch.Tensor] = None,
-    null_text: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Run the chosen sampler from noise z with labels y and/or pooled prompts text; when cfg_scale > 1, guide
-    against the null class and the empty prompt's embedding null_text (1, text_dim)."""
-    use_cfg = args.cfg_scale > 1.0
-    if use_cfg:
-        z = torch.cat([z, z], dim=0)
-        if y is not None:
-            y = torch.cat([y, torch.full_like(y, args.num_classes)], dim=0)  # the null class is num_classes
-        if text is not None:
-            text = torch.cat([text, null_text.expand_as(text)], dim=0)  # the null prompt is ""
-        model_kwargs = dict(y=y, text=text, cfg_scale=args.cfg_scale, cfg_channels=None if args.cfg_channels == "all" else 3)
-        model_fn = model.forward_with_cfg
-    else:
-        model_kwargs = dict(y=y, text=text)
-        model_fn = model.forward
-    if args.sampler == "ddpm":
-        diffusion = create_diffusion(str(args.num_sampling_steps), noise_schedule=args.noise_schedule)
-        samples = diffusion.p_sample_loop(model_fn, z.shape, z, clip_denoised=args.vae == "none", model_kwargs=model_kwargs, device=z.device, progress=True)
-    elif args.sampler == "ddim":
-        diffusion = create_diffusion(f"ddim{args.num_sampling_steps}", noise_schedule=args.noise_schedule)
-        samples = diffusion.ddim_sample_loop(model_fn, z.shape, z, clip_denoised=args.vae == "none", model_kwargs=model_kwargs, device=z.device, progress=True)
-    else:
-        diffusion = create_diffusion("", noise_schedule=args.noise_schedule)
-        samples = diffusion.dpm_solver_sample_loop(model_fn, z.shape, num_steps=args.num_sampling_steps, noise=z, model_kwargs=model_kwargs, device=z.device, progress=True)
-    return samples.chunk(2, dim=0)[0] if use_cfg else samples
-
-
-def conditions(args: argparse.Namespace, prompts: list, has_labels: bool) -> tuple:
-    """Per sample: its class label (None: the model has no label table) and its prompt index (None: a class model).
-
-    A class model samples each label; a text model samples each prompt, under each --labels class when given
-    (else under the null class, when it has a label table). Each condition is repeated --per_class times.
-    """
-    if not prompts:
-        pairs = [(label, None) for label in parse_labels(args.labels, args.num_classes)]
-    else:
-        labels = parse_labels(args.labels, args.num_classes) if args.labels is not None else [args.num_classes if has_labels else None]
-        pairs = [(label, j) for j in range(len(prompts)) for label in labels]
-    pairs = [pair for pair in pairs for _ in range(args.per_class)]
-    return [label for label, _ in pairs], [j for _, j in pairs]
-
-
-def file_stem(i: int, label: Optional[int], j: Optional[int], prompts: list, name_class: bool) -> str:
-    """0003-class5 (class models), 0003-prompt1-a-red-circle (text models), 0003-prompt1-class5-a-red-circle."""
-    parts = [f"{i:04d}"] + ([f"prompt{j}"] if j is not None else []) + ([f"class{label}"] if name_class else [])
-    return "-".join(parts + ([slug(prompts[j])] if j is not None else []))
-
-
 def setup_sequence_parallel(args: argparse.Namespace):
     """Join torchrun's process group for --sequence_parallel_size > 1 (None otherwise)."""
     if args.sequence_parallel_size == 1:
         return None
-    from opendit.utils.distributed import setup_distributed
+    from opendit.parallel.process import setup_distributed
 
     info = setup_distributed(args.device)
     if args.sequence_parallel_size != info.world_size:
@@ -197,10 +132,8 @@ def sample(args: argparse.Namespace) -> dict:
     config = model_config(args, vae, text_encoder)
     model = build_sampling_model(args, config, state_dict, device)
     if info:
-        from opendit.parallel import apply_sequence_parallel, build_mesh
-
         mesh = build_mesh(info.world_size, info.world_size, device.type)
-        apply_sequence_parallel(model, mesh.get_group("sp"), kind=args.sequence_parallel_type, overlap=False)  # plain collectives: faster on NVLink
+        parallelize(model, mesh, plugin=None, sequence_parallel_type=args.sequence_parallel_type, sequence_parallel_overlap=False)  # plain collectives: faster on NVLink
 
     labels, prompt_ids = conditions(args, prompts, model.y_embedder is not None)
     name_class = not prompts or args.labels is not None
@@ -242,42 +175,6 @@ def sample(args: argparse.Namespace) -> dict:
     return result
 
 
-def prompt_classes(prompts: list) -> list:
-    """For --check_fidelity on a text model: the shapes class each prompt names ("a red circle" -> "red circle")."""
-    from opendit.data.shapes import SHAPE_CLASSES
-
-    found = []
-    for prompt in prompts:
-        hits = [k for k, name in enumerate(SHAPE_CLASSES) if name in prompt.lower()]
-        if len(hits) != 1:
-            raise UsageError(f"--check_fidelity: prompt {prompt!r} names {len(hits)} shapes classes (need exactly one of {', '.join(SHAPE_CLASSES)}); or pass --labels")
-        found.append(hits[0])
-    return found
-
-
-def check_fidelity(samples: torch.Tensor, labels: list, use_video: bool, output: str) -> dict:
-    """Score samples with the shapes checker (it reads the pixels only) and write fidelity.json."""
-    from opendit.data.checker import ClassFidelityChecker
-    from opendit.data.shapes import SHAPE_CLASSES
-
-    if max(labels) >= len(SHAPE_CLASSES):
-        raise UsageError(f"--check_fidelity: labels must be shapes classes (0..{len(SHAPE_CLASSES) - 1})")
-    checker = ClassFidelityChecker(num_classes=len(SHAPE_CLASSES))
-    y = torch.tensor(labels)
-    if use_video:
-        extra = checker.score_video(samples, y)  # accuracy, frame_accuracy, motion_fraction
-        score = extra["accuracy"]
-    else:
-        score = checker.score(samples, y)
-        extra = {"per_class": checker.per_class(samples, y)}
-    right = round(score * len(labels))
-    print(f"class fidelity: {100 * score:.1f}% ({right}/{len(labels)} samples recognised as their class)")
-    result = {"fidelity": score, **extra}
-    with open(os.path.join(output, "fidelity.json"), "w") as f:
-        json.dump(result, f, indent=2, default=str)
-    return result
-
-
 def main(argv: Optional[list] = None) -> dict:
     args = get_parser().parse_args(argv)
     try:
@@ -288,7 +185,7 @@ def main(argv: Optional[list] = None) -> dict:
         print(f"error: --sequence_parallel_size {args.sequence_parallel_size}: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
-        from opendit.utils.distributed import cleanup
+        from opendit.parallel.process import cleanup
 
         cleanup()
 

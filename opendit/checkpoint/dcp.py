@@ -31,8 +31,10 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from opendit.utils.checkpoint import LATEST, CheckpointError, MANIFEST, STEP_PATTERN, TRAIN_STATE, rng_state, torch_load
-from opendit.utils.distributed import barrier
+from opendit.checkpoint.layout import LATEST, MANIFEST, STEP_PATTERN, TRAIN_STATE, rng_state
+from opendit.checkpoint.weights import torch_load
+from opendit.errors import CheckpointError
+from opendit.parallel.process import barrier
 
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)  # optimizer keys by parameter name: reshardable
 RNG_FILE = "rng-{:05d}.pt"  # one per rank

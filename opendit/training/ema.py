@@ -3,12 +3,8 @@ from typing import Dict
 
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import DTensor
 
-
-def local_shard(t: torch.Tensor) -> torch.Tensor:
-    """This rank's piece of a tensor: the local shard of a DTensor, the tensor itself otherwise."""
-    return t._local_tensor if isinstance(t, DTensor) else t
+from opendit.parallel.mesh import local_shard
 
 
 class ShardedEMA:

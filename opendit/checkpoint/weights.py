@@ -1,85 +1,20 @@
-"""Finding checkpoints, RNG state, and weight loading for sampling (never runs pickled code).
+"""Weights for sampling and export, on one process, from every accepted format (never runs pickled code).
 
-Training checkpoints are DCP folders written by opendit/distributed/checkpoint.py (layout there).
+Accepted: a training checkpoint (step folder or experiment folder: the DCP shards, the EMA by default), an export
+folder or its model.safetensors, an official DiT .pt (a plain state dict), or a .pt with an "ema"/"model" entry.
 """
 import json
 import os
-import random
 from typing import Any, Dict, Optional
 
-import numpy as np
 import torch
 
-LATEST = "latest"
-MANIFEST = "manifest.json"
-TRAIN_STATE = "train_state.pt"
-STEP_PATTERN = r"step-\d{7}"
-EXPORT_WEIGHTS, EXPORT_CONFIG = "model.safetensors", "config.json"
+from opendit.checkpoint.layout import EXPORT_CONFIG, EXPORT_WEIGHTS, TRAIN_STATE, resolve_checkpoint_dir
+from opendit.errors import CheckpointError
+
 OFFICIAL_DIT_CHECKPOINTS = {"DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt"}
+
 OFFICIAL_DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/{}"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint path that cannot be used; the message is one line naming it."""
-
-
-# --- random number generator state -------------------------------------------------------------
-def rng_state() -> Dict[str, Any]:
-    """Every RNG this process draws from, in a form torch.load(weights_only=True) accepts."""
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()  # this process's device only (one GPU per rank)
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-# --- finding and loading -----------------------------------------------------------------------
-def is_checkpoint_folder(path: str) -> bool:
-    """A step folder (finished or not): what --load accepts directly; completeness is checked when loading."""
-    return os.path.isdir(path) and (any(os.path.exists(os.path.join(path, f)) for f in (MANIFEST, TRAIN_STATE, ".metadata")) or ".step-" in os.path.basename(path))
-
-
-def _pointed(folder: str) -> Optional[str]:
-    """The checkpoint that {folder}/latest names, or None when there is no such pointer."""
-    pointer = os.path.join(folder, LATEST)
-    if not os.path.isfile(pointer):
-        return None
-    with open(pointer) as f:
-        return os.path.join(folder, f.read().strip())
-
-
-def latest_checkpoint(experiment_dir: str) -> Optional[str]:
-    """The checkpoint that {experiment_dir}/checkpoints/latest names, or None when there is none yet."""
-    return _pointed(os.path.join(experiment_dir, "checkpoints"))
-
-
-def resolve_checkpoint_dir(path: str) -> str:
-    """An experiment folder, its checkpoints/ folder or one checkpoint folder -> that checkpoint folder."""
-    if is_checkpoint_folder(path):
-        return path
-    found = latest_checkpoint(path) or _pointed(path)
-    if found:
-        return found
-    raise CheckpointError(f"{path}: not a checkpoint folder and no checkpoints/{LATEST} inside")
-
-
-def experiment_dir_of(checkpoint_dir: str) -> str:
-    """checkpoints/{name} -> the experiment folder above it."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_dir)))
 
 
 def torch_load(path: str) -> Any:
@@ -138,7 +73,7 @@ def load_model_weights(path: str, use_ema: bool = True) -> tuple[Dict[str, torch
     if path.endswith(".safetensors"):
         return _load_safetensors(path)
     if os.path.isdir(path):
-        from opendit.distributed.checkpoint import read_tensors
+        from opendit.checkpoint.dcp import read_tensors
 
         folder = resolve_checkpoint_dir(path)
         weights = read_tensors(folder, "ema" if use_ema else "model")  # verifies the folder first

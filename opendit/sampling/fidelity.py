@@ -1,0 +1,30 @@
+"""--check_fidelity: score samples with the built-in shapes checker, which reads the pixels only."""
+import json
+import os
+
+import torch
+
+from opendit.errors import UsageError
+
+
+def check_fidelity(samples: torch.Tensor, labels: list, use_video: bool, output: str) -> dict:
+    """Score samples with the shapes checker (it reads the pixels only) and write fidelity.json."""
+    from opendit.data.checker import ClassFidelityChecker
+    from opendit.data.shapes import SHAPE_CLASSES
+
+    if max(labels) >= len(SHAPE_CLASSES):
+        raise UsageError(f"--check_fidelity: labels must be shapes classes (0..{len(SHAPE_CLASSES) - 1})")
+    checker = ClassFidelityChecker(num_classes=len(SHAPE_CLASSES))
+    y = torch.tensor(labels)
+    if use_video:
+        extra = checker.score_video(samples, y)  # accuracy, frame_accuracy, motion_fraction
+        score = extra["accuracy"]
+    else:
+        score = checker.score(samples, y)
+        extra = {"per_class": checker.per_class(samples, y)}
+    right = round(score * len(labels))
+    print(f"class fidelity: {100 * score:.1f}% ({right}/{len(labels)} samples recognised as their class)")
+    result = {"fidelity": score, **extra}
+    with open(os.path.join(output, "fidelity.json"), "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    return result

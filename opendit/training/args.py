@@ -1,0 +1,95 @@
+"""train.py's flags (OpenDiT's names and defaults, then additions) and the checks that refuse bad ones in one line."""
+import argparse
+
+import torch
+
+from opendit.builders import check_model_flags
+from opendit.errors import UsageError
+from opendit.parallel.parallelize import BLOCKS_PER_UNIT, PLUGINS
+from opendit.training.experiment import restarted_by_torchrun
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # OpenDiT's flags, same names and defaults.
+    parser.add_argument("--model", type=str, default="DiT-XL/2", help="registry name, e.g. DiT-XL/2 or VDiT-XL/1x2x2")
+    parser.add_argument("--vae", type=str, default="ema", help="ema | mse (Stable Diffusion VAEs) | none (pixel space) | a local path or hub id")
+    parser.add_argument("--use_video", action="store_true", help="train a video model (VDiT) on clips")
+    parser.add_argument("--plugin", type=str, default="zero2", help="zero2 | zero3 (FSDP2: sharded optimizer, gradients, EMA; zero3 also parameters) | ddp; one process trains unwrapped")
+    parser.add_argument("--outputs", type=str, default="./outputs", help="parent folder of the experiment folders")
+    parser.add_argument("--load", type=str, default=None, help="resume from a checkpoint folder or an experiment folder (its latest checkpoint); auto: --experiment_dir's latest, if any")
+    parser.add_argument("--num_frames", type=int, default=16, help="frames per clip (video)")
+    parser.add_argument("--frame_interval", type=int, default=1, help="temporal stride between sampled frames (video)")
+    parser.add_argument("--text_encoder", type=str, default="openai/clip-vit-base-patch32", help="CLIP text encoder (hub id or folder) for captioned data; sample.py reuses it")
+    parser.add_argument("--data_path", type=str, default="./datasets", help="dataset location; when it does not exist the built-in shapes data is used")
+    parser.add_argument("--image_size", type=int, default=256, help="image side in pixels")
+    parser.add_argument("--num_classes", type=int, default=1000, help="size of the class-label table (unlabelled data: none is built)")
+    parser.add_argument("--epochs", type=int, default=1400)
+    parser.add_argument("--batch_size", type=int, default=2, help="per data-parallel rank")
+    parser.add_argument("--global_seed", type=int, default=42, help="rank r seeds with global_seed * world_size + r")
+    parser.add_argument("--num_workers", type=int, default=4, help="DataLoader worker processes")
+    parser.add_argument("--log_every", type=int, default=10, help="log loss and speed every N steps")
+    parser.add_argument("--ckpt_every", type=int, default=1000, help="checkpoint every N steps (<= 0: only at the end)")
+    parser.add_argument("--mixed_precision", type=str, default="bf16", choices=list(PRECISIONS), help="autocast dtype; weights, optimizer and EMA stay fp32")
+    parser.add_argument("--grad_clip", type=float, default=1.0, help="max global gradient norm (<= 0 disables)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    parser.add_argument("--grad_checkpoint", action="store_true", help="activation checkpointing per transformer block")
+    parser.add_argument("--enable_modulate_kernel", action="store_true", help="Triton fused LayerNorm + modulate (adaLN) in every block and the final layer")
+    parser.add_argument("--enable_layernorm_kernel", action="store_true", help="same fused kernel (our LayerNorm is fused with the modulation)")
+    parser.add_argument("--enable_flashattn", action="store_true", help="attention on the fused GPU kernels only (cuDNN/flash; bf16/fp16)")
+    parser.add_argument("--sequence_parallel_size", type=int, default=1, help="sequence-parallel group size")
+    parser.add_argument("--sequence_parallel_type", type=str, default=None, help="fastseq (longseq) | ulysses")
+    parser.add_argument("--sequence_parallel_overlap", type=str, default="off", choices=["on", "off"], help="FastSeq: overlap the AllGather with the qkv GEMM through an async ring (measured slower on one NVLink host, see docs/benchmarks.md)")
+    # Additions.
+    parser.add_argument("--dataset_size", type=int, default=10000, help="items per epoch of the built-in shapes data")
+    parser.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps (default: run all epochs)")
+    parser.add_argument("--depth", type=int, default=None, help="override the registry model's depth (small experiments)")
+    parser.add_argument("--hidden_size", type=int, default=None, help="override the registry model's hidden size")
+    parser.add_argument("--num_heads", type=int, default=None, help="override the registry model's number of heads")
+    parser.add_argument("--noise_schedule", type=str, default="linear", choices=["linear", "squaredcos_cap_v2"], help="beta schedule (DiT: linear)")
+    parser.add_argument("--lr_schedule", type=str, default="constant", choices=["constant", "cosine"], help="constant (DiT) or cosine decay to 0 at the last step")
+    parser.add_argument("--lr_warmup_steps", type=int, default=0, help="linear learning-rate warmup steps")
+    parser.add_argument("--ema_decay", type=float, default=0.9999)
+    parser.add_argument("--weight_decay", type=float, default=0.0)
+    parser.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"])
+    # Data (opendit/data/build.py).
+    parser.add_argument("--dataset", type=str, default="auto", choices=["auto", "shapes", "folder", "cifar10", "csv", "latents"], help="auto: shapes when --data_path does not exist, else inferred from it (a .csv, a latent cache, CIFAR-10's folder, a class folder)")
+    parser.add_argument("--on_bad_sample", type=str, default="skip", choices=["skip", "error"], help="an unreadable image or video: replace it by another item and log the count, or stop")
+    parser.add_argument("--short_video", type=str, default="loop", choices=["loop", "skip"], help="a video shorter than the clip: shrink the stride, then loop it; or skip it as a bad sample")
+    parser.add_argument("--captions", type=str, default="auto", choices=["auto", "on", "off"], help="condition on captions with --text_encoder: auto (CSV data and captioned latent caches), on (shapes too), off")
+    # Distributed engine.
+    parser.add_argument("--experiment_dir", type=str, default=None, help="use this experiment folder instead of a new {outputs}/NNN-model (restart-safe with --load auto)")
+    parser.add_argument("--ckpt_keep", type=int, default=3, help="keep the newest K checkpoints (<= 0: keep all)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    parser.add_argument("--fsdp_blocks_per_unit", type=int, default=BLOCKS_PER_UNIT, help="zero2/zero3: blocks gathered and reduced together (fewer units: less FSDP2 CPU time per step)")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="per-GPU peak for MFU (default: 989 for bf16/fp16 on H100/H200, else no MFU)")
+    return parser
+
+
+def check_flags(args: argparse.Namespace, world_size: int) -> None:
+    """Refuse, in one line, flags whose feature is not in this version or that contradict each other."""
+    if args.sequence_parallel_size < 1 or world_size % args.sequence_parallel_size:
+        raise UsageError(f"--sequence_parallel_size {args.sequence_parallel_size}: must divide the {world_size} processes")
+    if args.plugin not in PLUGINS:
+        raise UsageError(f"--plugin {args.plugin}: choose zero2, zero3 or ddp")
+    if args.load == "auto" and args.experiment_dir is None and not restarted_by_torchrun():
+        raise UsageError("--load auto needs --experiment_dir (the folder whose latest checkpoint to resume)")
+    if args.sequence_parallel_type not in (None, "fastseq", "longseq", "ulysses"):
+        raise UsageError(f"--sequence_parallel_type {args.sequence_parallel_type}: choose fastseq (longseq) or ulysses")
+    for flag in ("batch_size", "epochs", "num_frames", "frame_interval", "log_every", "dataset_size", "fsdp_blocks_per_unit"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if args.num_classes < 0:
+        raise UsageError(f"--num_classes {args.num_classes}: must be at least 0 (0: no class labels)")
+    if args.lr_warmup_steps < 0:
+        raise UsageError(f"--lr_warmup_steps {args.lr_warmup_steps}: must be at least 0")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UsageError(f"--max_steps {args.max_steps}: must be at least 1")
+    if args.enable_flashattn and (args.mixed_precision == "fp32" or args.device == "cpu" or not torch.cuda.is_available()):
+        raise UsageError("--enable_flashattn needs a CUDA GPU and --mixed_precision bf16 or fp16")
+    if args.mixed_precision == "fp16" and args.device == "cpu":
+        raise UsageError("--mixed_precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
+    check_model_flags(args.model, args.image_size, args.vae, args.use_video)

@@ -1,0 +1,85 @@
+"""Experiment folders: a new {outputs}/NNN-model, the one a restarted torchrun job made, and which checkpoint to resume."""
+import argparse
+import json
+import os
+from typing import Optional
+
+import torch.distributed as dist
+
+from opendit.checkpoint.layout import experiment_dir_of, latest_checkpoint, resolve_checkpoint_dir
+from opendit.errors import UsageError
+from opendit.parallel.process import barrier
+from opendit.utils.logging import create_logger
+
+
+def restarted_by_torchrun() -> bool:
+    """True in the workers torchrun started again after a failure (--max-restarts)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def new_experiment_dir(outputs: str, model: str) -> str:
+    """{outputs}/{NNN}-{model with '/' -> '-'}, NNN = number of entries already there."""
+    os.makedirs(outputs, exist_ok=True)
+    index = len(os.listdir(outputs))
+    while True:
+        path = os.path.join(outputs, f"{index:03d}-{model.replace('/', '-')}")
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            index += 1
+
+
+def run_experiment_dir(outputs: str) -> Optional[str]:
+    """The experiment folder this torchrun job made before it was restarted (config.json records the run id)."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    for name in sorted(os.listdir(outputs)) if run_id and os.path.isdir(outputs) else []:
+        try:
+            with open(os.path.join(outputs, name, "config.json")) as f:
+                if json.load(f).get("run_id") == run_id:
+                    return os.path.join(outputs, name)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def resume_dir_for(args: argparse.Namespace) -> Optional[str]:
+    """The checkpoint to resume: --load's; with --load auto, or when torchrun restarted this job after a failure,
+    the newest checkpoint of the run's experiment folder (none yet: start fresh)."""
+    loaded = resolve_checkpoint_dir(args.load) if args.load not in (None, "auto") else None
+    if args.load == "auto" or restarted_by_torchrun():
+        experiment = args.experiment_dir or (experiment_dir_of(loaded) if loaded else None) or run_experiment_dir(args.outputs)
+        return (latest_checkpoint(experiment) if experiment else None) or loaded
+    if loaded is None and args.experiment_dir and latest_checkpoint(args.experiment_dir):
+        raise UsageError(f"--experiment_dir {args.experiment_dir} already holds checkpoints: add --load auto to resume")
+    return loaded
+
+
+def broadcast_str(value: Optional[str]) -> str:
+    if dist.is_initialized():
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
+
+
+def choose_experiment_dir(args: argparse.Namespace, resume_dir: Optional[str], is_main: bool) -> str:
+    """The resumed checkpoint's experiment folder; else, chosen by rank 0: --experiment_dir, the folder of this run
+    before a torchrun restart, or a new {outputs}/NNN-model."""
+    if resume_dir:
+        return experiment_dir_of(resume_dir)
+    choice = (args.experiment_dir or (restarted_by_torchrun() and run_experiment_dir(args.outputs)) or new_experiment_dir(args.outputs, args.model)) if is_main else None
+    return broadcast_str(choice)
+
+
+def open_experiment(args: argparse.Namespace, resume_dir: Optional[str], info) -> tuple:
+    """Make (or reuse) the experiment folder and its checkpoints/ folder; returns (folder, logger)."""
+    experiment_dir = choose_experiment_dir(args, resume_dir, info.is_main)
+    if info.is_main:
+        os.makedirs(os.path.join(experiment_dir, "checkpoints"), exist_ok=True)
+    barrier()
+    logger = create_logger(experiment_dir, info.is_main)
+    logger.info(f"Experiment folder: {experiment_dir}  (world size {info.world_size}, device {info.device})")
+    if args.dataset == "auto" and not os.path.exists(args.data_path):
+        logger.info(f"--data_path {args.data_path} does not exist: training on the built-in shapes data")
+    return experiment_dir, logger

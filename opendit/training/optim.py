@@ -1,0 +1,56 @@
+"""The optimizer step: AdamW on local shards, gradient clipping, fp16 loss scaling and the learning-rate schedule."""
+import math
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from opendit.parallel.mesh import local_shard
+
+
+class ShardedAdamW(torch.optim.AdamW):
+    """torch.optim.AdamW with the same state (moments shaped and sharded like the parameters: what DCP saves and
+    loads), whose update runs on the local shards: the DTensor path dispatches every parameter separately, which
+    cost ~77 ms of CPU per DiT-XL/2 step (docs/benchmarks.md). Plain tensors pass through unchanged."""
+
+    def _init_group(self, group, *tensor_lists):
+        has_complex = super()._init_group(group, *tensor_lists)  # creates state on first use, fills the lists
+        for tensors in tensor_lists:  # params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
+            tensors[:] = [local_shard(t) for t in tensors]
+        return has_complex
+
+
+def lr_factor(schedule: str, warmup_steps: int, max_steps: int, step: int) -> float:
+    """Multiplier of --lr at a step: linear warmup, then constant or cosine decay to 0 at max_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+@torch.no_grad()
+def clip_grad_norm(params: list, max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ that, for FSDP2 (DTensor) gradients, works on the local shards with one all-reduce of the
+    squared norm (the DTensor path dispatches every tensor separately and cost tens of ms per step)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or not isinstance(grads[0], DTensor):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    local = [local_shard(g) for g in grads]
+    total = torch.stack(torch._foreach_norm(local, 2.0)).square().sum()  # sum over this rank's shards of |g|^2
+    dist.all_reduce(total, group=grads[0].device_mesh.get_group())
+    total = total.sqrt()
+    torch._foreach_mul_(local, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    return total
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list, grad_clip: float) -> tuple:
+    """Unscale, clip and step; returns (gradient norm, skipped). An fp16 step whose gradients overflowed anywhere is
+    skipped on every rank (the DTensor found-inf check is all-reduced) and the loss scale shrinks."""
+    scaler.unscale_(optimizer)
+    grad_norm = clip_grad_norm(params, grad_clip if grad_clip > 0 else math.inf)
+    scale = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(optimizer)
+    scaler.update()
+    return grad_norm, scale is not None and scaler.get_scale() < scale

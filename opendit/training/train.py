@@ -1,0 +1,161 @@
+"""Train a DiT or VDiT: `python train.py ...` on one process, or `torchrun ... train.py --plugin zero2|zero3|ddp ...`."""
+import argparse
+import json
+import os
+import random
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from opendit.builders import build_model, model_config
+from opendit.checkpoint.dcp import load_checkpoint, read_train_state, save_checkpoint
+from opendit.checkpoint.layout import set_rng_state
+from opendit.data import build_dataset, prepare_batch, text_encoder_for
+from opendit.encoders import load_vae
+from opendit.errors import UsageError, run_or_exit
+from opendit.parallel import build_mesh, parallelize
+from opendit.parallel.process import cleanup, setup_distributed
+from opendit.training.args import PRECISIONS, check_flags, get_parser
+from opendit.training.experiment import open_experiment, restarted_by_torchrun, resume_dir_for
+from opendit.training.metrics import Meter, MetricsWriter, log_line, peak_tflops
+from opendit.training.sampler import ResumableSampler
+from opendit.training.step import TrainStep, build_train_step
+from opendit.utils.flops import train_flops_per_sample
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_flush_denormal(True)  # CPU: denormal floats (from zero-initialised layers) are ~10x slower
+
+
+def maybe_fail(step: int, rank: int) -> None:
+    """Test hook: OPENDIT_TEST_KILL=RANK:STEP kills that rank after that step, on the first attempt only."""
+    spec = os.environ.get("OPENDIT_TEST_KILL")
+    if spec and not restarted_by_torchrun() and spec == f"{rank}:{step}":
+        os._exit(17)
+
+
+def build_loader(args: argparse.Namespace, dataset, mesh, seed: int, device: torch.device) -> tuple:
+    """The DataLoader over this dp rank's share of each epoch, and its resumable sampler."""
+    sampler = ResumableSampler(dataset, num_replicas=mesh.dp_size, rank=mesh.dp_rank, shuffle=True, seed=args.global_seed, drop_last=True)
+    generator = torch.Generator().manual_seed(seed)  # keeps the global RNG untouched, so resume is exact
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True, generator=generator)
+    if len(sampler) // args.batch_size == 0:
+        raise UsageError(f"--batch_size {args.batch_size}: larger than the {len(sampler)} items each rank gets per epoch")
+    return loader, sampler
+
+
+def train(args: argparse.Namespace) -> None:
+    # Set-up. Everything that can fail on user input comes before the experiment folder is made.
+    info = setup_distributed(args.device)
+    device = info.device
+    check_flags(args, info.world_size)
+    for flag in ("vae", "text_encoder"):  # local model folders are stored absolute, so sample.py finds them from anywhere
+        if getattr(args, flag) not in ("none", "ema", "mse") and os.path.exists(getattr(args, flag)):
+            setattr(args, flag, os.path.abspath(getattr(args, flag)))
+    mesh = build_mesh(info.world_size, args.sequence_parallel_size, device.type)
+    seed = args.global_seed * mesh.dp_size + mesh.dp_rank  # data-parallel ranks draw different t and noise; sp peers the same
+    seed_everything(seed)
+    resume_dir = resume_dir_for(args)
+    resume_state = read_train_state(resume_dir) if resume_dir else None
+    dataset = build_dataset(args, train=True)  # the built-in shapes when --data_path does not exist
+    if dataset.num_classes == 0:  # unlabelled data (captions only): no label table, which would never get a gradient
+        args.num_classes = 0
+    vae = load_vae(args.vae, device)
+    text_encoder = text_encoder_for(args, dataset, device)  # captions -> pooled CLIP (--captions); None without
+    config = model_config(args, vae, text_encoder)
+    if resume_state is not None and resume_state["config"]["model"] != config:
+        raise UsageError(f"--load {resume_dir}: checkpoint model {resume_state['config']['model']} differs from the flags' {config}")
+    model = build_model(config).to(device)
+    loader, sampler = build_loader(args, dataset, mesh, seed, device)
+    max_steps = args.max_steps or args.epochs * (len(sampler) // args.batch_size)
+
+    experiment_dir, logger = open_experiment(args, resume_dir, info)
+    logger.info(f"{args.model} parameters: {sum(p.numel() for p in model.parameters()):,}  config: {config}  parallelism: {mesh.describe(args.plugin)}, {args.mixed_precision}")
+    logger.info(f"Dataset: {type(dataset).__name__} with {len(dataset):,} items, {len(sampler) // args.batch_size} steps per epoch")
+    flops_per_image = train_flops_per_sample(model)
+    train_model = parallelize(
+        model, mesh, plugin=args.plugin, param_dtype=PRECISIONS[args.mixed_precision], blocks_per_unit=args.fsdp_blocks_per_unit,
+        fused_adaln=args.enable_modulate_kernel or args.enable_layernorm_kernel, flash_attention=args.enable_flashattn,
+        grad_checkpoint=args.grad_checkpoint, compile=args.compile,
+        sequence_parallel_type=args.sequence_parallel_type, sequence_parallel_overlap=args.sequence_parallel_overlap == "on",
+    )  # fmt: skip
+    train_step = build_train_step(args, model, train_model, mesh, max_steps)
+    if info.is_main:
+        with open(os.path.join(experiment_dir, "config.json"), "w") as f:
+            json.dump({"args": vars(args), "model": config, "run_id": os.environ.get("TORCHELASTIC_RUN_ID")}, f, indent=2)
+    step, epoch, consumed = resume(resume_dir, resume_state, model, train_step, info.world_size, logger) if resume_dir else (0, 0, 0)
+    if step >= max_steps:
+        logger.info(f"Nothing to do: step {step} >= {max_steps}")
+    last_saved = step if resume_dir else -1
+    train_model.train()  # enables label dropout for classifier-free guidance
+
+    def checkpoint() -> None:
+        train_state = {"step": step, "epoch": epoch, "consumed": consumed, "world_size": info.world_size, "dp_size": mesh.dp_size, "config": {"model": config, "args": vars(args)}}
+        path = save_checkpoint(os.path.join(experiment_dir, "checkpoints"), step, model, train_step.optimizer, train_step.ema, {**train_state, **train_step.state_dict()}, keep=args.ckpt_keep)
+        logger.info(f"Saved checkpoint to {path}")
+
+    # Loop:
+    metrics = MetricsWriter(experiment_dir, info.is_main)
+    meter = Meter(device, args.batch_size * mesh.dp_size, info.world_size, flops_per_image, peak_tflops(args, device))
+    progress = tqdm(total=max_steps, initial=step, disable=not info.is_main or None, desc="train", dynamic_ncols=True)
+    while step < max_steps and epoch < args.epochs:
+        for batch in sampler.resume_epoch(loader, epoch, consumed):
+            # Step:
+            x, model_kwargs = prepare_batch(batch, vae, text_encoder, device, train=True)  # latents; y and/or text
+            result = train_step(x, model_kwargs)
+            if result.skipped:
+                logger.info(f"(step={step + 1:07d}) fp16 gradient overflow: step skipped, loss scale now {train_step.scaler.get_scale():g}")
+            step, consumed = step + 1, consumed + args.batch_size * mesh.dp_size
+            maybe_fail(step, info.rank)
+            meter.add(result.loss_dict)
+            progress.update(1)
+            # Log:
+            if step % args.log_every == 0 or step == max_steps:
+                record = {**meter.record(step, epoch, result.grad_norm, result.lr), **train_step.scaler_metrics()}
+                logger.info(log_line(record))
+                progress.set_postfix(loss=f"{record['loss']:.4f}")
+                metrics.write(record)
+            # Checkpoint:
+            if args.ckpt_every > 0 and step % args.ckpt_every == 0:
+                checkpoint()
+                last_saved = step
+            if step >= max_steps:
+                break
+        else:
+            epoch, consumed = epoch + 1, 0
+    if last_saved != step:
+        checkpoint()
+    progress.close()
+    metrics.close()
+    logger.info("Done!")
+    cleanup()
+
+
+def resume(resume_dir: str, resume_state: dict, model: torch.nn.Module, train_step: TrainStep, world_size: int, logger) -> tuple:
+    """Load a checkpoint into the (parallelized) model, optimizer, EMA, scaler and LR schedule, and the RNG when the
+    world size is unchanged. Returns (step, epoch, items of that epoch consumed by all dp ranks)."""
+    rng = load_checkpoint(resume_dir, model, train_step.optimizer, train_step.ema)  # DCP reshards model, optimizer and EMA to this run's layout
+    train_step.load_state_dict(resume_state)
+    if resume_state["world_size"] != world_size or rng is None:
+        logger.info(f"Resuming on {world_size} processes from a run on {resume_state['world_size']}: the RNG restarts")
+    else:
+        set_rng_state(rng)
+    step, epoch, consumed = resume_state["step"], resume_state["epoch"], resume_state["consumed"]
+    logger.info(f"Resumed from {resume_dir} at step {step} (epoch {epoch}, {consumed} of its items done)")
+    return step, epoch, consumed
+
+
+def main(argv: Optional[list] = None) -> None:
+    run_or_exit(train, get_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
