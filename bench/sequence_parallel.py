@@ -18,6 +18,16 @@ forward + backward (input, condition and weight gradients), on the local shard o
 --e2e_tokens adds a full training step of VDiT-XL/1x2x2 (28 blocks, latents 4 x frames x 32 x 32: 256 tokens a
 frame) per mode: DiT's hybrid loss, backward, the sp gradient sum, clipping and AdamW. sp=1 runs on rank 0; an
 out-of-memory there is reported as OOM.
+
+--model latte times one Latte-XL block pair (a spatial then a temporal block, hidden 1152, 16 heads) in its steady
+state, fwd+bwd under bf16 autocast, at 256 px (latents 32 x 32, patch 2: 256 positions a frame) for --frames:
+    dsp        shard of t/sp frames; all-to-all to s/sp positions, temporal block, all-to-all back, spatial block
+    ulysses    shard of s/sp positions throughout; Ulysses attention in the spatial block, temporal block local
+    sp=1       the pair on the full sequence on rank 0 alone
+with the all-to-alls per pair (fwd+bwd) and the bytes each rank sends in them (counted on the collectives).
+
+    torchrun --standalone --nproc_per_node N bench/sequence_parallel.py --model latte [--frames 16,32,64]
+    torchrun --standalone --nproc_per_node 2 bench/sequence_parallel.py --model latte --tiny   # CPU + gloo
 """
 import argparse
 import contextlib
@@ -33,8 +43,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from opendit.diffusion import create_diffusion  # noqa: E402
 from opendit.models import VDiT_models  # noqa: E402
 from opendit.models.blocks import DiTBlock  # noqa: E402
+from opendit.models.latte import LatteBlock  # noqa: E402
 from opendit.parallel import apply_sequence_parallel, build_mesh, collectives, sp_all_reduce_grads  # noqa: E402
 from opendit.parallel.attention import FastSeqAttention, UlyssesAttention  # noqa: E402
+from opendit.parallel.dsp import frames_to_positions, positions_to_frames  # noqa: E402
 from opendit.parallel.parallelize import enable_fast_attention, enable_grad_checkpointing  # noqa: E402
 from opendit.parallel.process import setup_distributed  # noqa: E402
 from timing import timed  # noqa: E402  (bench/timing.py)
@@ -53,11 +65,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--e2e_tokens", type=int, default=16384, help="tokens of the end-to-end training step (0: skip)")
     p.add_argument("--e2e_steps", type=int, default=5)
     p.add_argument("--grad_checkpoint", action="store_true", help="end-to-end: recompute each block in the backward")
+    p.add_argument("--model", choices=("vdit", "latte"), default="vdit", help="latte: DSP vs Ulysses on a Latte block pair")
+    p.add_argument("--frames", default="16,32,64", help="--model latte: comma-separated latent frame counts")
+    p.add_argument("--latent", type=int, default=32, help="--model latte: latent height = width (patch 2)")
     p.add_argument("--tiny", action="store_true", help="hidden 64, 4 heads, 64-256 tokens, 2 blocks, on the CPU with gloo")
     args = p.parse_args()
     if args.tiny:
         args.tokens, args.hidden_size, args.num_heads, args.iters, args.warmup = "64,256", 64, 4, 3, 1
         args.e2e_tokens, args.e2e_steps = min(args.e2e_tokens, 64), 2
+        args.frames, args.latent = "4,8", 8
     return args
 
 
@@ -237,6 +253,86 @@ def run_e2e(args, device, dtype, tokens, sp_group, sp_mode):
     return seconds, peak
 
 
+# --- Latte block pair: DSP vs Ulysses ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def counting_all_to_all(group):
+    """Count the all-to-alls and the bytes this rank sends in them ((s - 1) / s of each buffer)."""
+    s, saved, seen = dist.get_world_size(group), collectives.all_to_all, {"calls": 0, "bytes": 0}
+
+    def counted(x, group_):
+        seen["calls"] += 1
+        seen["bytes"] += x.numel() * x.element_size() * (s - 1) // s
+        return saved(x, group_)
+
+    collectives.all_to_all = counted
+    try:
+        yield seen
+    finally:
+        collectives.all_to_all = saved
+
+
+def latte_pair_step(spatial: LatteBlock, temporal: LatteBlock, mode: str, x, c, grad, dtype, group):
+    """One fwd+bwd of the pair on this rank's shard: dsp enters in the frames layout, ulysses / sp=1 run as given."""
+
+    def step():
+        spatial.zero_grad(set_to_none=True)
+        temporal.zero_grad(set_to_none=True)
+        x.grad = c.grad = None
+        with torch.autocast(x.device.type, dtype=dtype):
+            if mode == "dsp":  # (N, t/p, s, D) -> (N, t, s/p, D) -> temporal -> back -> spatial
+                out = spatial(positions_to_frames(temporal(frames_to_positions(x, group), c), group), c)
+            else:  # (N, t, s/p, D) throughout (sp=1: the full (N, t, s, D))
+                out = temporal(spatial(x, c), c)
+        out.backward(grad)
+
+    return step
+
+
+def bench_latte(args, device, dtype, sp_group, rank) -> list:
+    """Rows (frames, tokens, mode, all-to-alls, MB sent per rank, pair seconds) per frame count and mode."""
+    p, D, H = dist.get_world_size(sp_group), args.hidden_size, args.num_heads
+    s = (args.latent // 2) ** 2
+    rows = []
+    for frames in [int(v) for v in args.frames.split(",")]:
+        torch.manual_seed(0)
+        spatial, temporal = LatteBlock(D, H).to(device), LatteBlock(D, H).to(device)
+        temporal.kind = "temporal"
+        if device.type == "cuda":
+            enable_fast_attention(spatial), enable_fast_attention(temporal)
+        c = torch.randn(1, D, device=device, requires_grad=True)
+        if rank == 0:
+            x, grad = torch.randn(1, frames, s, D, device=device, requires_grad=True), torch.randn(1, frames, s, D, device=device)
+            seconds = timed(latte_pair_step(spatial, temporal, "sp=1", x, c, grad, dtype, None), args.iters, device, warmup=args.warmup)
+            rows.append((frames, frames * s, "sp=1 (rank 0)", 0, 0.0, seconds))
+            del x, grad
+        dist.barrier()
+        for mode in ("dsp", "ulysses"):
+            shape = (1, frames // p, s, D) if mode == "dsp" else (1, frames, s // p, D)
+            x, grad = torch.randn(shape, device=device, requires_grad=True), torch.randn(shape, device=device)
+            spatial_mode = copy.deepcopy(spatial)
+            if mode == "ulysses":
+                UlyssesAttention.convert(spatial_mode.attn, sp_group)
+            step = latte_pair_step(spatial_mode, temporal, mode, x, c, grad, dtype, sp_group)
+            with counting_all_to_all(sp_group) as seen:
+                step()
+            seconds = timed(step, args.iters, device, sp_group, args.warmup)
+            rows.append((frames, frames * s, mode, seen["calls"], seen["bytes"] / 2**20, seconds))
+            del x, grad, spatial_mode, step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def print_latte(rows, args, sp_size, name) -> None:
+    print(f"\n## Latte block pair (spatial + temporal, hidden {args.hidden_size}, {args.num_heads} heads), fwd+bwd, bf16, "
+          f"{(args.latent // 2) ** 2} positions a frame, sp = {sp_size}, {name}\n")
+    print("| frames | tokens | mode | all-to-alls | MB sent per rank | pair ms | speedup vs sp=1 |")
+    print("|---|---|---|---|---|---|---|")
+    sp1 = {frames: seconds for frames, _, mode, _, _, seconds in rows if mode.startswith("sp=1")}
+    for frames, tokens, mode, calls, mb, seconds in rows:
+        print(f"| {frames} | {tokens} | {mode} | {calls} | {mb:.3f} | {1e3 * seconds:.2f} | {sp1[frames] / seconds:.2f}x |")
+
+
 # --- main -------------------------------------------------------------------------------------------------------
 def main() -> None:
     args = parse_args()
@@ -251,6 +347,14 @@ def main() -> None:
     sp_group = mesh.sp_group
     dtype = torch.bfloat16
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (gloo)"
+
+    if args.model == "latte":
+        rows = bench_latte(args, device, dtype, sp_group, rank)
+        if rank == 0:
+            print_latte(rows, args, sp_size, name)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
 
     rows = bench_layers(args, device, dtype, sp_group, rank)
     if rank == 0:

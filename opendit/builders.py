@@ -4,15 +4,14 @@ from typing import Any, Dict
 import torch
 
 from opendit.errors import UsageError
-from opendit.models import DiT_models, is_video_model
+from opendit.models import DiT_models, is_video_model, spatial_patch
 
 KNOWN_VAE_DOWNSAMPLE = {"none": 1, "ema": 8, "mse": 8}
 
 
 def patch_hw(model_name: str) -> int:
     """The spatial patch size of a registry model (2, 4 or 8)."""
-    tail = model_name.split("/")[-1]
-    return int(tail.split("x")[-1])
+    return spatial_patch(model_name)
 
 
 def check_model_flags(model: str, image_size: int, vae: str, use_video: bool) -> None:
@@ -22,7 +21,7 @@ def check_model_flags(model: str, image_size: int, vae: str, use_video: bool) ->
     if is_video_model(model) and not use_video:
         raise UsageError(f"--model {model} is a video model: add --use_video")
     if use_video and not is_video_model(model):
-        raise UsageError(f"--use_video needs a video model (VDiT-*), not --model {model}")
+        raise UsageError(f"--use_video needs a video model (VDiT-*, Latte-*, vDiT-*/222), not --model {model}")
     if image_size <= 0:
         raise UsageError(f"--image_size {image_size}: must be positive")
     if vae in KNOWN_VAE_DOWNSAMPLE:  # other VAEs are checked once loaded (model_config)

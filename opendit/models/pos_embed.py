@@ -33,3 +33,16 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size) -> np.ndarray:
 def get_1d_sincos_pos_embed(embed_dim: int, length: int) -> np.ndarray:
     """Table of shape (length, embed_dim) for positions 0..length-1."""
     return get_1d_sincos_pos_embed_from_grid(embed_dim, np.arange(length, dtype=np.float32))
+
+
+def get_3d_sincos_pos_embed(embed_dim: int, grid_size) -> np.ndarray:
+    """Table of shape (t*h*w, embed_dim) for tokens ordered (t, h, w), as in OpenDiT's first video model (vDiT):
+    the first embed_dim/4 channels are a 1-D table of the frame index, the other 3*embed_dim/4 a 2-D table of (h, w)."""
+    t, h, w = grid_size
+    if embed_dim % 16:
+        raise ValueError(f"a 3-D sin-cos table needs a hidden size divisible by 16, got {embed_dim}")
+    temporal = get_1d_sincos_pos_embed(embed_dim // 4, t)  # (t, D/4)
+    spatial = get_2d_sincos_pos_embed(embed_dim // 4 * 3, (h, w))  # (h*w, 3D/4)
+    temporal = np.broadcast_to(temporal[:, None], (t, h * w, temporal.shape[1]))  # (t, h*w, D/4)
+    spatial = np.broadcast_to(spatial[None], (t, h * w, spatial.shape[1]))  # (t, h*w, 3D/4)
+    return np.concatenate([temporal, spatial], axis=-1).reshape(t * h * w, embed_dim)  # (t*h*w, D)

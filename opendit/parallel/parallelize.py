@@ -36,6 +36,20 @@ def enable_fast_attention(model: nn.Module) -> None:
             module.attention_fn = fast_attention
 
 
+def apply_sequence_parallel_to(model: nn.Module, sp_group: dist.ProcessGroup, kind: Optional[str], overlap: bool) -> None:
+    """Latte: DSP (default), Ulysses or FastSeq over each frame's positions; DiT / VDiT: FastSeq (default) or Ulysses."""
+    from opendit.models import Latte
+    from opendit.parallel.dsp import apply_latte_sequence_parallel
+    from opendit.parallel.sequence import apply_sequence_parallel
+
+    if isinstance(model, Latte):
+        apply_latte_sequence_parallel(model, sp_group, kind=kind or "dsp", overlap=overlap)
+    elif kind == "dsp":
+        raise ValueError("sequence-parallel type 'dsp' (Dynamic Sequence Parallelism) needs a Latte model")
+    else:
+        apply_sequence_parallel(model, sp_group, kind=kind or "fastseq", overlap=overlap)
+
+
 def enable_grad_checkpointing(model: nn.Module) -> None:
     """Recompute each transformer block in the backward pass; parameter names are unchanged."""
     for block in model.blocks:
@@ -101,9 +115,7 @@ def parallelize(
     if flash_attention:
         enable_fast_attention(model)
     if mesh.sp_size > 1:
-        from opendit.parallel.sequence import apply_sequence_parallel
-
-        apply_sequence_parallel(model, mesh.sp_group, kind=sequence_parallel_type or "fastseq", overlap=sequence_parallel_overlap)
+        apply_sequence_parallel_to(model, mesh.sp_group, sequence_parallel_type, sequence_parallel_overlap)
     if grad_checkpoint:
         enable_grad_checkpointing(model)
     if compile:

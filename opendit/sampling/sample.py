@@ -55,7 +55,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--check_fidelity", action="store_true", help="score samples with the built-in shapes class-fidelity checker")
     parser.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--sequence_parallel_size", type=int, default=1, help="under torchrun: split every step's tokens over this many processes (all of them)")
-    parser.add_argument("--sequence_parallel_type", type=str, default="fastseq", choices=["fastseq", "longseq", "ulysses"])
+    parser.add_argument("--sequence_parallel_type", type=str, default=None, choices=["fastseq", "longseq", "ulysses", "dsp"], help="default: dsp for Latte, fastseq otherwise")
     return parser
 
 

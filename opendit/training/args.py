@@ -41,7 +41,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--enable_layernorm_kernel", action="store_true", help="same fused kernel (our LayerNorm is fused with the modulation)")
     parser.add_argument("--enable_flashattn", action="store_true", help="attention on the fused GPU kernels only (cuDNN/flash; bf16/fp16)")
     parser.add_argument("--sequence_parallel_size", type=int, default=1, help="sequence-parallel group size")
-    parser.add_argument("--sequence_parallel_type", type=str, default=None, help="fastseq (longseq) | ulysses")
+    parser.add_argument("--sequence_parallel_type", type=str, default=None, help="fastseq (longseq) | ulysses | dsp (Latte only); default: dsp for Latte, fastseq otherwise")
     parser.add_argument("--sequence_parallel_overlap", type=str, default="off", choices=["on", "off"], help="FastSeq: overlap the AllGather with the qkv GEMM through an async ring (measured slower on one NVLink host, see docs/benchmarks.md)")
     # Additions.
     parser.add_argument("--dataset_size", type=int, default=10000, help="items per epoch of the built-in shapes data")
@@ -77,8 +77,10 @@ def check_flags(args: argparse.Namespace, world_size: int) -> None:
         raise UsageError(f"--plugin {args.plugin}: choose zero2, zero3 or ddp")
     if args.load == "auto" and args.experiment_dir is None and not restarted_by_torchrun():
         raise UsageError("--load auto needs --experiment_dir (the folder whose latest checkpoint to resume)")
-    if args.sequence_parallel_type not in (None, "fastseq", "longseq", "ulysses"):
-        raise UsageError(f"--sequence_parallel_type {args.sequence_parallel_type}: choose fastseq (longseq) or ulysses")
+    if args.sequence_parallel_type not in (None, "fastseq", "longseq", "ulysses", "dsp"):
+        raise UsageError(f"--sequence_parallel_type {args.sequence_parallel_type}: choose fastseq (longseq), ulysses or dsp")
+    if args.sequence_parallel_type == "dsp" and not args.model.startswith("Latte"):
+        raise UsageError(f"--sequence_parallel_type dsp (Dynamic Sequence Parallelism) needs a Latte model, not --model {args.model}")
     for flag in ("batch_size", "epochs", "num_frames", "frame_interval", "log_every", "dataset_size", "fsdp_blocks_per_unit"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")

@@ -14,7 +14,7 @@ SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 
 def test_registry_has_all_models():
     assert sorted(DiT_image_models) == sorted(f"DiT-{s}/{p}" for s in SIZES for p in (2, 4, 8))
     assert sorted(VDiT_models) == sorted(f"VDiT-{s}/{p}" for s in SIZES for p in ("1x2x2", "2x2x2"))
-    assert len(DiT_models) == 12 + 8
+    assert len(DiT_models) == 12 + 8 + 8 + 8  # + Latte-*/{1x2x2,2x2x2}, vDiT-*/222 and VDiT-*/222
     assert is_video_model("VDiT-XL/2x2x2") and not is_video_model("DiT-XL/2")
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from opendit.models import DiT, VDiT
+from opendit.models import DiT, Latte, VDiT
 
 _launches = itertools.count()
 
@@ -52,3 +52,11 @@ def tiny_models():
         "DiT": (randomize(DiT(patch_size=2, **config)), (4, 8, 8)),
         "VDiT": (randomize(VDiT(patch_size=(1, 2, 2), num_frames=2, **config)), (4, 2, 8, 8)),
     }
+
+
+@pytest.fixture
+def tiny_latte():
+    """(randomized float64 Latte, input shape of one sample): 4 blocks (S T S T), hidden 32, 4 heads, 8 frames of 16 positions."""
+    torch.manual_seed(0)
+    model = Latte(patch_size=(1, 2, 2), num_frames=8, input_size=8, depth=4, hidden_size=32, num_heads=4, num_classes=10)
+    return randomize(model), (4, 8, 8, 8)
