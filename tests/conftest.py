@@ -1,7 +1,18 @@
 """Fixtures shared by the whole suite."""
+import os
 import socket
+import sys
 
 import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/ranks.py, shared with nccl_equivalence.py
+import ranks  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def dt():
+    """Multi-process helpers (gloo ranks, a tiny DiT, fixed batches, train.py flags): see tests/ranks.py."""
+    return ranks.helpers()
 
 
 @pytest.fixture

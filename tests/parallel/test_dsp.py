@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from opendit.diffusion import create_diffusion
 from opendit.models import DiT, Latte
-from opendit.parallel import broadcast_from_sp_leader, build_mesh, collectives, sp_all_reduce_grads
+from opendit.parallel import build_mesh, collectives, sp_all_reduce_grads
 from opendit.parallel.dsp import apply_dsp, apply_latte_sequence_parallel
 from opendit.parallelize import enable_grad_checkpointing
 
@@ -129,9 +129,9 @@ def _losses(model, x, t, y, noise):
 
 def _check_dp_sp(rank, world_size, model, batch, grads_ref):
     mesh = build_mesh(world_size, 2, "cpu")
-    dp_rank, sp_group = mesh.get_local_rank("dp"), mesh.get_group("sp")
+    dp_rank, sp_group = mesh.dp_rank, mesh.sp_group
     x, t, y, noise = (v.chunk(2)[dp_rank].clone() for v in batch)  # dp peers get different data
-    x, t, y, noise = broadcast_from_sp_leader(x, t, y, noise, sp_group=sp_group)
+    mesh.share_sample(x, t, y, noise)
     # Average over every rank (DDP on the world) and back-propagate loss * sp, as train.py does.
     ddp = DDP(apply_dsp(copy.deepcopy(model), sp_group))
     (_losses(ddp, x, t, y, noise).mean() * dist.get_world_size(sp_group)).backward()

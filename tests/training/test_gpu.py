@@ -26,7 +26,7 @@ def run(args, nproc, script="train.py"):
 
 @pytest.mark.parametrize("nproc", GPU_COUNTS)
 def test_plugins_match_one_process_over_nccl(nproc):
-    run([], nproc, script=os.path.join("tests", "distributed", "nccl_equivalence.py"))
+    run([], nproc, script=os.path.join("tests", "parallel", "nccl_equivalence.py"))
 
 
 @pytest.mark.parametrize("nproc", GPU_COUNTS)

@@ -1,4 +1,5 @@
-"""Multi-process CPU tests: ranks are forked (no re-import of torch) and joined on gloo; helpers come as fixtures."""
+"""Multi-process CPU tests: ranks are forked (no re-import of torch) and joined on gloo; tests/conftest.py hands these
+helpers out as the `dt` fixture, and tests/parallel/nccl_equivalence.py reuses them on GPUs."""
 import os
 import socket
 import time
@@ -80,6 +81,5 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
 
-@pytest.fixture(scope="session")
-def dt():
+def helpers() -> SimpleNamespace:
     return SimpleNamespace(run=run_ranks, init=init_gloo, tiny_model=tiny_model, batch=batch, loss_on=loss_on, full=full, config=TINY_CONFIG, flags=TRAIN_FLAGS, device_type="cpu")

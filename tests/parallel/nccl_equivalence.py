@@ -1,19 +1,23 @@
-"""The multi-process equivalence checks of test_equivalence.py and test_optim.py on GPUs over NCCL (test_gpu.py runs it):
+"""The multi-process equivalence checks of test_parallelize_equivalence.py and ../training/test_optim.py on GPUs over
+NCCL (tests/training/test_gpu.py runs it):
 
-    torchrun --standalone --nproc_per_node N tests/distributed/nccl_equivalence.py
+    torchrun --standalone --nproc_per_node N tests/parallel/nccl_equivalence.py
 
 zero2 / zero3 / DDP reproduce one process's gradients, weights and EMA; the sharded EMA equals an unsharded one; an
 fp16 overflow on one rank skips the step everywhere; ShardedAdamW steps the local shards without DTensor dispatch.
 """
 import os
+import sys
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
-import conftest  # this folder is sys.path[0] when the script runs
-from test_equivalence import compare_plugins, overflow
-from test_optim import local_step
+HERE = os.path.dirname(os.path.abspath(__file__))  # sys.path[0] when the script runs
+sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "training")]
+import ranks as conftest  # noqa: E402  (tests/ranks.py)
+from test_optim import local_step  # noqa: E402  (tests/training/test_optim.py)
+from test_parallelize_equivalence import compare_plugins, overflow  # noqa: E402
 
 
 def main() -> None:
