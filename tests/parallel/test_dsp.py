@@ -12,7 +12,7 @@ from opendit.diffusion import create_diffusion
 from opendit.models import DiT, Latte
 from opendit.parallel import build_mesh, collectives, sp_all_reduce_grads
 from opendit.parallel.dsp import apply_dsp, apply_latte_sequence_parallel
-from opendit.parallelize import enable_grad_checkpointing
+from opendit.parallel.parallelize import enable_grad_checkpointing
 
 KINDS = ["dsp", "dsp+checkpoint", "ulysses", "fastseq"]
 
