@@ -60,3 +60,27 @@ def tiny_latte():
     torch.manual_seed(0)
     model = Latte(patch_size=(1, 2, 2), num_frames=8, input_size=8, depth=4, hidden_size=32, num_heads=4, num_classes=10)
     return randomize(model), (4, 8, 8, 8)
+
+
+@pytest.fixture
+def dp_sp_reference():
+    """make(model, sample_shape) -> (batch, grads): a fixed float64 batch of 4 (x, t, y, noise) for dp = 2 ranks, and one
+    process's parameter gradients of DiT's mean hybrid loss over all of it (the model is left with no gradients)."""
+    from opendit.diffusion import create_diffusion
+
+    def make(model, sample_shape):
+        model.eval()  # no label dropout: the reference draws one mask for the whole batch, the dp ranks one each
+        gen = torch.Generator().manual_seed(2)
+        batch = (
+            torch.randn(4, *sample_shape, generator=gen, dtype=torch.float64),  # x: two samples per dp rank
+            torch.randint(0, 1000, (4,), generator=gen),  # t
+            torch.randint(0, 10, (4,), generator=gen),  # y
+            torch.randn(4, *sample_shape, generator=gen, dtype=torch.float64),  # noise
+        )
+        x, t, y, noise = batch
+        create_diffusion("").training_losses(model, x, t, dict(y=y), noise=noise)["loss"].mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return batch, grads
+
+    return make

@@ -58,17 +58,7 @@ def _check_dp_sp(rank, world_size, model, batch, grads_ref, kind):
 
 
 @pytest.mark.parametrize("kind", ["fastseq", "ulysses"])
-def test_dp2_sp2_matches_one_process(spawn, tiny_models, kind):
+def test_dp2_sp2_matches_one_process(spawn, tiny_models, dp_sp_reference, kind):
     model, sample_shape = tiny_models["VDiT"]
-    model.eval()  # no label dropout: the reference draws one mask for the whole batch, the dp ranks one each
-    gen = torch.Generator().manual_seed(2)
-    batch = (
-        torch.randn(4, *sample_shape, generator=gen, dtype=torch.float64),  # x: two samples per dp rank
-        torch.randint(0, 1000, (4,), generator=gen),  # t
-        torch.randint(0, 10, (4,), generator=gen),  # y
-        torch.randn(4, *sample_shape, generator=gen, dtype=torch.float64),  # noise
-    )
-    _losses(model, *batch).mean().backward()  # one process, the concatenated batch
-    grads_ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
+    batch, grads_ref = dp_sp_reference(model, sample_shape)
     spawn(_check_dp_sp, 4, model, batch, grads_ref, kind)
