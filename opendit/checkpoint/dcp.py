@@ -14,6 +14,7 @@ whose files do not match it, is refused with a one-line CheckpointError. Reading
 """
 import io
 import json
+import logging
 import os
 import pickle
 import re
@@ -127,6 +128,9 @@ def read_tensors(path: str, prefix: str) -> Dict[str, torch.Tensor]:
 
 
 def _load(state: Dict[str, Any], path: str, no_dist: bool = False) -> None:
+    check_metadata(path)
+    dcp_logger = logging.getLogger("torch.distributed.checkpoint")  # DCP logs every failure with its traceback
+    level, dcp_logger.level = dcp_logger.level, logging.CRITICAL + 1
     try:
         with _quiet_single_process():
             dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(), no_dist=no_dist)
@@ -135,6 +139,8 @@ def _load(state: Dict[str, Any], path: str, no_dist: bool = False) -> None:
             e = next(iter(e.failures.values()))[0]  # (exception, traceback)
         reason = str(e).strip().split("\n")[0][:300]
         raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {reason})") from None
+    finally:
+        dcp_logger.setLevel(level)
 
 
 # --- training state ------------------------------------------------------------------------------
@@ -223,10 +229,22 @@ def save_checkpoint(checkpoint_dir: str, step: int, model: torch.nn.Module, opti
     return os.path.join(checkpoint_dir, name)
 
 
+def check_metadata(path: str) -> None:
+    """Read DCP's .metadata with the allow-list before DCP does: a corrupt or malicious one is one line, no traceback."""
+    try:
+        SafeReader(path).read_metadata()
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable DCP metadata ({type(e).__name__}: {str(e).strip()[:200]})".split("\n")[0]) from None
+
+
 def read_train_state(path: str) -> Dict[str, Any]:
     """train_state.pt of a verified checkpoint: step, epoch, data position, scheduler, scaler, world size, config."""
     verify_checkpoint(path)
-    return torch_load(os.path.join(path, TRAIN_STATE))
+    check_metadata(path)
+    state = torch_load(os.path.join(path, TRAIN_STATE))
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path}: {TRAIN_STATE} is not a training state (missing fields)")
+    return state
 
 
 def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema) -> Optional[Dict[str, Any]]:

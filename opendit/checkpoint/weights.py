@@ -31,6 +31,10 @@ def _download_official(name: str) -> str:
     """Fetch one of Meta's DiT checkpoints into pretrained_models/ (needs network)."""
     local = os.path.join("pretrained_models", name)
     if not os.path.isfile(local):
+        from opendit.encoders.hub import reachable
+
+        if not reachable(OFFICIAL_DIT_URL):
+            raise CheckpointError(f"--ckpt {name}: not a local file and {OFFICIAL_DIT_URL.split('/')[2]} cannot be reached; pass a local checkpoint path")
         os.makedirs("pretrained_models", exist_ok=True)
         try:
             torch.hub.download_url_to_file(OFFICIAL_DIT_URL.format(name), local, progress=True)

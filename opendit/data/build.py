@@ -19,7 +19,8 @@ from .robust import SkipBadSamples, error_line
 from .shapes import SHAPE_CLASSES, ShapesDataset, ShapesVideoDataset
 
 KINDS = ("auto", "shapes", "folder", "cifar10", "csv", "latents")
-PROBE_TRIES = 8  # items decoded before training to prove the data readable
+PROBE_TRIES = 8
+DEFAULT_DATA_PATH = "./datasets"  # train.py's default: when it does not exist, the built-in shapes data  # items decoded before training to prove the data readable
 
 
 def infer_kind(args) -> str:
@@ -30,6 +31,8 @@ def infer_kind(args) -> str:
     if not os.path.exists(path):
         if path.lower().endswith(".csv"):
             raise UsageError(f"--data_path {path}: no such CSV file")
+        if path != DEFAULT_DATA_PATH:  # a mistyped path must not silently train on the built-in data
+            raise UsageError(f"--data_path {path}: no such file or folder (the built-in shapes data: leave --data_path out or pass --dataset shapes)")
         return "shapes"
     if os.path.isfile(path):
         if path.lower().endswith(".csv"):

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from opendit.errors import UsageError
 
 from .robust import error_line
-from .table import IMAGE_EXTENSIONS, check_labels, is_video, read_table
+from .table import IMAGE_EXTENSIONS, open_csv
 from .transforms import center_crop_arr, random_flip, to_tensor
 
 CIFAR_FOLDER = "cifar-10-batches-py"
@@ -120,12 +120,7 @@ class ImageCSVDataset(Dataset):
     is_latent, has_text = False, True
 
     def __init__(self, csv_path: str, image_size: int, train: bool = True, num_classes: int = 0):
-        self.rows = read_table(csv_path)
-        if is_video(self.rows[0].path):
-            raise UsageError(f"{csv_path} row {self.rows[0].line}: {os.path.basename(self.rows[0].path)} is a video; add --use_video")
-        check_labels(self.rows, num_classes, csv_path)
-        self.labelled = self.rows[0].label is not None
-        self.num_classes = num_classes if self.labelled else 0
+        self.rows, self.labelled, self.num_classes = open_csv(csv_path, num_classes, video=False)
         self.image_size, self.train = image_size, train
 
     def __len__(self) -> int:

@@ -6,6 +6,7 @@ integer; extra fields are commas of an unquoted caption and are joined back. Wit
 """
 
 import csv
+import logging
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -62,16 +63,38 @@ def _parse_named(record: dict, where: str) -> tuple:
     return record["path"], caption, None if label in (None, "") else _int(label)
 
 
+PATH_ALIASES = {"file": "path", "filename": "path", "file_name": "path", "video": "path", "image": "path", "video_path": "path", "image_path": "path"}
+HEADER_NAMES = {"path", "caption", "text", "label", *PATH_ALIASES}
+
+
+def _is_header(fields: list) -> bool:
+    """A first row naming columns (path or an alias such as file, plus caption/text/label), not a media file."""
+    names = [s.strip().lower() for s in fields]
+    return any(name in ("path", *PATH_ALIASES) for name in names) and set(names) <= HEADER_NAMES | {""}
+
+
+def _text_lines(csv_path: str) -> list:
+    """The CSV's lines, read as UTF-8; a file that is not UTF-8 is read as Latin-1 with a one-line warning."""
+    with open(csv_path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        row = data[: e.start].count(b"\n") + 1
+        logging.getLogger("opendit").warning(f"{csv_path} row {row}: not UTF-8 (byte 0x{data[e.start]:02x}); reading the file as Latin-1")
+        text = data.decode("latin-1")
+    return text.splitlines(keepends=True)
+
+
 def read_table(csv_path: str) -> list:
     """All rows of a CSV as Row objects; a one-line UsageError naming the file and row on any malformed row."""
     if not os.path.isfile(csv_path):
         raise UsageError(f"--data_path {csv_path}: no such CSV file")
     folder = os.path.dirname(os.path.abspath(csv_path))
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        lines = [(n, fields) for n, fields in enumerate(csv.reader(f), start=1) if any(s.strip() for s in fields)]
+    lines = [(n, fields) for n, fields in enumerate(csv.reader(_text_lines(csv_path)), start=1) if any(s.strip() for s in fields)]
     header = None
-    if lines and "path" in [s.strip().lower() for s in lines[0][1]]:
-        header = [s.strip().lower() for s in lines.pop(0)[1]]
+    if lines and _is_header(lines[0][1]):
+        header = [PATH_ALIASES.get(s.strip().lower(), s.strip().lower()) for s in lines.pop(0)[1]]
         if "caption" not in header and "text" not in header:
             raise UsageError(f"{csv_path} row 1: the header {','.join(header)} has no caption column")
     rows = []
@@ -98,6 +121,18 @@ def check_labels(rows: list, num_classes: int, source: str) -> None:
     for row in rows:
         if row.label is not None and not 0 <= row.label < num_classes:
             raise UsageError(f"{source} row {row.line}: label {row.label} is outside [0, --num_classes {num_classes})")
+
+
+def open_csv(csv_path: str, num_classes: int, video: bool) -> tuple:
+    """The rows of an image (video=False) or video CSV, checked: (rows, labelled, num_classes of the data)."""
+    rows = read_table(csv_path)
+    first = rows[0]
+    if is_video(first.path) != video:
+        hint = "add --use_video" if is_video(first.path) else "drop --use_video for image CSVs"
+        raise UsageError(f"{csv_path} row {first.line}: {os.path.basename(first.path)} is {'a video' if is_video(first.path) else 'not a video file'}; {hint}")
+    check_labels(rows, num_classes, csv_path)
+    labelled = first.label is not None
+    return rows, labelled, num_classes if labelled else 0
 
 
 def is_video(path: str) -> bool:

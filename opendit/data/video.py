@@ -10,10 +10,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from opendit.errors import UsageError
 
 from .robust import error_line
-from .table import check_labels, is_video, read_table
+from .table import open_csv
 from .transforms import center_crop, random_flip, short_side_size, to_tensor
 
 
@@ -113,12 +112,7 @@ class VideoCSVDataset(Dataset):
 
     def __init__(self, csv_path: str, image_size: int, num_frames: int, frame_interval: int, train: bool = True,
                  num_classes: int = 0, short: str = "loop"):
-        self.rows = read_table(csv_path)
-        if not is_video(self.rows[0].path):
-            raise UsageError(f"{csv_path} row {self.rows[0].line}: {self.rows[0].path} is not a video file; drop --use_video for image CSVs")
-        check_labels(self.rows, num_classes, csv_path)
-        self.labelled = self.rows[0].label is not None
-        self.num_classes = num_classes if self.labelled else 0
+        self.rows, self.labelled, self.num_classes = open_csv(csv_path, num_classes, video=True)
         self.image_size, self.num_frames, self.frame_interval = image_size, num_frames, frame_interval
         self.train, self.short = train, short
 

@@ -12,11 +12,10 @@ import string
 import torch
 from torch import nn
 
-from .vae import _HUB_ID
+from .hub import HUB_ID, load_local_or_hub
 
 DEFAULT_TEXT_ENCODER = "openai/clip-vit-base-patch32"
 MAX_LENGTH = 77  # CLIP's context length
-_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError)
 
 
 class TextEncoder(nn.Module):
@@ -92,24 +91,12 @@ def _load(path: str, subfolders: tuple, local_files_only: bool, dtype: torch.dty
 def build_text_encoder(name_or_path: str = DEFAULT_TEXT_ENCODER, device="cpu", dtype: torch.dtype = torch.float32) -> TextEncoder:
     """A frozen CLIP text encoder from a local folder or a hub id (the local cache is tried before the network)."""
     path = os.path.expanduser(str(name_or_path).strip())
-    if not os.path.exists(path) and not _HUB_ID.match(path):
+    if not os.path.exists(path) and not HUB_ID.match(path):
         raise ValueError(f"--text_encoder {name_or_path}: no such folder (use a local CLIP folder or a hub id such as {DEFAULT_TEXT_ENCODER})")
     if os.path.isfile(path):
         raise ValueError(f"--text_encoder {name_or_path}: is a file; pass the folder holding config.json and the tokenizer files")
     subfolders = _subfolders(path, name_or_path)
-    loaded = None
-    if not os.path.isdir(path):
-        try:  # cached hub download: no network needed
-            loaded = _load(path, subfolders, True, dtype)
-        except _LOAD_ERRORS:
-            pass
-    if loaded is None:
-        try:
-            loaded = _load(path, subfolders, False, dtype)
-        except _LOAD_ERRORS as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            hint = "" if os.path.isdir(path) else "no network? pass a local path; "
-            raise ValueError(f"--text_encoder {name_or_path}: could not load a CLIP text model ({hint}{reason})") from None
+    loaded = load_local_or_hub(lambda local_only: _load(path, subfolders, local_only, dtype), path, f"--text_encoder {name_or_path}", "a CLIP text model and its tokenizer")
     tokenizer, model = loaded
     if not 2 < len(tokenizer) <= model.config.vocab_size:  # transformers builds a 2-token vocabulary when files are missing
         found = f"a tokenizer of {len(tokenizer)} tokens for a model of {model.config.vocab_size}"

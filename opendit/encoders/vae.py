@@ -5,14 +5,13 @@ at most ``chunk_size`` frames at a time so memory stays bounded.
 """
 
 import os
-import re
 
 import torch
 from torch import nn
 
+from .hub import HUB_ID, load_local_or_hub
+
 HUB_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
-_HUB_ID = re.compile(r"^[\w-][\w.-]*/[\w-][\w.-]*$")  # "org/name"
-_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError)
 
 TINY_CONFIG = dict(
     in_channels=3,
@@ -135,17 +134,7 @@ def _load_autoencoder(path: str, label: str):
             kwargs["subfolder"] = "vae"  # a full diffusers pipeline folder
         else:
             raise ValueError(f"--vae {label}: no config.json in this folder (expected a diffusers AutoencoderKL)")
-    if not os.path.isdir(path):
-        try:  # cached hub download: no network needed
-            return AutoencoderKL.from_pretrained(path, local_files_only=True, **kwargs)
-        except _LOAD_ERRORS:
-            pass
-    try:
-        return AutoencoderKL.from_pretrained(path, **kwargs)
-    except _LOAD_ERRORS as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        hint = "" if os.path.isdir(path) else "no network? pass a local path; "
-        raise ValueError(f"--vae {label}: could not load the VAE ({hint}{reason})") from None
+    return load_local_or_hub(lambda local_only: AutoencoderKL.from_pretrained(path, local_files_only=local_only, **kwargs), path, f"--vae {label}", "a diffusers AutoencoderKL")
 
 
 def build_vae(name: str, device="cpu", dtype: torch.dtype = torch.float32, chunk_size: int = 16) -> VAE:
@@ -155,7 +144,7 @@ def build_vae(name: str, device="cpu", dtype: torch.dtype = torch.float32, chunk
         return VAE(None, chunk_size=chunk_size)
     path = HUB_IDS.get(name.lower(), os.path.expanduser(name))
     label = name if path == name else f"{name} ({path})"
-    if not os.path.exists(path) and not _HUB_ID.match(path):
+    if not os.path.exists(path) and not HUB_ID.match(path):
         raise ValueError(f"--vae {label}: no such folder (use none, ema, mse, a local VAE folder or a hub id)")
     if os.path.isfile(path):
         raise ValueError(f"--vae {label}: is a file; pass the folder holding config.json and the weights")

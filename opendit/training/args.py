@@ -62,6 +62,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--captions", type=str, default="auto", choices=["auto", "on", "off"], help="condition on captions with --text_encoder: auto (CSV data and captioned latent caches), on (shapes too), off")
     # Distributed engine.
     parser.add_argument("--experiment_dir", type=str, default=None, help="use this experiment folder instead of a new {outputs}/NNN-model (restart-safe with --load auto)")
+    parser.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many steps in a row with a non-finite loss or gradient norm (each is skipped)")
     parser.add_argument("--ckpt_keep", type=int, default=3, help="keep the newest K checkpoints (<= 0: keep all)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     parser.add_argument("--fsdp_blocks_per_unit", type=int, default=BLOCKS_PER_UNIT, help="zero2/zero3: blocks gathered and reduced together (fewer units: less FSDP2 CPU time per step)")
@@ -81,7 +82,7 @@ def check_flags(args: argparse.Namespace, world_size: int) -> None:
         raise UsageError(f"--sequence_parallel_type {args.sequence_parallel_type}: choose fastseq (longseq), ulysses or dsp")
     if args.sequence_parallel_type == "dsp" and not args.model.startswith("Latte"):
         raise UsageError(f"--sequence_parallel_type dsp (Dynamic Sequence Parallelism) needs a Latte model, not --model {args.model}")
-    for flag in ("batch_size", "epochs", "num_frames", "frame_interval", "log_every", "dataset_size", "fsdp_blocks_per_unit"):
+    for flag in ("batch_size", "epochs", "num_frames", "frame_interval", "log_every", "dataset_size", "fsdp_blocks_per_unit", "max_bad_steps"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
     if args.num_classes < 0:
@@ -92,6 +93,19 @@ def check_flags(args: argparse.Namespace, world_size: int) -> None:
         raise UsageError(f"--max_steps {args.max_steps}: must be at least 1")
     if args.enable_flashattn and (args.mixed_precision == "fp32" or args.device == "cpu" or not torch.cuda.is_available()):
         raise UsageError("--enable_flashattn needs a CUDA GPU and --mixed_precision bf16 or fp16")
-    if args.mixed_precision == "fp16" and args.device == "cpu":
+    if args.mixed_precision == "fp16" and (args.device == "cpu" or not torch.cuda.is_available()):
         raise UsageError("--mixed_precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
     check_model_flags(args.model, args.image_size, args.vae, args.use_video)
+
+
+# Resume rule (README): flags that define what is being trained must match the checkpoint; the rest take effect.
+FIXED_ON_RESUME = ("global_seed", "noise_schedule", "dataset", "use_video", "num_frames", "frame_interval", "captions")
+
+
+def check_resume_flags(args: argparse.Namespace, resume_state) -> None:
+    """Refuse, in one line, a resumed run whose data or objective flags differ from the checkpoint's (the model's
+    shape is checked against its config); lr, schedule, max_steps, cadences and the rest take effect."""
+    saved = (resume_state or {}).get("config", {}).get("args", {})
+    for flag in FIXED_ON_RESUME:
+        if flag in saved and saved[flag] != getattr(args, flag):
+            raise UsageError(f"--{flag} {getattr(args, flag)}: the checkpoint was trained with {saved[flag]}; resuming cannot change it (start a new run)")

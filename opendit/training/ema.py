@@ -1,5 +1,5 @@
 """An fp32 EMA of the weights kept shard-for-shard like the parameters (FSDP2 DTensor shards, or full tensors)."""
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -19,12 +19,18 @@ class ShardedEMA:
         self._trainable = [(name, p) for name, p in params.items() if p.requires_grad]  # the sharded parameters themselves
 
     @torch.no_grad()
-    def update(self, decay: float) -> None:
-        """One EMA step from the current parameters (DiT's update, as foreach ops on the local shards)."""
+    def update(self, decay: float, keep: Optional[torch.Tensor] = None) -> None:
+        """One EMA step from the current parameters (DiT's update, as foreach ops on the local shards); `keep`, a
+        0-d bool device tensor, turns it into a no-op without a host sync (the divergence guard's skipped step)."""
         ema = [local_shard(self.shadow[name]) for name, _ in self._trainable]
         params = [local_shard(p).float() for _, p in self._trainable]
-        torch._foreach_mul_(ema, decay)
-        torch._foreach_add_(ema, params, alpha=1 - decay)
+        if keep is None:
+            torch._foreach_mul_(ema, decay)
+            torch._foreach_add_(ema, params, alpha=1 - decay)
+            return
+        keep = keep.to(ema[0].device)
+        torch._foreach_mul_(ema, torch.where(keep, 1.0, decay))
+        torch._foreach_add_(ema, torch._foreach_mul(params, torch.where(keep, 0.0, 1 - decay)))
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """The EMA weights under the model's names; sharded ones stay DTensors (what DCP saves and loads in place)."""

@@ -6,9 +6,14 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from opendit.checkpoint.layout import experiment_dir_of, latest_checkpoint, resolve_checkpoint_dir
-from opendit.errors import UsageError
+import re
+import sys
+
+from opendit.checkpoint.dcp import verify_checkpoint
+from opendit.checkpoint.layout import STEP_PATTERN, experiment_dir_of, latest_checkpoint, resolve_checkpoint_dir
+from opendit.errors import CheckpointError, UsageError
 from opendit.parallel.process import barrier
+from opendit.training.preemption import ExperimentLock
 from opendit.utils.logging import create_logger
 
 
@@ -49,10 +54,35 @@ def resume_dir_for(args: argparse.Namespace) -> Optional[str]:
     loaded = resolve_checkpoint_dir(args.load) if args.load not in (None, "auto") else None
     if args.load == "auto" or restarted_by_torchrun():
         experiment = args.experiment_dir or (experiment_dir_of(loaded) if loaded else None) or run_experiment_dir(args.outputs)
-        return (latest_checkpoint(experiment) if experiment else None) or loaded
+        return (intact_latest(experiment) if experiment else None) or loaded
     if loaded is None and args.experiment_dir and latest_checkpoint(args.experiment_dir):
         raise UsageError(f"--experiment_dir {args.experiment_dir} already holds checkpoints: add --load auto to resume")
     return loaded
+
+
+def intact_latest(experiment: str) -> Optional[str]:
+    """The checkpoint `latest` names; when it is damaged (or the pointer is), the newest intact one, with a warning.
+    None when the folder has no checkpoints; a CheckpointError when none of them is intact."""
+    folder = os.path.join(experiment, "checkpoints")
+    try:
+        latest = latest_checkpoint(experiment)
+    except OSError:
+        latest = None
+    steps = sorted((e for e in os.listdir(folder) if re.fullmatch(STEP_PATTERN, e)), reverse=True) if os.path.isdir(folder) else []
+    candidates = ([latest] if latest else []) + [os.path.join(folder, e) for e in steps]
+    first_error = None
+    for path in candidates:
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            first_error = first_error or e
+            continue
+        if first_error is not None:
+            print(f"warning: {first_error}; resuming from the newest intact checkpoint, {path}", file=sys.stderr)
+        return path
+    if first_error is not None:
+        raise CheckpointError(f"{experiment}: no intact checkpoint (the newest: {first_error})")
+    return None
 
 
 def broadcast_str(value: Optional[str]) -> str:
@@ -73,13 +103,29 @@ def choose_experiment_dir(args: argparse.Namespace, resume_dir: Optional[str], i
 
 
 def open_experiment(args: argparse.Namespace, resume_dir: Optional[str], info) -> tuple:
-    """Make (or reuse) the experiment folder and its checkpoints/ folder; returns (folder, logger)."""
+    """Make (or reuse) the experiment folder and its checkpoints/ folder and lock it against a second live run;
+    returns (folder, logger, lock)."""
     experiment_dir = choose_experiment_dir(args, resume_dir, info.is_main)
+    lock, refusal = None, None
     if info.is_main:
         os.makedirs(os.path.join(experiment_dir, "checkpoints"), exist_ok=True)
+        try:
+            lock = ExperimentLock(experiment_dir)
+        except UsageError as e:
+            refusal = str(e)
+    refusal = broadcast_str(refusal)  # every rank stops together
+    if refusal:
+        raise UsageError(refusal)
     barrier()
     logger = create_logger(experiment_dir, info.is_main)
     logger.info(f"Experiment folder: {experiment_dir}  (world size {info.world_size}, device {info.device})")
     if args.dataset == "auto" and not os.path.exists(args.data_path):
-        logger.info(f"--data_path {args.data_path} does not exist: training on the built-in shapes data")
-    return experiment_dir, logger
+        logger.info(f"--data_path {args.data_path} (the default) does not exist: training on the built-in shapes data")
+    return experiment_dir, logger, lock or _NoLock()
+
+
+class _NoLock:
+    """What ranks other than 0 hold (rank 0 holds the folder's lock)."""
+
+    def release(self) -> None:
+        pass

@@ -1,6 +1,7 @@
 """Training metrics: metrics.jsonl and TensorBoard on rank 0, and the peak FLOP/s that MFU is measured against."""
 import argparse
 import json
+import math
 import os
 import time
 from typing import Optional
@@ -19,14 +20,39 @@ def peak_tflops(args: argparse.Namespace, device: torch.device) -> Optional[floa
     return None
 
 
+def strict(record: dict) -> dict:
+    """NaN and infinities (a diverged step) become null, so every line stays strict JSON."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
+def drop_after(path: str, step: int) -> None:
+    """Rewrite metrics.jsonl without the records of steps after `step` (and any unreadable, torn last line)."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
 class MetricsWriter:
     """metrics.jsonl (always) and TensorBoard scalars (when tensorboard is installed), rank 0 only."""
 
-    def __init__(self, experiment_dir: str, enabled: bool):
+    def __init__(self, experiment_dir: str, enabled: bool, resumed_step: int = 0):
         self.enabled = enabled
         self.tb = None
         if enabled:
-            self.file = open(os.path.join(experiment_dir, "metrics.jsonl"), "a")
+            path = os.path.join(experiment_dir, "metrics.jsonl")
+            drop_after(path, resumed_step)  # steps after the checkpoint are recomputed: no duplicate records
+            self.file = open(path, "a")
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -37,7 +63,7 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps(strict(record), allow_nan=False) + "\n")
         self.file.flush()
         if self.tb is not None:
             for key, value in record.items():

@@ -45,6 +45,12 @@ def clip_grad_norm(params: list, max_norm: float) -> torch.Tensor:
     return total
 
 
+def clip_and_check(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list, grad_clip: float) -> torch.Tensor:
+    """Unscale (fp16) and clip the gradients; returns the global gradient norm (a device tensor, no sync)."""
+    scaler.unscale_(optimizer)
+    return clip_grad_norm(params, grad_clip if grad_clip > 0 else math.inf)
+
+
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list, grad_clip: float) -> tuple:
     """Unscale, clip and step; returns (gradient norm, skipped). An fp16 step whose gradients overflowed anywhere is
     skipped on every rank (the DTensor found-inf check is all-reduced) and the loss scale shrinks."""

@@ -26,4 +26,6 @@ class ResumableSampler(DistributedSampler):
         """loader, set to yield the batches of `epoch` from `consumed` items in (counted over all ranks)."""
         self.set_epoch(epoch)
         self.start_index = consumed
+        if hasattr(loader.dataset, "set_epoch"):  # per-item randomness from (seed, epoch, index); workers copy it at iter()
+            loader.dataset.set_epoch(epoch)
         return loader

@@ -8,7 +8,8 @@ from opendit.diffusion import create_diffusion
 from opendit.parallel.mesh import ParallelMesh
 from opendit.training.args import PRECISIONS
 from opendit.training.ema import ShardedEMA
-from opendit.training.optim import ShardedAdamW, lr_factor, optimizer_step
+from opendit.training.guard import DivergenceGuard, any_rank
+from opendit.training.optim import ShardedAdamW, clip_and_check, lr_factor
 
 
 @dataclass
@@ -36,10 +37,12 @@ class TrainStep:
     use_autocast: bool
     grad_clip: float
     ema_decay: float
+    guard: DivergenceGuard
 
     def __post_init__(self):
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.skipped_steps = 0
+        self.on_device_skip = all(group.get("fused") for group in self.optimizer.param_groups)  # see guard.py
 
     def __call__(self, x: torch.Tensor, model_kwargs: dict) -> StepResult:
         t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device)
@@ -48,23 +51,62 @@ class TrainStep:
         with torch.autocast(x.device.type, dtype=self.amp_dtype, enabled=self.use_autocast):
             loss_dict = self.diffusion.training_losses(self.model, x, t, model_kwargs, noise=noise)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(self.mesh.gradient_loss(loss_dict["loss"].mean())).backward()
-        grad_norm, skipped = optimizer_step(self.optimizer, self.scaler, self.params, self.grad_clip)
+        loss = loss_dict["loss"].mean()
+        self.scaler.scale(self.mesh.gradient_loss(loss)).backward()
+        grad_norm = clip_and_check(self.optimizer, self.scaler, self.params, self.grad_clip)
+        bad = any_rank(~torch.isfinite(loss.detach()))  # the same decision on every rank (guard.py)
+        if not self.scaler.is_enabled():  # fp16: GradScaler skips overflowing gradients itself
+            bad = bad | ~torch.isfinite(grad_norm)
+        self.guard.record(bad)
+        skipped = self._step(bad)
         lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.scheduler.step()
-        if skipped:
-            self.skipped_steps += 1
-        else:
-            self.ema.update(self.ema_decay)
         return StepResult(loss_dict, grad_norm, skipped, lr)
+
+    def _step(self, bad: torch.Tensor) -> bool:
+        """AdamW and the EMA unless `bad` (or an fp16 overflow); returns whether fp16 overflow skipped the step."""
+        if self.scaler.is_enabled():
+            scale, is_bad = self.scaler.get_scale(), bool(bad.item())  # fp16 synchronises in GradScaler anyway
+            if not is_bad:
+                self.scaler.step(self.optimizer)
+            self.scaler.update()
+            skipped = self.scaler.get_scale() < scale
+            self.skipped_steps += skipped
+            if not (skipped or is_bad):
+                self.ema.update(self.ema_decay)
+            return skipped
+        if self.on_device_skip:  # no host sync: the fused kernel skips on found_inf, the EMA weight is zeroed
+            self.optimizer.found_inf = bad.float()
+            self.optimizer.step()
+            self.optimizer.found_inf = None
+            self.ema.update(self.ema_decay, keep=bad)
+        elif not bad.item():  # CPU: reading the flag is free
+            self.optimizer.step()
+            self.ema.update(self.ema_decay)
+        return False
 
     def state_dict(self) -> dict:
         """The step's state outside DCP's model / optimizer / EMA shards: the LR schedule and the fp16 loss scale."""
         return {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, lr: float, weight_decay: float) -> list:
+        """Restore the LR schedule and loss scale; this run's --lr, --weight_decay and schedule (warmup, max_steps)
+        take effect over the checkpoint's. Returns one-line notes of what changed."""
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        notes = set()
+        for group in self.optimizer.param_groups:
+            if group.get("initial_lr", lr) != lr:
+                notes.add(f"--lr {lr:g} replaces the checkpoint's {group['initial_lr']:g}")
+            if group.get("weight_decay", weight_decay) != weight_decay:
+                notes.add(f"--weight_decay {weight_decay:g} replaces the checkpoint's {group['weight_decay']:g}")
+            group["initial_lr"], group["weight_decay"] = lr, weight_decay
+        self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
+        factors = [fn(self.scheduler.last_epoch) for fn in self.scheduler.lr_lambdas]  # LambdaLR: the new schedule's
+        for group, factor in zip(self.optimizer.param_groups, factors):
+            group["lr"] = lr * factor
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        return sorted(notes)
 
     def scaler_metrics(self) -> dict:
         """fp16: the loss scale and the overflow steps skipped so far; nothing otherwise."""
@@ -82,4 +124,5 @@ def build_train_step(args, model: torch.nn.Module, train_model: torch.nn.Module,
     diffusion = create_diffusion(timestep_respacing="", noise_schedule=args.noise_schedule)  # 1000 steps, learned-range sigma
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, args.lr_schedule, args.lr_warmup_steps, max_steps))
     use_autocast = amp_dtype != torch.float32 and not (mesh.device_mesh is not None and args.plugin != "ddp")  # FSDP2 casts parameters itself
-    return TrainStep(train_model, diffusion, optimizer, scaler, scheduler, ema, mesh, amp_dtype, use_autocast, args.grad_clip, args.ema_decay)
+    guard = DivergenceGuard(device, getattr(args, "max_bad_steps", 5))
+    return TrainStep(train_model, diffusion, optimizer, scaler, scheduler, ema, mesh, amp_dtype, use_autocast, args.grad_clip, args.ema_decay, guard)

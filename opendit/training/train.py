@@ -3,6 +3,7 @@ import argparse
 import json
 import os
 import random
+import sys
 from typing import Optional
 
 import numpy as np
@@ -14,13 +15,16 @@ from opendit.builders import build_model, model_config
 from opendit.checkpoint.dcp import load_checkpoint, read_train_state, save_checkpoint
 from opendit.checkpoint.layout import set_rng_state
 from opendit.data import build_dataset, prepare_batch, text_encoder_for
+from opendit.data.seeded import EpochSeeded
 from opendit.encoders import load_vae
 from opendit.errors import UsageError, run_or_exit
 from opendit.parallel import build_mesh, parallelize
 from opendit.parallel.process import cleanup, setup_distributed
-from opendit.training.args import PRECISIONS, check_flags, get_parser
+from opendit.training.args import PRECISIONS, check_flags, check_resume_flags, get_parser
 from opendit.training.experiment import open_experiment, restarted_by_torchrun, resume_dir_for
+from opendit.training.guard import DivergenceError, non_finite_tensors
 from opendit.training.metrics import Meter, MetricsWriter, log_line, peak_tflops
+from opendit.training.preemption import PREEMPTED_STATUS, Preempted, StopSignals
 from opendit.training.sampler import ResumableSampler
 from opendit.training.step import TrainStep, build_train_step
 from opendit.utils.flops import train_flops_per_sample
@@ -64,8 +68,9 @@ def train(args: argparse.Namespace) -> None:
     seed = args.global_seed * mesh.dp_size + mesh.dp_rank  # data-parallel ranks draw different t and noise; sp peers the same
     seed_everything(seed)
     resume_dir = resume_dir_for(args)
-    resume_state = read_train_state(resume_dir) if resume_dir else None
-    dataset = build_dataset(args, train=True)  # the built-in shapes when --data_path does not exist
+    resume_state = read_train_state(resume_dir) if resume_dir else None  # verifies the manifest and DCP metadata
+    check_resume_flags(args, resume_state)
+    dataset = EpochSeeded(build_dataset(args, train=True), args.global_seed)  # flips, crops, clip windows from (seed, epoch, index)
     if dataset.num_classes == 0:  # unlabelled data (captions only): no label table, which would never get a gradient
         args.num_classes = 0
     vae = load_vae(args.vae, device)
@@ -77,9 +82,19 @@ def train(args: argparse.Namespace) -> None:
     loader, sampler = build_loader(args, dataset, mesh, seed, device)
     max_steps = args.max_steps or args.epochs * (len(sampler) // args.batch_size)
 
-    experiment_dir, logger = open_experiment(args, resume_dir, info)
+    experiment_dir, logger, lock = open_experiment(args, resume_dir, info)  # locked against a second live run
+    try:
+        run(args, info, mesh, model, config, dataset, loader, sampler, max_steps, vae, text_encoder, resume_dir, resume_state, experiment_dir, logger)
+    finally:
+        lock.release()
+    cleanup()
+
+
+def run(args, info, mesh, model, config, dataset, loader, sampler, max_steps, vae, text_encoder, resume_dir, resume_state, experiment_dir, logger) -> None:
+    """Parallelize, resume, then the loop: steps, the divergence guard, logs, checkpoints, preemption."""
+    device = info.device
     logger.info(f"{args.model} parameters: {sum(p.numel() for p in model.parameters()):,}  config: {config}  parallelism: {mesh.describe(args.plugin)}, {args.mixed_precision}")
-    logger.info(f"Dataset: {type(dataset).__name__} with {len(dataset):,} items, {len(sampler) // args.batch_size} steps per epoch")
+    logger.info(f"Dataset: {type(dataset.dataset).__name__} with {len(dataset):,} items, {len(sampler) // args.batch_size} steps per epoch")
     flops_per_image = train_flops_per_sample(model)
     train_model = parallelize(
         model, mesh, plugin=args.plugin, param_dtype=PRECISIONS[args.mixed_precision], blocks_per_unit=args.fsdp_blocks_per_unit,
@@ -88,22 +103,29 @@ def train(args: argparse.Namespace) -> None:
         sequence_parallel_type=args.sequence_parallel_type, sequence_parallel_overlap=args.sequence_parallel_overlap == "on",
     )  # fmt: skip
     train_step = build_train_step(args, model, train_model, mesh, max_steps)
-    if info.is_main:
+    step, epoch, consumed = resume(args, resume_dir, resume_state, model, train_step, dataset, info.world_size, logger) if resume_dir else (0, 0, 0)
+    if info.is_main:  # only once --load has loaded: a failing resume leaves the experiment's config.json alone
         with open(os.path.join(experiment_dir, "config.json"), "w") as f:
             json.dump({"args": vars(args), "model": config, "run_id": os.environ.get("TORCHELASTIC_RUN_ID")}, f, indent=2)
-    step, epoch, consumed = resume(resume_dir, resume_state, model, train_step, info.world_size, logger) if resume_dir else (0, 0, 0)
     if step >= max_steps:
         logger.info(f"Nothing to do: step {step} >= {max_steps}")
     last_saved = step if resume_dir else -1
+    last_good = resume_dir or "none written yet"
     train_model.train()  # enables label dropout for classifier-free guidance
 
     def checkpoint() -> None:
-        train_state = {"step": step, "epoch": epoch, "consumed": consumed, "world_size": info.world_size, "dp_size": mesh.dp_size, "config": {"model": config, "args": vars(args)}}
-        path = save_checkpoint(os.path.join(experiment_dir, "checkpoints"), step, model, train_step.optimizer, train_step.ema, {**train_state, **train_step.state_dict()}, keep=args.ckpt_keep)
-        logger.info(f"Saved checkpoint to {path}")
+        nonlocal last_good
+        if non_finite_tensors(finite_check_tensors(model, train_step)).item():
+            raise DivergenceError(f"refusing to write the step-{step} checkpoint: non-finite weights, EMA or optimizer state; the last good checkpoint is {last_good}")
+        train_state = {"step": step, "epoch": epoch, "consumed": consumed, "world_size": info.world_size, "dp_size": mesh.dp_size,
+                       "config": {"model": config, "args": vars(args)}, "bad_samples": bad_sample_counts(dataset)}
+        last_good = save_checkpoint(os.path.join(experiment_dir, "checkpoints"), step, model, train_step.optimizer, train_step.ema, {**train_state, **train_step.state_dict()}, keep=args.ckpt_keep)
+        logger.info(f"Saved checkpoint to {last_good}")
 
     # Loop:
-    metrics = MetricsWriter(experiment_dir, info.is_main)
+    metrics = MetricsWriter(experiment_dir, info.is_main, resumed_step=step if resume_dir else 0)
+    stop = StopSignals(device)
+    check_every = 1 if not train_step.on_device_skip else args.log_every  # divergence counters: read for free on CPU
     meter = Meter(device, args.batch_size * mesh.dp_size, info.world_size, flops_per_image, peak_tflops(args, device))
     progress = tqdm(total=max_steps, initial=step, disable=not info.is_main or None, desc="train", dynamic_ncols=True)
     while step < max_steps and epoch < args.epochs:
@@ -117,6 +139,8 @@ def train(args: argparse.Namespace) -> None:
             maybe_fail(step, info.rank)
             meter.add(result.loss_dict)
             progress.update(1)
+            if step % check_every == 0 or step == max_steps or (args.ckpt_every > 0 and step % args.ckpt_every == 0):
+                train_step.guard.check(step, last_good, logger)
             # Log:
             if step % args.log_every == 0 or step == max_steps:
                 record = {**meter.record(step, epoch, result.grad_norm, result.lr), **train_step.scaler_metrics()}
@@ -127,23 +151,57 @@ def train(args: argparse.Namespace) -> None:
             if args.ckpt_every > 0 and step % args.ckpt_every == 0:
                 checkpoint()
                 last_saved = step
+            if stop.should_stop(step):
+                train_step.guard.check(step, last_good, logger)
+                if last_saved != step:
+                    checkpoint()
+                logger.info(f"(step={step:07d}) stop signal received: checkpoint written, exiting with status {PREEMPTED_STATUS}; resume with --load auto")
+                metrics.close()
+                raise Preempted()
             if step >= max_steps:
                 break
         else:
             epoch, consumed = epoch + 1, 0
     if last_saved != step:
         checkpoint()
+    stop.restore()
     progress.close()
     metrics.close()
     logger.info("Done!")
-    cleanup()
 
 
-def resume(resume_dir: str, resume_state: dict, model: torch.nn.Module, train_step: TrainStep, world_size: int, logger) -> tuple:
+def finite_check_tensors(model: torch.nn.Module, train_step: TrainStep) -> list:
+    """This rank's shards of the weights, the EMA and the optimizer moments (what a checkpoint would hold)."""
+    from opendit.parallel.mesh import local_shard
+
+    tensors = [local_shard(t) for t in model.state_dict().values()] + [local_shard(t) for t in train_step.ema.state_dict().values()]
+    return tensors + [local_shard(v) for state in train_step.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+
+
+def bad_sample_counts(dataset) -> list:
+    """Every rank's count of skipped bad samples (gathered: train_state is written by rank 0)."""
+    import torch.distributed as dist
+
+    counts = [int(dataset.skipped.value) if hasattr(dataset, "skipped") else 0]
+    if dist.is_initialized():
+        counts = [None] * dist.get_world_size()
+        dist.all_gather_object(counts, int(dataset.skipped.value) if hasattr(dataset, "skipped") else 0)
+    return counts
+
+
+def restore_bad_samples(dataset, counts: list, rank: int) -> None:
+    """Each rank continues its own count (same world size), else rank 0 carries the total."""
+    if hasattr(dataset, "skipped") and counts:
+        dataset.skipped.value = counts[rank] if rank < len(counts) and len(counts) > 1 else (sum(counts) if rank == 0 else 0)
+
+
+def resume(args, resume_dir: str, resume_state: dict, model: torch.nn.Module, train_step: TrainStep, dataset, world_size: int, logger) -> tuple:
     """Load a checkpoint into the (parallelized) model, optimizer, EMA, scaler and LR schedule, and the RNG when the
     world size is unchanged. Returns (step, epoch, items of that epoch consumed by all dp ranks)."""
     rng = load_checkpoint(resume_dir, model, train_step.optimizer, train_step.ema)  # DCP reshards model, optimizer and EMA to this run's layout
-    train_step.load_state_dict(resume_state)
+    for note in train_step.load_state_dict(resume_state, args.lr, args.weight_decay):  # this run's --lr, schedule, weight decay win
+        logger.info(f"Resume: {note}")
+    restore_bad_samples(dataset, resume_state.get("bad_samples", []), _rank())
     if resume_state["world_size"] != world_size or rng is None:
         logger.info(f"Resuming on {world_size} processes from a run on {resume_state['world_size']}: the RNG restarts")
     else:
@@ -153,8 +211,23 @@ def resume(resume_dir: str, resume_state: dict, model: torch.nn.Module, train_st
     return step, epoch, consumed
 
 
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def main(argv: Optional[list] = None) -> None:
-    run_or_exit(train, get_parser().parse_args(argv))
+    """Status 0: done; 2: a user mistake (one line); 3: stopped by SIGTERM / SIGUSR1 after a checkpoint; 4: diverged."""
+    try:
+        run_or_exit(train, get_parser().parse_args(argv))
+    except Preempted:
+        cleanup()
+        sys.exit(PREEMPTED_STATUS)
+    except DivergenceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        cleanup()
+        sys.exit(4)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import pytest
 
 from opendit.training import train as train_cli
 from opendit.data.build import build_dataset, infer_kind
+from opendit.errors import UsageError
 
 TINY = ["--model", "DiT-S/2", "--depth", "1", "--hidden_size", "32", "--num_heads", "2", "--image_size", "16", "--vae", "none",
         "--batch_size", "2", "--max_steps", "2", "--mixed_precision", "fp32", "--num_workers", "0", "--log_every", "1"]
@@ -41,7 +42,8 @@ def run_error(capsys, *argv):
     return lines[0]
 
 
-def test_auto_infers_the_dataset(tmp_path, folder):
+def test_auto_infers_the_dataset(tmp_path, folder, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./datasets here: the default --data_path means the built-in shapes
     def kind(path, **flags):
         return infer_kind(SimpleNamespace(data_path=str(path), dataset="auto", **flags))
 
@@ -50,9 +52,11 @@ def test_auto_infers_the_dataset(tmp_path, folder):
     (tmp_path / "cifar" / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"")
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "index.json").write_text("{}")
-    assert kind(tmp_path / "missing") == "shapes" and kind(tmp_path / "d.csv") == "csv" and kind(folder) == "folder"
+    assert kind("./datasets") == "shapes" and kind(tmp_path / "d.csv") == "csv" and kind(folder) == "folder"
+    with pytest.raises(UsageError, match="missing: no such file or folder .*--dataset shapes"):  # an explicit, mistyped path
+        kind(tmp_path / "missing")
     assert kind(tmp_path / "cifar") == "cifar10" and kind(tmp_path / "cache") == "latents"
-    shapes = build_dataset(SimpleNamespace(data_path="/nonexistent", dataset="auto", use_video=False, image_size=16, num_classes=8,
+    shapes = build_dataset(SimpleNamespace(data_path="./datasets", dataset="auto", use_video=False, image_size=16, num_classes=8,
                                            dataset_size=4, captions="on"))
     assert shapes[0]["text"] == "a red circle" and shapes.has_text
 

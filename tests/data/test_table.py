@@ -47,3 +47,25 @@ def test_header_and_labels(tmp_path):
 def test_malformed_csvs_name_the_row(tmp_path, text, message):
     with pytest.raises(UsageError, match=message):
         read_table(write(tmp_path / "bad.csv", text))
+
+
+def test_file_caption_label_header_and_latin1_fallback(tmp_path, caplog):
+    from opendit.data.table import read_table
+
+    (tmp_path / "h.csv").write_text("file,caption,label\na.png,a cat,1\n")
+    (row,) = read_table(str(tmp_path / "h.csv"))
+    assert row.caption == "a cat" and row.label == 1 and row.line == 2
+    (tmp_path / "l.csv").write_bytes(b"a.png,caf\xe9\n")
+    (row,) = read_table(str(tmp_path / "l.csv"))
+    assert row.caption == "café" and "row 1: not UTF-8 (byte 0xe9); reading the file as Latin-1" in caplog.text
+
+
+def test_fp16_refused_on_a_cpu_only_machine_without_device_flag(monkeypatch):
+    import pytest as _pytest
+
+    from opendit.errors import UsageError
+    from opendit.training.args import check_flags, get_parser
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with _pytest.raises(UsageError, match="fp16 needs a GPU"):
+        check_flags(get_parser().parse_args(["--mixed_precision", "fp16"]), 1)

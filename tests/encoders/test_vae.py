@@ -143,5 +143,5 @@ def test_unreachable_hub_id_is_one_line_value_error(monkeypatch):
     with pytest.raises(ValueError) as info:
         build_vae("ema")
     message = str(info.value)
-    assert "stabilityai/sd-vae-ft-ema" in message and "no network" in message and "\n" not in message
-    assert calls == [True, False]  # local cache first, then the hub
+    assert "stabilityai/sd-vae-ft-ema" in message and "cannot be reached" in message and "local folder" in message and "\n" not in message
+    assert calls == [True]  # local cache first; the hub is not tried when the 3-second probe cannot reach it
