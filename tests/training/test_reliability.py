@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TRAIN_FLAGS, run_ranks
+from ranks import TRAIN_FLAGS, run_ranks  # tests/ranks.py (tests/conftest.py puts tests/ on sys.path)
 from opendit.checkpoint.dcp import read_tensors
 from opendit.training import train as train_cli
 from opendit.training.preemption import ExperimentLock
