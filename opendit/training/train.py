@@ -20,6 +20,7 @@ from opendit.parallel import build_mesh, parallelize
 from opendit.parallel.process import cleanup, setup_distributed
 from opendit.training.args import PRECISIONS, check_flags, get_parser
 from opendit.training.experiment import open_experiment, restarted_by_torchrun, resume_dir_for
+from opendit.training.graph_step import maybe_graph_step
 from opendit.training.metrics import Meter, MetricsWriter, log_line, peak_tflops
 from opendit.training.sampler import ResumableSampler
 from opendit.training.step import TrainStep, build_train_step
@@ -84,10 +85,10 @@ def train(args: argparse.Namespace) -> None:
     train_model = parallelize(
         model, mesh, plugin=args.plugin, param_dtype=PRECISIONS[args.mixed_precision], blocks_per_unit=args.fsdp_blocks_per_unit,
         fused_adaln=args.enable_modulate_kernel or args.enable_layernorm_kernel, flash_attention=args.enable_flashattn,
-        grad_checkpoint=args.grad_checkpoint, compile=args.compile,
+        grad_checkpoint=args.grad_checkpoint, compile=args.compile, low_precision_residual=args.bf16_residual,
         sequence_parallel_type=args.sequence_parallel_type, sequence_parallel_overlap=args.sequence_parallel_overlap == "on",
     )  # fmt: skip
-    train_step = build_train_step(args, model, train_model, mesh, max_steps)
+    train_step = maybe_graph_step(args, build_train_step(args, model, train_model, mesh, max_steps), info.world_size, device)
     if info.is_main:
         with open(os.path.join(experiment_dir, "config.json"), "w") as f:
             json.dump({"args": vars(args), "model": config, "run_id": os.environ.get("TORCHELASTIC_RUN_ID")}, f, indent=2)
