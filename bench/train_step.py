@@ -1,6 +1,6 @@
-"""One-GPU training-step speed of DiT-XL/2 at 256 per speed-up, as a markdown table.
+"""One-GPU training-step speed of a DiT (default DiT-XL/2 at 256) per speed-up, as a markdown table.
 
-    python bench/train_step.py [--batch_sizes 32,128] [--variants fp32,bf16,flash,kernels,compile,all,diffusers]
+    python bench/train_step.py [--model DiT-B/2] [--batch_sizes 32,128] [--variants fp32,bf16,...,graph] [--time_cap 300]
 
 A step is what train.py does: DiT hybrid loss (MSE + learned-sigma VB) at random timesteps on latents
 (4 x 32 x 32, 1000 classes), backward, gradient clipping at 1.0, AdamW (fused) and an EMA update. Inputs are random
@@ -15,6 +15,12 @@ the same run. Variants are cumulative where the name says so:
     compile   bf16 + flash + torch.compile of each block (inductor fuses the norms itself)
     all       bf16 + flash + kernels + compile
     diffusers diffusers' DiTTransformer2DModel of the same size, bf16 autocast (an external peer)
+    whole     compile, but torch.compile of the whole model instead of each block
+    bf16res   compile + the residual stream in bf16 (KernelChoice.low_precision_residual)
+    step      compile, stepped by train.py's own TrainStep (LR schedule, loss dict, ShardedAdamW, ShardedEMA)
+    graph     step, captured as one CUDA graph after warm-up (opendit.training.graph_step, train.py --cuda_graph)
+    graph-eager  graph without torch.compile (bf16 + flash)
+    graph-bf16res  graph + bf16res
 
 `--tiny` runs a 2-block model on small inputs (a CPU smoke check of the script itself).
 """
@@ -23,6 +29,8 @@ import argparse
 import os
 import sys
 import time
+import traceback
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -32,16 +40,27 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from opendit.diffusion import create_diffusion  # noqa: E402
 from opendit.models import DiT_models  # noqa: E402
 from opendit.parallel.parallelize import compile_blocks, enable_fast_attention, enable_fused_adaln  # noqa: E402
+from opendit.parallel.mesh import ParallelMesh  # noqa: E402
+from opendit.training.ema import ShardedEMA  # noqa: E402
+from opendit.training.graph_step import CudaGraphStep  # noqa: E402
+from opendit.training.optim import ShardedAdamW, lr_factor  # noqa: E402
+from opendit.training.step import TrainStep  # noqa: E402
 from opendit.utils.flops import train_flops_per_sample  # noqa: E402
 
-VARIANTS = {  # name -> (autocast dtype, fast attention, fused kernels, compile)
-    "fp32": (torch.float32, False, False, False),
-    "bf16": (torch.bfloat16, False, False, False),
-    "flash": (torch.bfloat16, True, False, False),
-    "kernels": (torch.bfloat16, True, True, False),
-    "compile": (torch.bfloat16, True, False, True),
-    "all": (torch.bfloat16, True, True, True),
-    "diffusers": (torch.bfloat16, False, False, False),
+VARIANTS = {  # name -> (autocast dtype, fast attention, fused kernels, compile ("", "blocks", "model"), stepper, bf16 residual)
+    "fp32": (torch.float32, False, False, "", "bench", False),
+    "bf16": (torch.bfloat16, False, False, "", "bench", False),
+    "flash": (torch.bfloat16, True, False, "", "bench", False),
+    "kernels": (torch.bfloat16, True, True, "", "bench", False),
+    "compile": (torch.bfloat16, True, False, "blocks", "bench", False),
+    "all": (torch.bfloat16, True, True, "blocks", "bench", False),
+    "diffusers": (torch.bfloat16, False, False, "", "bench", False),
+    "whole": (torch.bfloat16, True, False, "model", "bench", False),
+    "bf16res": (torch.bfloat16, True, False, "blocks", "bench", True),
+    "step": (torch.bfloat16, True, False, "blocks", "train", False),
+    "graph": (torch.bfloat16, True, False, "blocks", "graph", False),
+    "graph-eager": (torch.bfloat16, True, False, "", "graph", False),
+    "graph-bf16res": (torch.bfloat16, True, False, "blocks", "graph", True),
 }
 
 
@@ -54,6 +73,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile, autotune)")
     p.add_argument("--profile", default=None, help="print the top GPU kernels of this variant (at the last batch size)")
+    p.add_argument("--time_cap", type=float, default=0, help="seconds: variants not started by then are skipped (0: no cap)")
     p.add_argument("--tiny", action="store_true", help="2-block model, 8x8 latents: a quick check of the script")
     return p.parse_args()
 
@@ -106,14 +126,31 @@ def build(name: str, args: argparse.Namespace, device: torch.device) -> nn.Modul
     if name == "diffusers":
         model = DiffusersDiT(model)
     model = model.to(device)
-    _, flash, kernels, compiled = VARIANTS[name]
+    _, flash, kernels, compiled, _, bf16_residual = VARIANTS[name]
     if kernels:
         enable_fused_adaln(model)
     if flash:
         enable_fast_attention(model)
-    if compiled:
+    if bf16_residual:
+        model.kernels.low_precision_residual = True
+    if compiled == "blocks":
         compile_blocks(model)
+    elif compiled == "model":
+        model.compile()
     return model.train()
+
+
+def make_train_step(model: nn.Module, dtype: torch.dtype, graph: bool):
+    """train.py's TrainStep (optionally as a CUDA graph) on one process, behind the bench's step(x, y) signature."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    cuda = next(model.parameters()).is_cuda
+    opt = ShardedAdamW(params, lr=1e-4, weight_decay=0, fused=cuda, foreach=not cuda)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, "constant", 0, 1))
+    scaler = torch.amp.GradScaler("cuda" if cuda else "cpu", enabled=False)
+    diffusion = create_diffusion(timestep_respacing="")
+    train_step = TrainStep(model, diffusion, opt, scaler, scheduler, ShardedEMA(model), ParallelMesh(), dtype, dtype != torch.float32, 1.0, 0.9999)
+    train_step = CudaGraphStep(train_step) if graph else train_step
+    return lambda x, y: train_step(x, dict(y=y))
 
 
 def make_step(model: nn.Module, dtype: torch.dtype, device: torch.device):
@@ -139,7 +176,8 @@ def make_step(model: nn.Module, dtype: torch.dtype, device: torch.device):
 def run(name: str, batch: int, args: argparse.Namespace, device: torch.device) -> dict:
     torch.manual_seed(0)
     model = build(name, args, device)
-    step = make_step(model, VARIANTS[name][0], device)
+    stepper = VARIANTS[name][4]
+    step = make_step(model, VARIANTS[name][0], device) if stepper == "bench" else make_train_step(model, VARIANTS[name][0], stepper == "graph")
     x = torch.randn(batch, 4, args.latent_size, args.latent_size, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     for _ in range(args.warmup):
@@ -201,13 +239,22 @@ def main() -> None:
     print(f"{card}, torch {torch.__version__}; bf16 matmul peak {peak:.0f} TFLOP/s; {args.model} at latent {args.latent_size}: {flops / 1e9:.1f} GFLOP per training image\n")
     print("| variant | batch | img/s | ms/step | MFU | peak GiB |")
     print("|---|---:|---:|---:|---:|---:|")
+    start = time.perf_counter()
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         for name in args.variants.split(","):
+            if args.time_cap and time.perf_counter() - start > args.time_cap:
+                print(f"| {name} | {batch} | skipped (time cap) | | | |", flush=True)
+                continue
             try:
                 r = run(name, batch, args, device)
             except torch.OutOfMemoryError:
                 print(f"| {name} | {batch} | OOM | | | |", flush=True)
                 torch.cuda.empty_cache()
+                continue
+            except Exception as e:  # a variant that cannot run here (e.g. a capture error) should not end the table
+                traceback.print_exc()
+                print(f"| {name} | {batch} | failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''} | | | |", flush=True)
+                torch._dynamo.reset()
                 continue
             mfu = r["img_s"] * flops / (peak * 1e12)
             print(f"| {name} | {batch} | {r['img_s']:.1f} | {r['ms']:.1f} | {100 * mfu:.1f}% | {r['peak']:.1f} |", flush=True)

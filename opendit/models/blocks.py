@@ -33,6 +33,7 @@ class KernelChoice:
     """Which implementation a model's blocks run; one object shared by all of them, switched from outside."""
 
     fused_adaln: bool = False  # LayerNorm + modulate and gate + residual as Triton kernels (--enable_modulate_kernel)
+    low_precision_residual: bool = False  # under autocast, carry the residual stream in the autocast dtype (bf16), not fp32
 
 
 class Mlp(nn.Module):

@@ -144,6 +144,8 @@ class DiT(nn.Module):
         """
         shape = x.shape
         x = self.embed(x.to(self.x_embedder.proj.weight.dtype))  # (N, T, D)
+        if self.kernels.low_precision_residual and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # the residual stream in bf16: half the bytes per add
         c = self.condition(t, y, text)  # (N, D)
         for block in self.blocks:
             x = block(x, c)  # (N, T, D); sequence parallelism (applied from outside) splits T at the first block

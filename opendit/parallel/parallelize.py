@@ -104,6 +104,7 @@ def parallelize(
     compile: bool = False,
     sequence_parallel_type: Optional[str] = None,
     sequence_parallel_overlap: bool = True,
+    low_precision_residual: bool = False,
 ) -> nn.Module:
     """Apply everything requested in the fixed order above. Returns the module to run: a DDP wrapper for ddp, the
     model itself otherwise (FSDP2 works in place; on one process, or with plugin=None for sampling, nothing wraps it)."""
@@ -114,6 +115,8 @@ def parallelize(
         enable_fused_adaln(model)
     if flash_attention:
         enable_fast_attention(model)
+    if low_precision_residual:  # DiT: the residual stream in the autocast dtype (+2.6% on DiT-XL/2, docs/benchmarks.md)
+        model.kernels.low_precision_residual = True
     if mesh.sp_size > 1:
         apply_sequence_parallel_to(model, mesh.sp_group, sequence_parallel_type, sequence_parallel_overlap)
     if grad_checkpoint:

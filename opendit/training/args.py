@@ -6,6 +6,7 @@ import torch
 from opendit.builders import check_model_flags
 from opendit.errors import UsageError
 from opendit.parallel.parallelize import BLOCKS_PER_UNIT, PLUGINS
+from opendit.training.graph_step import graph_step_refusal
 from opendit.training.experiment import restarted_by_torchrun
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,6 +66,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many steps in a row with a non-finite loss or gradient norm (each is skipped)")
     parser.add_argument("--ckpt_keep", type=int, default=3, help="keep the newest K checkpoints (<= 0: keep all)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    parser.add_argument("--bf16_residual", action="store_true", help="DiT under bf16/fp16 autocast: carry the residual stream in that dtype instead of fp32 (less memory traffic; changes rounding)")
+    parser.add_argument("--cuda_graph", type=str, default="off", choices=["auto", "on", "off"], help="capture the whole step (forward, backward, clipping, AdamW, EMA) as one CUDA graph; auto: on wherever it can run (one CUDA process, bf16/fp32, no sequence parallelism or --grad_checkpoint)")
     parser.add_argument("--fsdp_blocks_per_unit", type=int, default=BLOCKS_PER_UNIT, help="zero2/zero3: blocks gathered and reduced together (fewer units: less FSDP2 CPU time per step)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="per-GPU peak for MFU (default: 989 for bf16/fp16 on H100/H200, else no MFU)")
     return parser
@@ -95,6 +98,10 @@ def check_flags(args: argparse.Namespace, world_size: int) -> None:
         raise UsageError("--enable_flashattn needs a CUDA GPU and --mixed_precision bf16 or fp16")
     if args.mixed_precision == "fp16" and (args.device == "cpu" or not torch.cuda.is_available()):
         raise UsageError("--mixed_precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
+    cuda = args.device != "cpu" and torch.cuda.is_available()
+    why = graph_step_refusal(world_size, cuda, args.mixed_precision, args.sequence_parallel_size, args.grad_checkpoint)
+    if args.cuda_graph == "on" and why:
+        raise UsageError(f"--cuda_graph on: {why}")
     check_model_flags(args.model, args.image_size, args.vae, args.use_video)
 
 

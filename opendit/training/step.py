@@ -45,9 +45,17 @@ class TrainStep:
         self.on_device_skip = all(group.get("fused") for group in self.optimizer.param_groups)  # see guard.py
 
     def __call__(self, x: torch.Tensor, model_kwargs: dict) -> StepResult:
-        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device)
-        noise = torch.randn_like(x)
+        t, noise = self.draw(x)
         self.mesh.share_sample(x, t, noise, *model_kwargs.values())  # sequence-parallel peers denoise one sample
+        loss_dict, grad_norm, skipped = self.update(x, t, noise, model_kwargs)
+        return self.finish(loss_dict, grad_norm, skipped)
+
+    def draw(self, x: torch.Tensor) -> tuple:
+        """Random timesteps (N,) and noise shaped like x."""
+        return torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device), torch.randn_like(x)
+
+    def update(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, model_kwargs: dict) -> tuple:
+        """The device work of a step: loss, backward, clipping, AdamW and the EMA. Returns (loss_dict, grad_norm, skipped)."""
         with torch.autocast(x.device.type, dtype=self.amp_dtype, enabled=self.use_autocast):
             loss_dict = self.diffusion.training_losses(self.model, x, t, model_kwargs, noise=noise)
         self.optimizer.zero_grad(set_to_none=True)
@@ -59,6 +67,10 @@ class TrainStep:
             bad = bad | ~torch.isfinite(grad_norm)
         self.guard.record(bad)
         skipped = self._step(bad)
+        return loss_dict, grad_norm, skipped
+
+    def finish(self, loss_dict: dict, grad_norm: torch.Tensor, skipped: bool) -> StepResult:
+        """The host side of a step: advance the LR schedule."""
         lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.scheduler.step()
         return StepResult(loss_dict, grad_norm, skipped, lr)

@@ -22,6 +22,7 @@ from opendit.parallel import build_mesh, parallelize
 from opendit.parallel.process import cleanup, setup_distributed
 from opendit.training.args import PRECISIONS, check_flags, check_resume_flags, get_parser
 from opendit.training.experiment import open_experiment, restarted_by_torchrun, resume_dir_for
+from opendit.training.graph_step import maybe_graph_step
 from opendit.training.guard import DivergenceError, non_finite_tensors
 from opendit.training.metrics import Meter, MetricsWriter, log_line, peak_tflops
 from opendit.training.preemption import PREEMPTED_STATUS, Preempted, StopSignals
@@ -99,10 +100,10 @@ def run(args, info, mesh, model, config, dataset, loader, sampler, max_steps, va
     train_model = parallelize(
         model, mesh, plugin=args.plugin, param_dtype=PRECISIONS[args.mixed_precision], blocks_per_unit=args.fsdp_blocks_per_unit,
         fused_adaln=args.enable_modulate_kernel or args.enable_layernorm_kernel, flash_attention=args.enable_flashattn,
-        grad_checkpoint=args.grad_checkpoint, compile=args.compile,
+        grad_checkpoint=args.grad_checkpoint, compile=args.compile, low_precision_residual=args.bf16_residual,
         sequence_parallel_type=args.sequence_parallel_type, sequence_parallel_overlap=args.sequence_parallel_overlap == "on",
     )  # fmt: skip
-    train_step = build_train_step(args, model, train_model, mesh, max_steps)
+    train_step = maybe_graph_step(args, build_train_step(args, model, train_model, mesh, max_steps), info.world_size, device)
     step, epoch, consumed = resume(args, resume_dir, resume_state, model, train_step, dataset, info.world_size, logger) if resume_dir else (0, 0, 0)
     if info.is_main:  # only once --load has loaded: a failing resume leaves the experiment's config.json alone
         with open(os.path.join(experiment_dir, "config.json"), "w") as f:

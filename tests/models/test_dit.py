@@ -184,3 +184,25 @@ def test_size_overrides_and_bad_sizes():
     assert len(model.blocks) == 3 and model.hidden_size == 48
     with pytest.raises(ValueError):
         DiT_models["DiT-S/8"](input_size=12)
+
+
+def test_low_precision_residual_only_changes_rounding_under_autocast():
+    """KernelChoice.low_precision_residual: exact no-op without autocast; under bf16 autocast a bf16 residual stream
+    gives the fp32-residual output to within bf16 rounding."""
+    from opendit.models import DiT
+
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10).eval()
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.tensor([1, 2])
+    ref = model(x, t, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_bf16 = model(x, t, y)
+    model.kernels.low_precision_residual = True
+    torch.testing.assert_close(model(x, t, y), ref, rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t, y)
+    assert not torch.equal(out, ref_bf16)  # the flag did take effect
+    assert (out - ref).norm() / ref.norm() < 3e-2
+    assert (out - ref).norm() < 2 * (ref_bf16 - ref).norm() + 1e-3

@@ -1,0 +1,104 @@
+"""The CUDA-graph training step: the same losses, weights and EMA as the eager TrainStep; refused where it cannot run."""
+import argparse
+from functools import partial
+
+import pytest
+import torch
+
+from opendit.diffusion import create_diffusion
+from opendit.errors import UsageError
+from opendit.models import DiT
+from opendit.parallel.mesh import ParallelMesh
+from opendit.training.args import check_flags, get_parser
+from opendit.training.ema import ShardedEMA
+from opendit.training.graph_step import CudaGraphStep, graph_step_refusal, maybe_graph_step
+from opendit.training.optim import ShardedAdamW, lr_factor
+from opendit.training.guard import DivergenceGuard
+from opendit.training.step import TrainStep
+
+
+def tiny_step(device: torch.device, precision: torch.dtype = torch.float32) -> TrainStep:
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10, class_dropout_prob=0.0).to(device)
+    for p in model.parameters():  # non-zero output layers, so every parameter gets a gradient from the first step
+        p.data.add_(0.01 * torch.randn_like(p))
+    cuda = device.type == "cuda"
+    opt = ShardedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=cuda, foreach=not cuda)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, "cosine", 2, 8))  # the LR changes every step
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    return TrainStep(model.train(), create_diffusion(""), opt, scaler, scheduler, ShardedEMA(model), ParallelMesh(), precision, precision != torch.float32, 1.0, 0.9, DivergenceGuard(device, 5))
+
+
+def run(step, steps: int = 7) -> tuple:
+    torch.manual_seed(1)
+    device = next(step.model.parameters()).device
+    data = [(torch.randn(4, 4, 8, 8, device=device), torch.randint(0, 10, (4,), device=device)) for _ in range(steps)]
+    torch.manual_seed(2)
+    results = [step(x, {"y": y}) for x, y in data]
+    losses = torch.stack([r.loss_dict["loss"].mean() for r in results]).cpu()
+    return losses, [r.lr for r in results], [p.detach().clone() for p in step.model.parameters()], [e.clone() for e in step.ema.state_dict().values()]
+
+
+@pytest.mark.gpu
+def test_graph_step_matches_eager_step():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    device = torch.device("cuda")
+    eager = run(tiny_step(device))
+    graph_step = CudaGraphStep(tiny_step(device), warmup=2)
+    graph = run(graph_step)
+    assert graph_step.graph is not None  # steps 3-7 were replays
+    torch.testing.assert_close(graph[0], eager[0], rtol=1e-5, atol=1e-6)
+    assert graph[1] == eager[1]
+    for a, b in zip(graph[2] + graph[3], eager[2] + eager[3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_graph_step_refuses_a_new_shape():
+    graph_step = CudaGraphStep(tiny_step(torch.device("cuda")), warmup=1)
+    run(graph_step, steps=2)
+    with pytest.raises(ValueError, match="captured for"):
+        graph_step(torch.randn(2, 4, 8, 8, device="cuda"), {"y": torch.zeros(2, dtype=torch.long, device="cuda")})
+
+
+@pytest.mark.parametrize(
+    "world, cuda, precision, sp, ckpt, why",
+    [(1, True, "bf16", 1, False, None), (1, False, "bf16", 1, False, "CUDA"), (2, True, "bf16", 1, False, "one process"),
+     (1, True, "fp16", 1, False, "fp16"), (1, True, "bf16", 2, False, "sequence"), (1, True, "fp32", 1, True, "grad_checkpoint")],
+)
+def test_graph_step_refusal(world, cuda, precision, sp, ckpt, why):
+    got = graph_step_refusal(world, cuda, precision, sp, ckpt)
+    assert got is None if why is None else why in got
+
+
+def test_cuda_graph_flag_on_cpu_or_zero2_is_one_line_error_and_auto_falls_back():
+    args = get_parser().parse_args(["--cuda_graph", "on", "--device", "cpu", "--model", "DiT-S/2", "--vae", "none", "--image_size", "32"])
+    with pytest.raises(UsageError, match="--cuda_graph on: needs a CUDA GPU"):
+        check_flags(args, 1)
+    with pytest.raises(UsageError, match="--cuda_graph on: needs a CUDA GPU"):
+        maybe_graph_step(args, None, 1, torch.device("cpu"))
+    args = argparse.Namespace(cuda_graph="on", mixed_precision="bf16", sequence_parallel_size=1, grad_checkpoint=False)
+    with pytest.raises(UsageError, match="one process only"):
+        maybe_graph_step(args, None, 4, torch.device("cuda"))  # zero2 / zero3 / ddp on 4 processes
+    step = tiny_step(torch.device("cpu"))
+    args.cuda_graph = "auto"
+    assert maybe_graph_step(args, step, 1, torch.device("cpu")) is step
+    assert maybe_graph_step(args, step, 4, torch.device("cuda")) is step
+    args.cuda_graph = "off"
+    assert maybe_graph_step(args, step, 1, torch.device("cuda")) is step
+
+
+def test_graph_step_refuses_the_fp16_scaler():
+    step = tiny_step(torch.device("cpu"))
+    step.scaler = torch.amp.GradScaler("cpu", enabled=True)
+    with pytest.raises(UsageError, match="fp16"):
+        CudaGraphStep(step)
+
+
+def test_eager_step_split_keeps_the_schedule():
+    """draw / update / finish: the LR each step reports follows the schedule, and the EMA moves towards the weights."""
+    step = tiny_step(torch.device("cpu"))
+    losses, lrs, params, ema = run(step, steps=4)
+    assert lrs == [lr_factor("cosine", 2, 8, i) * 1e-3 for i in range(4)]
+    assert torch.isfinite(losses).all()
+    assert any(not torch.equal(p, e) for p, e in zip(params, ema))
