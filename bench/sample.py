@@ -140,7 +140,11 @@ def main():
             if v not in models:
                 continue
             args = flags(*v, sampler=sampler, num_sampling_steps=steps)
-            _, second = timed_loop(args, models[v], opts.images, latent, device)
+            try:
+                _, second = timed_loop(args, models[v], opts.images, latent, device)
+            except Exception as e:
+                print(f"| {sampler}-{steps} | failed: {type(e).__name__}: {str(e)[:200]} | |", flush=True)
+                continue
             print(f"| {sampler}-{steps} | {'full fast path' if v[3] else 'bf16 eager'} | {second:.2f} |", flush=True)
 
     print("\n## sample_ddp.py throughput per GPU (cfg 1.5, 250 DDPM steps; 25 timed steps x 10)\n")
@@ -149,7 +153,11 @@ def main():
         rates = []
         for v in (VARIANTS["bf16 autocast, engine (eager)"], fast):
             args = flags(*v, cfg_scale=1.5, num_sampling_steps=25)
-            _, second = timed_loop(args, models[v], batch, latent, device)
+            try:
+                _, second = timed_loop(args, models[v], batch, latent, device)
+            except Exception as e:
+                print(f"batch {batch} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                second = float("nan")
             rates.append(batch / (second * 10))
             _ENGINES.clear()
         print(f"| {batch} | {rates[0]:.1f} | {rates[1]:.1f} | {rates[1] / rates[0]:.2f}x |", flush=True)
