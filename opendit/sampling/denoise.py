@@ -1,12 +1,33 @@
-"""The denoising loop: DDPM, DDIM or DPM-Solver from noise, with classifier-free guidance."""
+"""The denoising loop: DDPM, DDIM or DPM-Solver from noise, with classifier-free guidance. fp32 without --compile
+runs the reference loops of opendit.diffusion; bf16 / fp16, --compile or --cfg_parallel run the engine (engine.py)."""
 import argparse
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from opendit.diffusion import create_diffusion
+from opendit.sampling.engine import Engine, Guided, make_schedule
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_ENGINES: dict = {}  # one engine (and its CUDA graph) per model and sampling setting, reused across batches
+
+
+def uses_engine(args: argparse.Namespace, cfg_group: Optional[dist.ProcessGroup] = None) -> bool:
+    return getattr(args, "mixed_precision", "fp32") != "fp32" or getattr(args, "compile", False) or cfg_group is not None
+
+
+def get_engine(args: argparse.Namespace, model: torch.nn.Module, device: torch.device, cfg_group: Optional[dist.ProcessGroup] = None) -> Engine:
+    """The engine for these flags, built once (schedule constants on the device) and cached with its CUDA graph."""
+    key = (id(model), args.sampler, args.num_sampling_steps, args.noise_schedule, args.cfg_scale, args.cfg_channels, getattr(args, "mixed_precision", "fp32"),
+           getattr(args, "compile", False), args.vae == "none", id(cfg_group), str(device))
+    if key not in _ENGINES:
+        schedule = make_schedule(args.sampler, args.num_sampling_steps, args.noise_schedule, device)
+        guided = Guided(model, args.cfg_scale, None if args.cfg_channels == "all" else 3, PRECISIONS[getattr(args, "mixed_precision", "fp32")], cfg_group)
+        graph = getattr(args, "compile", False) and device.type == "cuda" and cfg_group is None and not (dist.is_initialized() and dist.get_world_size() > 1)
+        _ENGINES[key] = Engine(schedule, guided, clip=args.vae == "none", cuda_graph=graph)
+    return _ENGINES[key]
 
 
 
@@ -17,10 +38,16 @@ def denoise(
     y: Optional[torch.Tensor],
     text: Optional[torch.Tensor] = None,
     null_text: Optional[torch.Tensor] = None,
+    cfg_group: Optional[dist.ProcessGroup] = None,
 ) -> torch.Tensor:
     """Run the chosen sampler from noise z with labels y and/or pooled prompts text; when cfg_scale > 1, guide
-    against the null class and the empty prompt's embedding null_text (1, text_dim)."""
+    against the null class and the empty prompt's embedding null_text (1, text_dim). cfg_group: two ranks that run
+    the conditional and the unconditional half of each step."""
     use_cfg = args.cfg_scale > 1.0
+    if uses_engine(args, cfg_group):
+        cond = dict(y=y, text=text)
+        uncond = dict(y=None if y is None else torch.full_like(y, args.num_classes), text=None if text is None else null_text.expand_as(text)) if use_cfg else None
+        return get_engine(args, model, z.device, cfg_group).sample(z, cond, uncond, progress=True)
     if use_cfg:
         z = torch.cat([z, z], dim=0)
         if y is not None:

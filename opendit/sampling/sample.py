@@ -11,15 +11,16 @@ from opendit.checkpoint.weights import load_model_weights
 from opendit.encoders import load_text_encoder, load_vae
 from opendit.encoders.text import DEFAULT_TEXT_ENCODER
 from opendit.errors import UsageError, run_or_exit
-from opendit.parallel import build_mesh, parallelize
+from opendit.parallel import parallelize
 from opendit.sampling.conditions import (
     conditions,
     file_stem,
     prompt_classes,
     read_prompts,
 )
-from opendit.sampling.denoise import SAMPLERS, denoise
+from opendit.sampling.denoise import PRECISIONS, SAMPLERS, denoise
 from opendit.sampling.fidelity import check_fidelity
+from opendit.sampling.layout import SamplingLayout, build_layout
 
 # Flags that fall back to the checkpoint's training config when not given, then to these defaults.
 MODEL_DEFAULTS = dict(model="DiT-XL/2", vae="ema", image_size=256, num_classes=1000, num_frames=16, noise_schedule="linear")
@@ -54,9 +55,35 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fps", type=float, default=20, help="frames per second of the mp4 files")
     parser.add_argument("--check_fidelity", action="store_true", help="score samples with the built-in shapes class-fidelity checker")
     parser.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--sequence_parallel_size", type=int, default=1, help="under torchrun: split every step's tokens over this many processes (all of them)")
+    parser.add_argument("--sequence_parallel_size", type=int, default=1, help="under torchrun: processes that split each step's tokens (as in train.py); the rest sample other conditions")
+    parser.add_argument("--cfg_parallel", action="store_true", help="under torchrun: the conditional and unconditional halves of each step on two processes (world = dp x 2 x sp)")
+    add_speed_flags(parser)
     parser.add_argument("--sequence_parallel_type", type=str, default=None, choices=["fastseq", "longseq", "ulysses", "dsp"], help="default: dsp for Latte, fastseq otherwise")
     return parser
+
+
+def add_speed_flags(parser: argparse.ArgumentParser) -> None:
+    """--mixed_precision, --enable_flashattn, --enable_modulate_kernel, --compile (sample.py and sample_ddp.py)."""
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=list(PRECISIONS), help="autocast dtype (default: bf16 on a GPU, fp32 on the CPU)")
+    parser.add_argument("--enable_flashattn", action="store_true", help="attention on the fused GPU kernels only (cuDNN/flash; bf16/fp16)")
+    parser.add_argument("--enable_modulate_kernel", action="store_true", help="Triton fused LayerNorm + modulate (adaLN) in every block")
+    parser.add_argument("--compile", action="store_true", help="GPU: torch.compile the blocks and capture each whole denoising step as one CUDA graph")
+
+
+def resolve_speed_flags(args: argparse.Namespace, device: torch.device) -> None:
+    """Default precision by device; one-line errors for flags the device cannot run."""
+    if args.mixed_precision is None:
+        args.mixed_precision = "bf16" if device.type == "cuda" else "fp32"
+    if device.type != "cuda" and (args.enable_flashattn or args.compile or args.mixed_precision == "fp16"):
+        raise UsageError("--enable_flashattn, --compile and --mixed_precision fp16 need a CUDA GPU")
+    if args.enable_flashattn and args.mixed_precision == "fp32":
+        raise UsageError("--enable_flashattn needs --mixed_precision bf16 or fp16")
+
+
+def speed_up(args: argparse.Namespace, model: torch.nn.Module, mesh=None) -> torch.nn.Module:
+    """Kernels, sequence parallelism and per-block compile through parallelize (no data-parallel wrapper)."""
+    return parallelize(model, mesh, plugin=None, fused_adaln=args.enable_modulate_kernel, flash_attention=args.enable_flashattn, compile=args.compile,
+                       sequence_parallel_type=getattr(args, "sequence_parallel_type", None), sequence_parallel_overlap=False)  # plain collectives: faster on NVLink
 
 
 def resolve_model_flags(args: argparse.Namespace, train_config: Optional[dict]) -> None:
@@ -88,26 +115,37 @@ def resolve_text_flags(args: argparse.Namespace, state_dict: dict, prompts: list
     return text_dim
 
 
-def setup_sequence_parallel(args: argparse.Namespace):
-    """Join torchrun's process group for --sequence_parallel_size > 1 (None otherwise)."""
-    if args.sequence_parallel_size == 1:
-        return None
+def setup_parallel(args: argparse.Namespace):
+    """Join torchrun's process group when there is one (or sp / cfg parallelism asks for it). -> (DistInfo or None, layout)"""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and args.sequence_parallel_size == 1 and not args.cfg_parallel:
+        return None, SamplingLayout()
     from opendit.parallel.process import setup_distributed
 
     info = setup_distributed(args.device)
-    if args.sequence_parallel_size != info.world_size:
-        raise UsageError(f"--sequence_parallel_size {args.sequence_parallel_size}: run under torchrun with exactly that many processes (got {info.world_size})")
-    return info
+    return info, build_layout(info.rank, info.world_size, args.sequence_parallel_size, args.cfg_parallel, info.device.type)
 
 
 def build_sampling_model(args: argparse.Namespace, config: dict, state_dict: dict, device: torch.device) -> torch.nn.Module:
     """The model of config with the checkpoint's weights (strict), in eval mode; a one-line error when they do not fit."""
-    model = build_model(config).to(device)
+    with torch.device(device):  # initialised where it runs: the random init of a large model is slow on the CPU
+        model = build_model(config)
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
         raise UsageError(f"--ckpt {args.ckpt}: weights do not fit {args.model} at --image_size {args.image_size} ({str(e).splitlines()[1].strip()})") from None
     return model.eval()
+
+
+def gather_samples(outputs: list, layout: SamplingLayout) -> Optional[torch.Tensor]:
+    """Every dp group's decoded samples, in order, on rank 0 (None elsewhere)."""
+    mine = torch.cat(outputs) if outputs else None
+    if layout.world == 1:
+        return mine
+    import torch.distributed as dist
+
+    parts = [None] * layout.world
+    dist.all_gather_object(parts, mine)
+    return torch.cat([p for p in parts if p is not None]) if layout.rank == 0 else None
 
 
 @torch.no_grad()
@@ -119,21 +157,19 @@ def sample(args: argparse.Namespace) -> dict:
     check_model_flags(args.model, args.image_size, args.vae, args.use_video)
     prompts = read_prompts(args)
     text_dim = resolve_text_flags(args, state_dict, prompts, train_config)
-    torch.manual_seed(args.seed)  # the same on every sequence-parallel rank: they denoise one batch together
+    torch.manual_seed(args.seed)  # the same on every rank: noise is drawn for all samples, each dp group takes its share
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.set_flush_denormal(True)
-    info = setup_sequence_parallel(args)
+    info, layout = setup_parallel(args)
     device = info.device if info else torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    resolve_speed_flags(args, device)
 
     vae = load_vae(args.vae, device)
     text_encoder = load_text_encoder(args.text_encoder, device) if text_dim else None
     if text_encoder is not None and text_encoder.dim != text_dim:
         raise UsageError(f"--text_encoder {args.text_encoder}: gives {text_encoder.dim}-d embeddings; the checkpoint's model takes {text_dim}-d")
     config = model_config(args, vae, text_encoder)
-    model = build_sampling_model(args, config, state_dict, device)
-    if info:
-        mesh = build_mesh(info.world_size, info.world_size, device.type)
-        parallelize(model, mesh, plugin=None, sequence_parallel_type=args.sequence_parallel_type, sequence_parallel_overlap=False)  # plain collectives: faster on NVLink
+    model = speed_up(args, build_sampling_model(args, config, state_dict, device), layout.mesh)
 
     labels, prompt_ids = conditions(args, prompts, model.y_embedder is not None)
     name_class = not prompts or args.labels is not None
@@ -143,16 +179,17 @@ def sample(args: argparse.Namespace) -> dict:
     latent_shape = (config["in_channels"], args.num_frames, config["input_size"], config["input_size"]) if args.use_video else (config["in_channels"], config["input_size"], config["input_size"])
     noise = torch.randn(len(labels), *latent_shape, device=device)  # drawn up front: DDIM / DPM-Solver samples do not depend on --batch_size
     outputs = []
-    for start in range(0, len(labels), args.batch_size):
-        chunk = slice(start, start + args.batch_size)
+    mine = layout.share(len(labels))  # this dp group's samples; every sp / cfg rank of the group takes part
+    for start in range(mine.start, mine.stop, args.batch_size):
+        chunk = slice(start, min(start + args.batch_size, mine.stop))
         y = torch.tensor(labels[chunk], device=device) if labels[0] is not None else None
         text = text_emb[prompt_ids[chunk]] if text_emb is not None else None
-        latents = denoise(args, model, noise[chunk], y, text, null_text)  # every sequence-parallel rank takes part
-        if info is None or info.is_main:  # ... and holds the same latents: rank 0 alone decodes and writes them
+        latents = denoise(args, model, noise[chunk], y, text, null_text, cfg_group=layout.cfg_group)
+        if layout.is_leader:  # the group's ranks hold the same latents: its first rank decodes them
             outputs.append(vae.decode(latents).clamp(-1, 1).cpu())
-    if not outputs:
+    samples = gather_samples(outputs, layout)
+    if samples is None:
         return {"labels": labels}
-    samples = torch.cat(outputs)
 
     from opendit.utils.media import save_image, save_image_grid, save_video
 
@@ -180,7 +217,7 @@ def main(argv: Optional[list] = None) -> dict:
     try:
         return run_or_exit(sample, args)
     except ValueError as e:  # sequence parallelism: heads or tokens that do not divide by the group size
-        if args.sequence_parallel_size == 1:
+        if args.sequence_parallel_size == 1 and not args.cfg_parallel:
             raise
         print(f"error: --sequence_parallel_size {args.sequence_parallel_size}: {e}", file=sys.stderr)
         sys.exit(2)

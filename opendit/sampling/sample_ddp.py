@@ -22,7 +22,7 @@ from opendit.encoders import load_vae
 from opendit.errors import UsageError, run_or_exit
 from opendit.parallel.process import barrier, cleanup, setup_distributed
 from opendit.sampling.denoise import SAMPLERS, denoise
-from opendit.sampling.sample import build_sampling_model, resolve_model_flags
+from opendit.sampling.sample import add_speed_flags, build_sampling_model, resolve_model_flags, resolve_speed_flags, speed_up
 from opendit.utils.media import save_image
 
 
@@ -46,6 +46,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls (DiT: on)")
     parser.add_argument("--use_model", action="store_true", help="the raw model weights instead of the EMA")
     parser.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"])
+    add_speed_flags(parser)
     return parser
 
 
@@ -84,7 +85,8 @@ def sample_ddp(args: argparse.Namespace) -> dict:
     torch.set_flush_denormal(True)
     vae = load_vae(args.vae, info.device)
     config = model_config(args, vae)
-    model = build_sampling_model(args, config, state_dict, info.device)
+    resolve_speed_flags(args, info.device)
+    model = speed_up(args, build_sampling_model(args, config, state_dict, info.device))
 
     folder = os.path.join(args.sample_dir, folder_name(args))
     os.makedirs(folder, exist_ok=True)
