@@ -64,7 +64,8 @@ class CudaGraphStep:
                 self.capture(x, t, noise, model_kwargs)
             self.feed(x, t, noise, model_kwargs)
             self.graph.replay()
-            loss_dict, grad_norm = self.outputs
+            # The graph rewrites its outputs at every replay: hand out copies, as an eager step's are its own.
+            loss_dict, grad_norm = {k: v.clone() for k, v in self.outputs[0].items()}, self.outputs[1].clone()
         self.calls += 1
         return self.step.finish(loss_dict, grad_norm, False)
 
