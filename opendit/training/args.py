@@ -67,7 +67,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ckpt_keep", type=int, default=3, help="keep the newest K checkpoints (<= 0: keep all)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     parser.add_argument("--bf16_residual", action="store_true", help="DiT under bf16/fp16 autocast: carry the residual stream in that dtype instead of fp32 (less memory traffic; changes rounding)")
-    parser.add_argument("--cuda_graph", type=str, default="off", choices=["auto", "on", "off"], help="capture the whole step (forward, backward, clipping, AdamW, EMA) as one CUDA graph; auto: on wherever it can run (one CUDA process, bf16/fp32, no sequence parallelism or --grad_checkpoint)")
+    parser.add_argument("--cuda_graph", type=str, default="auto", choices=["auto", "on", "off"], help="capture the whole step (forward, backward, clipping, AdamW, EMA) as one CUDA graph; auto: on wherever it can run (one CUDA process, bf16/fp32, no sequence parallelism or --grad_checkpoint)")
     parser.add_argument("--fsdp_blocks_per_unit", type=int, default=BLOCKS_PER_UNIT, help="zero2/zero3: blocks gathered and reduced together (fewer units: less FSDP2 CPU time per step)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="per-GPU peak for MFU (default: 989 for bf16/fp16 on H100/H200, else no MFU)")
     return parser
