@@ -13,6 +13,7 @@ from tqdm import tqdm
 from opendit.builders import build_model, model_config
 from opendit.checkpoint.dcp import load_checkpoint, read_train_state, save_checkpoint
 from opendit.checkpoint.layout import set_rng_state
+from opendit.checkpoint.weights import is_opendit_folder, load_opendit_folder
 from opendit.data import build_dataset, prepare_batch, text_encoder_for
 from opendit.encoders import load_vae
 from opendit.errors import UsageError, run_or_exit
@@ -21,6 +22,7 @@ from opendit.parallel.process import cleanup, setup_distributed
 from opendit.training.args import PRECISIONS, check_flags, get_parser
 from opendit.training.experiment import open_experiment, restarted_by_torchrun, resume_dir_for
 from opendit.training.metrics import Meter, MetricsWriter, log_line, peak_tflops
+from opendit.training.preview import Preview
 from opendit.training.sampler import ResumableSampler
 from opendit.training.step import TrainStep, build_train_step
 from opendit.utils.flops import train_flops_per_sample
@@ -63,7 +65,8 @@ def train(args: argparse.Namespace) -> None:
     mesh = build_mesh(info.world_size, args.sequence_parallel_size, device.type)
     seed = args.global_seed * mesh.dp_size + mesh.dp_rank  # data-parallel ranks draw different t and noise; sp peers the same
     seed_everything(seed)
-    resume_dir = resume_dir_for(args)
+    opendit_init = args.load if args.load not in (None, "auto") and is_opendit_folder(args.load) else None  # weights only
+    resume_dir = None if opendit_init else resume_dir_for(args)
     resume_state = read_train_state(resume_dir) if resume_dir else None
     dataset = build_dataset(args, train=True)  # the built-in shapes when --data_path does not exist
     if dataset.num_classes == 0:  # unlabelled data (captions only): no label table, which would never get a gradient
@@ -81,6 +84,7 @@ def train(args: argparse.Namespace) -> None:
     logger.info(f"{args.model} parameters: {sum(p.numel() for p in model.parameters()):,}  config: {config}  parallelism: {mesh.describe(args.plugin)}, {args.mixed_precision}")
     logger.info(f"Dataset: {type(dataset).__name__} with {len(dataset):,} items, {len(sampler) // args.batch_size} steps per epoch")
     flops_per_image = train_flops_per_sample(model)
+    ema_init = init_from_opendit(opendit_init, model, logger) if opendit_init else None
     train_model = parallelize(
         model, mesh, plugin=args.plugin, param_dtype=PRECISIONS[args.mixed_precision], blocks_per_unit=args.fsdp_blocks_per_unit,
         fused_adaln=args.enable_modulate_kernel or args.enable_layernorm_kernel, flash_attention=args.enable_flashattn,
@@ -88,6 +92,8 @@ def train(args: argparse.Namespace) -> None:
         sequence_parallel_type=args.sequence_parallel_type, sequence_parallel_overlap=args.sequence_parallel_overlap == "on",
     )  # fmt: skip
     train_step = build_train_step(args, model, train_model, mesh, max_steps)
+    if ema_init is not None:
+        train_step.ema.load_full(ema_init)
     if info.is_main:
         with open(os.path.join(experiment_dir, "config.json"), "w") as f:
             json.dump({"args": vars(args), "model": config, "run_id": os.environ.get("TORCHELASTIC_RUN_ID")}, f, indent=2)
@@ -104,6 +110,7 @@ def train(args: argparse.Namespace) -> None:
 
     # Loop:
     metrics = MetricsWriter(experiment_dir, info.is_main)
+    preview = Preview(args, config, dataset, vae, text_encoder, device, experiment_dir, info.is_main, metrics.tb if info.is_main else None) if args.sample_every > 0 else None
     meter = Meter(device, args.batch_size * mesh.dp_size, info.world_size, flops_per_image, peak_tflops(args, device))
     progress = tqdm(total=max_steps, initial=step, disable=not info.is_main or None, desc="train", dynamic_ncols=True)
     while step < max_steps and epoch < args.epochs:
@@ -127,6 +134,9 @@ def train(args: argparse.Namespace) -> None:
             if args.ckpt_every > 0 and step % args.ckpt_every == 0:
                 checkpoint()
                 last_saved = step
+            # Preview:
+            if preview is not None and step % args.sample_every == 0:
+                logger.info(f"Samples of step {step}: {preview(step, train_step.ema.state_dict())}")
             if step >= max_steps:
                 break
         else:
@@ -137,6 +147,23 @@ def train(args: argparse.Namespace) -> None:
     metrics.close()
     logger.info("Done!")
     cleanup()
+
+
+def init_from_opendit(path: str, model: torch.nn.Module, logger) -> dict:
+    """--load with an OpenDiT checkpoint folder: its model/ weights into the model (strict); returns the EMA weights
+    (ema.pt, or the model's when there is none). The optimizer, EMA step count and position are not resumed."""
+    weights = load_opendit_folder(path, use_ema=False)
+    ema = load_opendit_folder(path, use_ema=True)
+    for name, state in (("model", weights), ("ema", ema)):
+        missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
+        if missing or unexpected:
+            raise UsageError(f"--load {path}: OpenDiT {name} weights do not fit the flags' model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise UsageError(f"--load {path}: OpenDiT weights do not fit the flags' model ({str(e).splitlines()[1].strip()})") from None
+    logger.info(f"--load {path}: an OpenDiT checkpoint: weights only (model and EMA); the optimizer, EMA history and step are not resumed, training starts at step 0")
+    return ema
 
 
 def resume(resume_dir: str, resume_state: dict, model: torch.nn.Module, train_step: TrainStep, world_size: int, logger) -> tuple:
