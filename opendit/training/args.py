@@ -8,6 +8,7 @@ from opendit.errors import UsageError
 from opendit.parallel.parallelize import BLOCKS_PER_UNIT, PLUGINS
 from opendit.training.experiment import restarted_by_torchrun
 
+DEFAULT_BATCH = 2
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -28,9 +29,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image_size", "--image-size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--num_classes", "--num-classes", type=int, default=1000, help="size of the class-label table (unlabelled data: none is built)")
     parser.add_argument("--epochs", type=int, default=1400)
-    batch = parser.add_mutually_exclusive_group()
-    batch.add_argument("--batch_size", type=int, default=2, help="per data-parallel rank")
-    batch.add_argument("--global_batch_size", "--global-batch-size", type=int, default=None, help="Meta DiT's batch flag: the batch over all data-parallel ranks (divided by their number)")
+    parser.add_argument("--batch_size", type=int, default=None, help=f"per data-parallel rank (default {DEFAULT_BATCH})")
+    parser.add_argument("--global_batch_size", "--global-batch-size", type=int, default=None, help="Meta DiT's batch flag: the batch over all data-parallel ranks (divided by their number)")
     parser.add_argument("--global_seed", "--global-seed", type=int, default=42, help="rank r seeds with global_seed * world_size + r")
     parser.add_argument("--num_workers", "--num-workers", type=int, default=4, help="DataLoader worker processes")
     parser.add_argument("--log_every", "--log-every", type=int, default=10, help="log loss and speed every N steps")
@@ -76,7 +76,11 @@ def check_flags(args: argparse.Namespace, world_size: int) -> None:
     """Refuse, in one line, flags whose feature is not in this version or that contradict each other."""
     if args.sequence_parallel_size < 1 or world_size % args.sequence_parallel_size:
         raise UsageError(f"--sequence_parallel_size {args.sequence_parallel_size}: must divide the {world_size} processes")
-    if args.global_batch_size is not None:  # Meta DiT's spelling: the whole batch, split over the data-parallel ranks
+    if args.global_batch_size is not None and args.batch_size is not None:
+        raise UsageError("--global-batch-size and --batch_size: give one (the batch over all data-parallel ranks, or per rank)")
+    if args.global_batch_size is None:
+        args.batch_size = DEFAULT_BATCH if args.batch_size is None else args.batch_size
+    else:  # Meta DiT's spelling: the whole batch, split over the data-parallel ranks
         dp_size = world_size // args.sequence_parallel_size
         if args.global_batch_size < 1 or args.global_batch_size % dp_size:
             raise UsageError(f"--global-batch-size {args.global_batch_size}: must be a positive multiple of the {dp_size} data-parallel ranks")
