@@ -50,3 +50,22 @@ def test_sample_every_video_contact_sheet_and_mp4s(tmp_path):
     from opendit.utils.media import read_video
 
     assert read_video(str(folder / "00.mp4")).shape == (3, 16, 16, 3)
+
+
+def test_sample_every_under_fsdp_gathers_the_sharded_ema(tmp_path):
+    """zero2 on 2 gloo processes: every rank joins the EMA gather, rank 0 writes, the losses stay those of a run without."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    losses = {}
+    for name, extra in (("plain", []), ("preview", ["--sample_every", "1"])):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(root, "train.py"), *TINY,
+               "--max_steps", "2", "--batch_size", "2", "--plugin", "zero2", "--outputs", str(tmp_path / name), *extra]
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        experiment = tmp_path / name / os.listdir(tmp_path / name)[0]
+        with open(experiment / "metrics.jsonl") as f:
+            losses[name] = [json.loads(line)["loss"] for line in f]
+    assert losses["preview"] == losses["plain"]
+    assert sorted(os.listdir(experiment / "samples")) == ["step-0000001", "step-0000002"]
