@@ -1,10 +1,13 @@
 """Weights for sampling and export, on one process, from every accepted format (never runs pickled code).
 
 Accepted: a training checkpoint (step folder or experiment folder: the DCP shards, the EMA by default), an export
-folder or its model.safetensors, an official DiT .pt (a plain state dict), or a .pt with an "ema"/"model" entry.
+folder or its model.safetensors, an official DiT .pt (a plain state dict), a .pt with an "ema"/"model" entry, or an
+OpenDiT checkpoint folder (epochE-global_stepG/ with ema.pt and model/ shards, its experiment folder, or its model/).
 """
+import glob
 import json
 import os
+import re
 from typing import Any, Dict, Optional
 
 import torch
@@ -61,12 +64,91 @@ def _load_safetensors(path: str) -> tuple[Dict[str, torch.Tensor], Optional[Dict
     return weights, _read_json(os.path.join(os.path.dirname(path), EXPORT_CONFIG))
 
 
+# --- OpenDiT's checkpoint folders ----------------------------------------------------------------
+# epoch{E}-global_step{G}/: model/ (ColossalAI's sharded save: an *.index.json whose weight_map names the shard of
+# each key, shards as .bin or .safetensors, or one unsharded file), ema.pt (a plain fp32 state dict), optimizer/ and
+# running_states.json. Keys are Meta DiT's, qkv in the standard layout (FastSeq converts back before saving).
+OPENDIT_STEP = re.compile(r"epoch(\d+)-global_step(\d+)$")
+OPENDIT_EMA, OPENDIT_MODEL, OPENDIT_STATES = "ema.pt", "model", "running_states.json"
+
+
+def _is_sharded_dir(path: str) -> bool:
+    """A HF/ColossalAI-style model folder: an index json with its shards, or one pytorch_model.bin / model.safetensors."""
+    names = ("pytorch_model.bin", "model.safetensors")
+    return os.path.isdir(path) and bool(glob.glob(os.path.join(path, "*index.json")) or any(os.path.isfile(os.path.join(path, n)) for n in names))
+
+
+def is_opendit_folder(path: str) -> bool:
+    """An OpenDiT step folder, an OpenDiT experiment folder holding step folders, or a step folder's model/."""
+    if not os.path.isdir(path):
+        return False
+    if os.path.isfile(os.path.join(path, OPENDIT_EMA)) or os.path.isfile(os.path.join(path, OPENDIT_STATES)) or _is_sharded_dir(path):
+        return True
+    return any(OPENDIT_STEP.match(n) for n in os.listdir(path))
+
+
+def _latest_opendit_step(path: str) -> str:
+    """An OpenDiT experiment folder -> its step folder with the largest global step; a step folder -> itself."""
+    steps = [(int(m.group(2)), n) for n in os.listdir(path) if (m := OPENDIT_STEP.match(n)) and os.path.isdir(os.path.join(path, n))]
+    if os.path.isfile(os.path.join(path, OPENDIT_EMA)) or os.path.isdir(os.path.join(path, OPENDIT_MODEL)) or not steps:
+        return path
+    return os.path.join(path, max(steps)[1])
+
+
+def _read_sharded(folder: str) -> Dict[str, torch.Tensor]:
+    """All tensors of a sharded model folder (index json + .bin/.safetensors shards, or a single file)."""
+    indexes = sorted(glob.glob(os.path.join(folder, "*index.json")))
+    if indexes:
+        index = _read_json(indexes[0])
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            raise CheckpointError(f"{indexes[0]}: no weight_map (not a sharded-model index)")
+        files = sorted(set(index["weight_map"].values()))
+    else:
+        files = [n for n in ("pytorch_model.bin", "model.safetensors") if os.path.isfile(os.path.join(folder, n))][:1]
+    weights: Dict[str, torch.Tensor] = {}
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{folder}: shard {name} named by the index is missing")
+        weights.update(_load_safetensors(path)[0] if name.endswith(".safetensors") else torch_load(path))
+    if indexes and set(weights) != set(index["weight_map"]):
+        raise CheckpointError(f"{folder}: the shards hold {len(weights)} tensors, the index names {len(index['weight_map'])}")
+    return weights
+
+
+def _meta_names(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Strip wrapper prefixes (DDP's "module.", torch.compile's "_orig_mod.") and cast to fp32 (shards are saved in the working dtype)."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key[len(prefix):] if key.startswith(prefix) else key
+        out[key] = value.float() if torch.is_tensor(value) and value.is_floating_point() else value
+    return out
+
+
+def load_opendit_folder(path: str, use_ema: bool = True) -> Dict[str, torch.Tensor]:
+    """Weights of an OpenDiT checkpoint (step folder, experiment folder or model/ folder) under this project's names:
+    ema.pt by default (else model/), the model/ shards when asked for or when there is no ema.pt."""
+    if _is_sharded_dir(path) and not os.path.isfile(os.path.join(path, OPENDIT_EMA)):
+        return _meta_names(_read_sharded(path))
+    step = _latest_opendit_step(path)
+    ema, model = os.path.join(step, OPENDIT_EMA), os.path.join(step, OPENDIT_MODEL)
+    if use_ema and os.path.isfile(ema):
+        state = torch_load(ema)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{ema}: expected a state dict, got {type(state).__name__}")
+        return _meta_names(state.get("ema", state))
+    if _is_sharded_dir(model):
+        return _meta_names(_read_sharded(model))
+    raise CheckpointError(f"{path}: an OpenDiT checkpoint folder needs {OPENDIT_EMA} or {OPENDIT_MODEL}/ with its shards")
+
+
 def load_model_weights(path: str, use_ema: bool = True) -> tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]]]:
     """
     Weights for sampling, on this process alone, from: a training checkpoint (step folder or experiment folder; the
     EMA by default, read from the DCP shards), an export folder or its model.safetensors (opendit/export.py), an
-    official DiT .pt (a plain state dict), or a .pt with an "ema"/"model" entry. Returns (state_dict, training
-    config or None).
+    official DiT .pt (a plain state dict), a .pt with an "ema"/"model" entry, or an OpenDiT checkpoint folder.
+    Returns (state_dict, training config or None).
     """
     if not os.path.exists(path) and os.path.basename(path) in OFFICIAL_DIT_CHECKPOINTS:
         path = _download_official(os.path.basename(path))
@@ -76,6 +158,8 @@ def load_model_weights(path: str, use_ema: bool = True) -> tuple[Dict[str, torch
         path = os.path.join(path, EXPORT_WEIGHTS)
     if path.endswith(".safetensors"):
         return _load_safetensors(path)
+    if is_opendit_folder(path):
+        return load_opendit_folder(path, use_ema), None
     if os.path.isdir(path):
         from opendit.checkpoint.dcp import read_tensors
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch as th
 
 from .gaussian_diffusion import GaussianDiffusion, _on_device
 

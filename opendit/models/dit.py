@@ -5,7 +5,6 @@ strict=True and give the same outputs. The file holds no distributed code: paral
 """
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 

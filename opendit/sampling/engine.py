@@ -6,7 +6,7 @@ GaussianDiffusion.p_sample_loop / ddim_sample_loop and the diffusers DPM-Solver+
 the engine follows their arithmetic and, for DDPM, their random stream (tests/sampling/test_engine.py).
 """
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch

@@ -28,13 +28,13 @@ MODEL_DEFAULTS = dict(model="DiT-XL/2", vae="ema", image_size=256, num_classes=1
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # OpenDiT's flags; model flags default to the checkpoint's training config, then to DiT-XL/2 at 256.
+    # OpenDiT's flags (Meta DiT's hyphenated spellings are aliases); model flags default to the checkpoint's training config, then to DiT-XL/2 at 256.
     parser.add_argument("--model", type=str, default=None, help=f"registry name (default: from the checkpoint, else {MODEL_DEFAULTS['model']})")
     parser.add_argument("--vae", type=str, default=None, help="ema | mse | none | PATH (default: from the checkpoint, else ema)")
-    parser.add_argument("--image_size", type=int, default=None, help="image side in pixels (default: from the checkpoint, else 256)")
-    parser.add_argument("--num_classes", type=int, default=None, help="class-table size (default: from the checkpoint, else 1000)")
-    parser.add_argument("--cfg_scale", type=float, default=4.0, help="classifier-free guidance scale (<= 1: no guidance)")
-    parser.add_argument("--num_sampling_steps", type=int, default=250, help="denoising steps")
+    parser.add_argument("--image_size", "--image-size", type=int, default=None, help="image side in pixels (default: from the checkpoint, else 256)")
+    parser.add_argument("--num_classes", "--num-classes", type=int, default=None, help="class-table size (default: from the checkpoint, else 1000)")
+    parser.add_argument("--cfg_scale", "--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (<= 1: no guidance)")
+    parser.add_argument("--num_sampling_steps", "--num-sampling-steps", type=int, default=250, help="denoising steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_frames", type=int, default=None, help="frames per video (default: from the checkpoint, else 16)")
     parser.add_argument("--noise_schedule", type=str, default=None, choices=["linear", "squaredcos_cap_v2"], help="beta schedule (default: from the checkpoint, else linear)")

@@ -9,31 +9,33 @@ from opendit.parallel.parallelize import BLOCKS_PER_UNIT, PLUGINS
 from opendit.training.graph_step import graph_step_refusal
 from opendit.training.experiment import restarted_by_torchrun
 
+DEFAULT_BATCH = 2
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # OpenDiT's flags, same names and defaults.
+    # OpenDiT's flags, same names and defaults; Meta DiT's hyphenated spellings are aliases.
     parser.add_argument("--model", type=str, default="DiT-XL/2", help="registry name, e.g. DiT-XL/2 or VDiT-XL/1x2x2")
     parser.add_argument("--vae", type=str, default="ema", help="ema | mse (Stable Diffusion VAEs) | none (pixel space) | a local path or hub id")
     parser.add_argument("--use_video", action="store_true", help="train a video model (VDiT) on clips")
     parser.add_argument("--plugin", type=str, default="zero2", help="zero2 | zero3 (FSDP2: sharded optimizer, gradients, EMA; zero3 also parameters) | ddp; one process trains unwrapped")
-    parser.add_argument("--outputs", type=str, default="./outputs", help="parent folder of the experiment folders")
+    parser.add_argument("--outputs", "--results-dir", type=str, default="./outputs", help="parent folder of the experiment folders")
     parser.add_argument("--load", type=str, default=None, help="resume from a checkpoint folder or an experiment folder (its latest checkpoint); auto: --experiment_dir's latest, if any")
     parser.add_argument("--num_frames", type=int, default=16, help="frames per clip (video)")
     parser.add_argument("--frame_interval", type=int, default=1, help="temporal stride between sampled frames (video)")
     parser.add_argument("--text_encoder", type=str, default="openai/clip-vit-base-patch32", help="CLIP text encoder (hub id or folder) for captioned data; sample.py reuses it")
-    parser.add_argument("--data_path", type=str, default="./datasets", help="dataset location; when it does not exist the built-in shapes data is used")
-    parser.add_argument("--image_size", type=int, default=256, help="image side in pixels")
-    parser.add_argument("--num_classes", type=int, default=1000, help="size of the class-label table (unlabelled data: none is built)")
+    parser.add_argument("--data_path", "--data-path", type=str, default="./datasets", help="dataset location; when it does not exist the built-in shapes data is used")
+    parser.add_argument("--image_size", "--image-size", type=int, default=256, help="image side in pixels")
+    parser.add_argument("--num_classes", "--num-classes", type=int, default=1000, help="size of the class-label table (unlabelled data: none is built)")
     parser.add_argument("--epochs", type=int, default=1400)
-    parser.add_argument("--batch_size", type=int, default=2, help="per data-parallel rank")
-    parser.add_argument("--global_seed", type=int, default=42, help="rank r seeds with global_seed * world_size + r")
-    parser.add_argument("--num_workers", type=int, default=4, help="DataLoader worker processes")
-    parser.add_argument("--log_every", type=int, default=10, help="log loss and speed every N steps")
-    parser.add_argument("--ckpt_every", type=int, default=1000, help="checkpoint every N steps (<= 0: only at the end)")
+    parser.add_argument("--batch_size", type=int, default=None, help=f"per data-parallel rank (default {DEFAULT_BATCH})")
+    parser.add_argument("--global_batch_size", "--global-batch-size", type=int, default=None, help="Meta DiT's batch flag: the batch over all data-parallel ranks (divided by their number)")
+    parser.add_argument("--global_seed", "--global-seed", type=int, default=42, help="rank r seeds with global_seed * world_size + r")
+    parser.add_argument("--num_workers", "--num-workers", type=int, default=4, help="DataLoader worker processes")
+    parser.add_argument("--log_every", "--log-every", type=int, default=10, help="log loss and speed every N steps")
+    parser.add_argument("--ckpt_every", "--ckpt-every", type=int, default=1000, help="checkpoint every N steps (<= 0: only at the end)")
     parser.add_argument("--mixed_precision", type=str, default="bf16", choices=list(PRECISIONS), help="autocast dtype; weights, optimizer and EMA stay fp32")
     parser.add_argument("--grad_clip", type=float, default=1.0, help="max global gradient norm (<= 0 disables)")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
@@ -64,6 +66,7 @@ def get_parser() -> argparse.ArgumentParser:
     # Distributed engine.
     parser.add_argument("--experiment_dir", type=str, default=None, help="use this experiment folder instead of a new {outputs}/NNN-model (restart-safe with --load auto)")
     parser.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many steps in a row with a non-finite loss or gradient norm (each is skipped)")
+    parser.add_argument("--sample_every", type=int, default=0, help="every N steps, sample the EMA (fixed noise and conditions) into {experiment}/samples/ and TensorBoard (0: never)")
     parser.add_argument("--ckpt_keep", type=int, default=3, help="keep the newest K checkpoints (<= 0: keep all)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     parser.add_argument("--bf16_residual", action="store_true", help="DiT under bf16/fp16 autocast: carry the residual stream in that dtype instead of fp32 (less memory traffic; changes rounding)")
@@ -77,6 +80,15 @@ def check_flags(args: argparse.Namespace, world_size: int) -> None:
     """Refuse, in one line, flags whose feature is not in this version or that contradict each other."""
     if args.sequence_parallel_size < 1 or world_size % args.sequence_parallel_size:
         raise UsageError(f"--sequence_parallel_size {args.sequence_parallel_size}: must divide the {world_size} processes")
+    if args.global_batch_size is not None and args.batch_size is not None:
+        raise UsageError("--global-batch-size and --batch_size: give one (the batch over all data-parallel ranks, or per rank)")
+    if args.global_batch_size is None:
+        args.batch_size = DEFAULT_BATCH if args.batch_size is None else args.batch_size
+    else:  # Meta DiT's spelling: the whole batch, split over the data-parallel ranks
+        dp_size = world_size // args.sequence_parallel_size
+        if args.global_batch_size < 1 or args.global_batch_size % dp_size:
+            raise UsageError(f"--global-batch-size {args.global_batch_size}: must be a positive multiple of the {dp_size} data-parallel ranks")
+        args.batch_size = args.global_batch_size // dp_size
     if args.plugin not in PLUGINS:
         raise UsageError(f"--plugin {args.plugin}: choose zero2, zero3 or ddp")
     if args.load == "auto" and args.experiment_dir is None and not restarted_by_torchrun():

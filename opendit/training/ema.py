@@ -32,6 +32,17 @@ class ShardedEMA:
         torch._foreach_mul_(ema, torch.where(keep, 1.0, decay))
         torch._foreach_add_(ema, torch._foreach_mul(params, torch.where(keep, 0.0, 1 - decay)))
 
+    @torch.no_grad()
+    def load_full(self, state_dict: Dict[str, torch.Tensor]) -> None:
+        """Set the EMA from full (unsharded) weights under the model's names; all ranks call it (DTensor entries are scattered)."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        if set(state_dict) != set(self.shadow):
+            raise ValueError(f"EMA weights' names differ from the model's: {sorted(set(state_dict) ^ set(self.shadow))[:3]}")
+        for name, t in self.shadow.items():
+            full = state_dict[name].to(dtype=t.dtype, device=t.device)
+            t.copy_(distribute_tensor(full, t.device_mesh, t.placements) if isinstance(t, DTensor) else full)
+
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """The EMA weights under the model's names; sharded ones stay DTensors (what DCP saves and loads in place)."""
         return dict(self.shadow)

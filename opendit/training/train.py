@@ -14,6 +14,7 @@ from tqdm import tqdm
 from opendit.builders import build_model, model_config
 from opendit.checkpoint.dcp import load_checkpoint, read_train_state, save_checkpoint
 from opendit.checkpoint.layout import set_rng_state
+from opendit.checkpoint.weights import is_opendit_folder, load_opendit_folder
 from opendit.data import build_dataset, prepare_batch, text_encoder_for
 from opendit.data.seeded import EpochSeeded
 from opendit.encoders import load_vae
@@ -26,6 +27,7 @@ from opendit.training.graph_step import maybe_graph_step
 from opendit.training.guard import DivergenceError, non_finite_tensors
 from opendit.training.metrics import Meter, MetricsWriter, log_line, peak_tflops
 from opendit.training.preemption import PREEMPTED_STATUS, Preempted, StopSignals
+from opendit.training.preview import Preview
 from opendit.training.sampler import ResumableSampler
 from opendit.training.step import TrainStep, build_train_step
 from opendit.utils.flops import train_flops_per_sample
@@ -68,7 +70,8 @@ def train(args: argparse.Namespace) -> None:
     mesh = build_mesh(info.world_size, args.sequence_parallel_size, device.type)
     seed = args.global_seed * mesh.dp_size + mesh.dp_rank  # data-parallel ranks draw different t and noise; sp peers the same
     seed_everything(seed)
-    resume_dir = resume_dir_for(args)
+    opendit_init = args.load if args.load not in (None, "auto") and is_opendit_folder(args.load) else None  # weights only
+    resume_dir = None if opendit_init else resume_dir_for(args)
     resume_state = read_train_state(resume_dir) if resume_dir else None  # verifies the manifest and DCP metadata
     check_resume_flags(args, resume_state)
     dataset = EpochSeeded(build_dataset(args, train=True), args.global_seed)  # flips, crops, clip windows from (seed, epoch, index)
@@ -85,18 +88,19 @@ def train(args: argparse.Namespace) -> None:
 
     experiment_dir, logger, lock = open_experiment(args, resume_dir, info)  # locked against a second live run
     try:
-        run(args, info, mesh, model, config, dataset, loader, sampler, max_steps, vae, text_encoder, resume_dir, resume_state, experiment_dir, logger)
+        run(args, info, mesh, model, config, dataset, loader, sampler, max_steps, vae, text_encoder, resume_dir, resume_state, experiment_dir, logger, opendit_init)
     finally:
         lock.release()
     cleanup()
 
 
-def run(args, info, mesh, model, config, dataset, loader, sampler, max_steps, vae, text_encoder, resume_dir, resume_state, experiment_dir, logger) -> None:
+def run(args, info, mesh, model, config, dataset, loader, sampler, max_steps, vae, text_encoder, resume_dir, resume_state, experiment_dir, logger, opendit_init) -> None:
     """Parallelize, resume, then the loop: steps, the divergence guard, logs, checkpoints, preemption."""
     device = info.device
     logger.info(f"{args.model} parameters: {sum(p.numel() for p in model.parameters()):,}  config: {config}  parallelism: {mesh.describe(args.plugin)}, {args.mixed_precision}")
     logger.info(f"Dataset: {type(dataset.dataset).__name__} with {len(dataset):,} items, {len(sampler) // args.batch_size} steps per epoch")
     flops_per_image = train_flops_per_sample(model)
+    ema_init = init_from_opendit(opendit_init, model, logger) if opendit_init else None
     train_model = parallelize(
         model, mesh, plugin=args.plugin, param_dtype=PRECISIONS[args.mixed_precision], blocks_per_unit=args.fsdp_blocks_per_unit,
         fused_adaln=args.enable_modulate_kernel or args.enable_layernorm_kernel, flash_attention=args.enable_flashattn,
@@ -104,6 +108,8 @@ def run(args, info, mesh, model, config, dataset, loader, sampler, max_steps, va
         sequence_parallel_type=args.sequence_parallel_type, sequence_parallel_overlap=args.sequence_parallel_overlap == "on",
     )  # fmt: skip
     train_step = maybe_graph_step(args, build_train_step(args, model, train_model, mesh, max_steps), info.world_size, device)
+    if ema_init is not None:
+        train_step.ema.load_full(ema_init)
     step, epoch, consumed = resume(args, resume_dir, resume_state, model, train_step, dataset, info.world_size, logger) if resume_dir else (0, 0, 0)
     if info.is_main:  # only once --load has loaded: a failing resume leaves the experiment's config.json alone
         with open(os.path.join(experiment_dir, "config.json"), "w") as f:
@@ -127,6 +133,7 @@ def run(args, info, mesh, model, config, dataset, loader, sampler, max_steps, va
     metrics = MetricsWriter(experiment_dir, info.is_main, resumed_step=step if resume_dir else 0)
     stop = StopSignals(device)
     check_every = 1 if not train_step.on_device_skip else args.log_every  # divergence counters: read for free on CPU
+    preview = Preview(args, config, dataset, vae, text_encoder, device, experiment_dir, info.is_main, metrics.tb if info.is_main else None) if args.sample_every > 0 else None
     meter = Meter(device, args.batch_size * mesh.dp_size, info.world_size, flops_per_image, peak_tflops(args, device))
     progress = tqdm(total=max_steps, initial=step, disable=not info.is_main or None, desc="train", dynamic_ncols=True)
     while step < max_steps and epoch < args.epochs:
@@ -152,6 +159,9 @@ def run(args, info, mesh, model, config, dataset, loader, sampler, max_steps, va
             if args.ckpt_every > 0 and step % args.ckpt_every == 0:
                 checkpoint()
                 last_saved = step
+            # Preview:
+            if preview is not None and step % args.sample_every == 0:
+                logger.info(f"Samples of step {step}: {preview(step, train_step.ema.state_dict())}")
             if stop.should_stop(step):
                 train_step.guard.check(step, last_good, logger)
                 if last_saved != step:
@@ -194,6 +204,23 @@ def restore_bad_samples(dataset, counts: list, rank: int) -> None:
     """Each rank continues its own count (same world size), else rank 0 carries the total."""
     if hasattr(dataset, "skipped") and counts:
         dataset.skipped.value = counts[rank] if rank < len(counts) and len(counts) > 1 else (sum(counts) if rank == 0 else 0)
+
+
+def init_from_opendit(path: str, model: torch.nn.Module, logger) -> dict:
+    """--load with an OpenDiT checkpoint folder: its model/ weights into the model (strict); returns the EMA weights
+    (ema.pt, or the model's when there is none). The optimizer, EMA step count and position are not resumed."""
+    weights = load_opendit_folder(path, use_ema=False)
+    ema = load_opendit_folder(path, use_ema=True)
+    for name, state in (("model", weights), ("ema", ema)):
+        missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
+        if missing or unexpected:
+            raise UsageError(f"--load {path}: OpenDiT {name} weights do not fit the flags' model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise UsageError(f"--load {path}: OpenDiT weights do not fit the flags' model ({str(e).splitlines()[1].strip()})") from None
+    logger.info(f"--load {path}: an OpenDiT checkpoint: weights only (model and EMA); the optimizer, EMA history and step are not resumed, training starts at step 0")
+    return ema
 
 
 def resume(args, resume_dir: str, resume_state: dict, model: torch.nn.Module, train_step: TrainStep, dataset, world_size: int, logger) -> tuple:

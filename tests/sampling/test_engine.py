@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from opendit.models import DiT
-from opendit.sampling.denoise import _ENGINES, denoise
+from opendit.sampling.denoise import denoise
 
 
 def _model(std: float = 0.1):

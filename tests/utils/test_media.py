@@ -6,7 +6,6 @@ import pytest
 import torch
 from PIL import Image
 
-from opendit.utils import media
 from opendit.utils.media import make_grid, read_video, save_image, save_image_grid, save_video, to_uint8
 
 COLOURS = [(1, -1, -1), (-1, 1, -1), (-1, -1, 1), (1, 1, 1), (0, 0, 0), (1, 1, -1)]
