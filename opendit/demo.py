@@ -17,7 +17,7 @@ from opendit import train as train_cli
 # the steps is nearly pure noise, and the same budget reached 60-80% class fidelity instead of 97.5%.
 COMMON = dict(depth=4, hidden_size=128, num_heads=4, image_size=16, lr=4e-3, noise_schedule="squaredcos_cap_v2", ema_decay=0.995)
 IMAGE_FLAGS = dict(COMMON, model="DiT-S/2", batch_size=32, max_steps=2000)
-VIDEO_FLAGS = dict(COMMON, model="VDiT-S/2x2x2", num_frames=4, batch_size=32, max_steps=2000)
+VIDEO_FLAGS = dict(COMMON, model="VDiT-S/1x2x2", num_frames=4, batch_size=8, max_steps=1200)
 
 
 def as_argv(flags: dict) -> list:
