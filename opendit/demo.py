@@ -48,7 +48,16 @@ def main(argv=None) -> None:
     per_class = args.per_class or (4 if args.video else 10)
     sample_argv = ["--ckpt", experiment, "--labels", "all", "--per_class", str(per_class), "--sampler", "ddpm", "--num_sampling_steps", str(args.sampling_steps), "--cfg_scale", "4.0", "--output", os.path.join(experiment, "samples"), "--check_fidelity"]
     result = sample_cli.main(sample_argv)
-    print(f"demo: trained in {trained - start:.0f} s, sampled in {time.time() - trained:.0f} s; samples in {os.path.join(experiment, 'samples')}")
+    sampled = time.time()
+    samples = os.path.join(experiment, "samples")
+    if args.video:
+        from opendit.utils.media import read_video, save_contact_sheet
+
+        sheet = save_contact_sheet([read_video(f) for f in result["files"]], os.path.join(samples, "contact_sheet.png"))
+        print(f"demo: a clip counts when most frames show its class and its shape moves as the data's do; "
+              f"class alone {100 * result['class_accuracy']:.1f}%, motion alone {100 * result['motion_accuracy']:.1f}%, "
+              f"mean displacement {result['displacement']:.1f} px; frames of each clip in {sheet}")
+    print(f"demo: trained in {trained - start:.0f} s, sampled in {sampled - trained:.0f} s; samples in {samples}")
     min_fidelity = args.min_fidelity if args.min_fidelity is not None else (0.0 if args.video else 0.9)
     if result["fidelity"] < min_fidelity:
         print(f"demo: class fidelity {100 * result['fidelity']:.1f}% is below {100 * min_fidelity:.0f}%", file=sys.stderr)

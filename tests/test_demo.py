@@ -20,4 +20,5 @@ def test_video_demo_pipeline(tmp_path, capsys):
     demo.main(["--video", "--outputs", str(tmp_path), "--max_steps", "2", "--per_class", "1", "--sampling_steps", "2", "--min_fidelity", "0"])
     assert "class fidelity:" in capsys.readouterr().out
     (experiment,) = [d for d in os.listdir(tmp_path) if d[0].isdigit()]
-    assert len([f for f in os.listdir(os.path.join(tmp_path, experiment, "samples")) if f.endswith(".mp4")]) == 8
+    samples = os.listdir(os.path.join(tmp_path, experiment, "samples"))
+    assert len([f for f in samples if f.endswith(".mp4")]) == 8 and "contact_sheet.png" in samples

@@ -1,4 +1,6 @@
-"""Automatic class-fidelity checker: classifies shape images from their pixels alone."""
+"""Automatic class-fidelity checker: classifies shape images from their pixels alone; judges clips' motion too."""
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -16,10 +18,17 @@ MAX_COLOR_STD = 0.1  # the foreground must be roughly one flat colour
 CORE_FRAC = 0.75  # pixels with >= this fraction of the strongest contrast count as fully covered
 AREA_RANGE = (0.05, 0.6)  # foreground fraction of the image
 BOX_RANGE = (0.25, 0.85)  # bounding-box side relative to the image side
+ALPHA_LO = 0.1  # coverage (distance / strongest contrast) below which a pixel does not count towards the centre
+# Motion of a clip, judged on the shape's centre per frame (coverage-weighted, accurate to ~0.1 px on real clips).
+# The data moves the centre along a straight line at constant speed by 0.12-0.25 of the image side in all.
+MOTION_RANGE = (0.1, 0.3)  # allowed displacement over the clip (first to last frame of the fitted line) / image side
+STEP_TOL = 0.5  # max distance of any frame's centre from the constant-speed line fitted, in per-frame steps
+DIRECTION_TOL = 55.0  # max angle (degrees) between the motion and a captioned direction (the dominant one: <= 45)
+UNIT = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "down": (0.0, 1.0), "up": (0.0, -1.0)}  # image coordinates
 
 
 def _analyse(images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-image features from (N, 3, H, W) images in [-1, 1]: colour, signature, area, box, centroid."""
+    """Per-image features from (N, 3, H, W) images in [-1, 1]: colour, signature, area, box, centroid, center."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(images.shape)}")
     x = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2
@@ -62,8 +71,15 @@ def _analyse(images: torch.Tensor) -> dict[str, torch.Tensor]:
     cx = (m.sum(dim=1) * xs).sum(dim=1) / mass * side / w
     cy = (m.sum(dim=2) * ys).sum(dim=1) / mass * side / h
     box = torch.stack([(bx[:, 1] - bx[:, 0]) / w, (by[:, 1] - by[:, 0]) / h], dim=1)
+    # The shape's centre from its coverage (linear in the colour distance, so anti-aliased edges weigh what they
+    # cover): unlike the thresholded mask's centroid it follows sub-pixel motion closely, in original pixels.
+    alpha = (dist / contrast).clamp(0, 1)
+    alpha = alpha * (alpha >= ALPHA_LO)
+    amass = alpha.sum(dim=(1, 2)).clamp_min(1e-6)
+    center = torch.stack([(alpha.sum(dim=1) * xs).sum(dim=1) / amass * side / w,
+                          (alpha.sum(dim=2) * ys).sum(dim=1) / amass * side / h], dim=1)
     return {"color": color, "color_std": color_std, "sig": sig, "area": mass / (h * w),
-            "box": box, "centroid": torch.stack([cx, cy], dim=1)}
+            "box": box, "centroid": torch.stack([cx, cy], dim=1), "center": center}
 
 
 class ClassFidelityChecker:
@@ -137,15 +153,50 @@ class ClassFidelityChecker:
         right = self.predict(images) == labels
         return {self.classes[c]: right[labels == c].float().mean().item() for c in labels.unique().tolist()}
 
-    def score_video(self, videos: torch.Tensor, labels) -> dict[str, float]:
-        """Clip accuracy (majority of frames right), frame accuracy, and fraction of clips moving > 1 px."""
+    def score_video(self, videos: torch.Tensor, labels, directions=None) -> dict[str, float]:
+        """Clip fidelity of (N, 3, T, H, W) clips in [-1, 1]: a clip counts when most of its frames are recognised as
+        its class AND its shape moves as the data's do: the centres lie on a constant-speed straight line (within
+        STEP_TOL per-frame steps, which rejects shuffled frames) and travel MOTION_RANGE of the image side (which
+        rejects static clips); when `directions` ("left", "right", "up", "down" or None per clip) is given, the
+        motion must point that way too (within DIRECTION_TOL degrees: a caption names the dominant direction). Clips of one frame are judged on the class alone.
+
+        Returns accuracy (that clip fidelity), class_accuracy (class alone), motion_accuracy (motion alone),
+        frame_accuracy, motion_fraction (kept name: the fraction of clips whose motion is right) and the mean
+        displacement in pixels.
+        """
         labels = torch.as_tensor(labels).long().cpu()
         if videos.ndim != 5:
             raise ValueError(f"expected videos of shape (N, 3, T, H, W), got {tuple(videos.shape)}")
         n, c, t, h, w = videos.shape
         f = _analyse(videos.movedim(2, 1).reshape(n * t, c, h, w))
-        right = (self._predict(f, w).view(n, t) == labels[:, None])
-        cen = f["centroid"].view(n, t, 2)
-        moved = (cen[:, -1] - cen[:, 0]).norm(dim=1) > 1.0
-        return {"accuracy": (right.sum(1) * 2 > t).float().mean().item(), "frame_accuracy": right.float().mean().item(),
-                "motion_fraction": moved.float().mean().item()}
+        right = self._predict(f, w).view(n, t) == labels[:, None]
+        class_ok = right.sum(1) * 2 > t
+        motion = clip_motion(f["center"].view(n, t, 2))
+        if t > 1:
+            step = motion["displacement"] / (t - 1)
+            motion_ok = (motion["deviation"] <= STEP_TOL * step) & (motion["displacement"] >= MOTION_RANGE[0] * w)
+            motion_ok &= motion["displacement"] <= MOTION_RANGE[1] * w
+            if directions is not None:
+                if len(directions) != n:
+                    raise ValueError(f"got {len(directions)} directions for {n} clips")
+                unit = torch.tensor([UNIT[d] if d is not None else (0.0, 0.0) for d in directions])
+                cos = (motion["vector"] * unit).sum(-1) / motion["displacement"].clamp_min(1e-6)
+                known = torch.tensor([d is not None for d in directions])
+                motion_ok &= ~known | (cos >= math.cos(math.radians(DIRECTION_TOL)))
+        else:
+            motion_ok = torch.ones(n, dtype=torch.bool)
+        return {"accuracy": (class_ok & motion_ok).float().mean().item(), "class_accuracy": class_ok.float().mean().item(),
+                "motion_accuracy": motion_ok.float().mean().item(), "frame_accuracy": right.float().mean().item(),
+                "motion_fraction": motion_ok.float().mean().item(), "displacement": motion["displacement"].mean().item()}
+
+
+def clip_motion(centers: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Least-squares constant-speed line through (N, T, 2) per-frame centres: "vector" (N, 2) the displacement
+    from the first to the last frame along it, "displacement" (N,) its length and "deviation" (N,) the largest
+    distance of a frame's centre from the line at that frame's time."""
+    n, t, _ = centers.shape
+    s = torch.linspace(0.0, 1.0, t) if t > 1 else torch.zeros(1)
+    design = torch.stack([torch.ones(t), s], dim=1)  # (T, 2)
+    coef = torch.linalg.pinv(design) @ centers.float()  # (N, 2, 2): start, displacement
+    deviation = (centers - design @ coef).norm(dim=-1).amax(dim=1)
+    return {"vector": coef[:, 1], "displacement": coef[:, 1].norm(dim=-1), "deviation": deviation}

@@ -117,3 +117,37 @@ def read_video(path: str) -> np.ndarray:
 
     with av.open(os.fspath(path)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def save_contact_sheet(videos, path: str, scale: int | None = None, padding: int = 2) -> str:
+    """Save clips as one PNG, one row per clip with its frames left to right; returns the path.
+
+    ``videos``: (N, C, T, H, W) in [-1, 1], or a sequence of (C, T, H, W) clips (or of uint8 (T, H, W, 3) arrays,
+    as :func:`read_video` returns) of one size. Frames are enlarged by ``scale`` (nearest neighbour; default: the
+    smallest integer that makes them at least 64 px high) and separated by ``padding`` black pixels.
+    """
+    clips = []
+    for clip in videos:
+        if isinstance(clip, np.ndarray) and clip.dtype == np.uint8:
+            frames = clip if clip.ndim == 4 else clip[None]  # (T, H, W, 3)
+        else:
+            clip = torch.as_tensor(clip)
+            if clip.ndim != 4:
+                raise ValueError(f"expected (C, T, H, W) clips, got shape {tuple(clip.shape)}")
+            frames = to_uint8(clip.movedim(1, 0))  # (T, H, W, C)
+        if frames.shape[-1] == 1:
+            frames = frames.repeat(3, axis=-1)
+        clips.append(frames)
+    if not clips:
+        raise ValueError("no clips to save")
+    t, h, w, c = max(f.shape[0] for f in clips), *clips[0].shape[1:]
+    if any(f.shape[1:] != (h, w, c) for f in clips):
+        raise ValueError("clips differ in frame size")
+    scale = scale or max(1, math.ceil(64 / h))
+    h, w = h * scale, w * scale
+    sheet = np.zeros((len(clips) * (h + padding) + padding, t * (w + padding) + padding, c), dtype=np.uint8)
+    for i, frames in enumerate(clips):
+        for j, frame in enumerate(frames):
+            top, left = padding + i * (h + padding), padding + j * (w + padding)
+            sheet[top : top + h, left : left + w] = frame.repeat(scale, axis=0).repeat(scale, axis=1)
+    return _save_png(sheet, path)

@@ -132,7 +132,7 @@ def test_checker_fit_subset():
 
 
 def test_video_dataset_and_checker(checker):
-    """Clips are (3, T, H, W) in [-1, 1], recognised, and moving; frozen clips show no motion."""
+    """Clips are (3, T, H, W) in [-1, 1], recognised, and moving; frozen clips are recognised but do not count."""
     ds = ShapesVideoDataset(32, num_frames=8, length=48, seed=5)
     x, y = _batch(ds, 48)
     assert x.shape == (48, 3, 8, 32, 32) and x.dtype == torch.float32
@@ -141,7 +141,7 @@ def test_video_dataset_and_checker(checker):
     res = checker.score_video(x, y)
     assert res["accuracy"] >= 0.95 and res["motion_fraction"] >= 0.9
     static = checker.score_video(x[:, :, :1].expand_as(x), y)
-    assert static["motion_fraction"] == 0.0 and static["accuracy"] >= 0.95
+    assert static["motion_fraction"] == 0.0 and static["class_accuracy"] >= 0.95 and static["accuracy"] == 0.0
     assert checker.score_video(x, (y + 1) % 8)["accuracy"] <= 0.05
 
 
