@@ -32,6 +32,8 @@ def main(argv=None) -> None:
     parser.add_argument("--per_class", type=int, default=None, help="samples per class (default 10 images / 4 videos)")
     parser.add_argument("--sampling_steps", type=int, default=100, help="DDPM sampling steps")
     parser.add_argument("--min_fidelity", type=float, default=None, help="exit with an error below this score (default 0.9 for images, none for video)")
+    parser.add_argument("--text", action="store_true", help="condition on captions (\"a red circle moving left\") through a tiny CLIP text encoder built offline; samples every class x direction")
+    parser.add_argument("--set", action="append", default=[], metavar="FLAG=VALUE", help="override one of train.py's demo flags (repeatable), e.g. --set lr=2e-3")
     args = parser.parse_args(argv)
 
     flags = dict(VIDEO_FLAGS if args.video else IMAGE_FLAGS)
@@ -39,6 +41,15 @@ def main(argv=None) -> None:
         flags["max_steps"] = args.max_steps
     shutil.rmtree(args.outputs, ignore_errors=True)
     train_flags = dict(flags, dataset="shapes", vae="none", num_classes=8, mixed_precision="fp32", num_workers=1, log_every=100, ckpt_every=0, outputs=args.outputs)
+    if args.text:
+        from opendit.encoders import tiny_text_encoder
+
+        train_flags.update(captions="on", text_encoder=tiny_text_encoder(os.path.join(args.outputs, "text_encoder"), hidden_size=64))
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if not value:
+            parser.error(f"--set {item}: expected FLAG=VALUE")
+        train_flags[key.lstrip("-")] = value
     start = time.time()
     train_argv = as_argv(train_flags) + (["--use_video"] if args.video else [])
     train_cli.main(train_argv)
@@ -46,7 +57,15 @@ def main(argv=None) -> None:
 
     experiment = os.path.join(args.outputs, sorted(d for d in os.listdir(args.outputs) if d[0].isdigit())[-1])
     per_class = args.per_class or (4 if args.video else 10)
-    sample_argv = ["--ckpt", experiment, "--labels", "all", "--per_class", str(per_class), "--sampler", "ddpm", "--num_sampling_steps", str(args.sampling_steps), "--cfg_scale", "4.0", "--output", os.path.join(experiment, "samples"), "--check_fidelity"]
+    sample_argv = ["--ckpt", experiment, "--sampler", "ddpm", "--num_sampling_steps", str(args.sampling_steps), "--cfg_scale", "4.0", "--output", os.path.join(experiment, "samples"), "--check_fidelity"]
+    if args.text:  # every class, moving each way (video) or as is (images)
+        from opendit.data.shapes import SHAPE_CLASSES
+
+        ways = [" moving left", " moving right", " moving up", " moving down"] if args.video else [""]
+        prompts = [f"a {name}{way}" for name in SHAPE_CLASSES for way in ways]
+        sample_argv += [arg for prompt in prompts for arg in ("--prompt", prompt)] + ["--per_class", str(max(1, per_class // len(ways)))]
+    else:
+        sample_argv += ["--labels", "all", "--per_class", str(per_class)]
     result = sample_cli.main(sample_argv)
     sampled = time.time()
     samples = os.path.join(experiment, "samples")

@@ -79,3 +79,12 @@ def prompt_classes(prompts: list) -> list:
             raise UsageError(f"--check_fidelity: prompt {prompt!r} names {len(hits)} shapes classes (need exactly one of {', '.join(SHAPE_CLASSES)}); or pass --labels")
         found.append(hits[0])
     return found
+
+
+def prompt_directions(prompts: list) -> list:
+    """For --check_fidelity on a text video model: the direction each prompt names ("... moving left" -> "left"), or None."""
+    found = []
+    for prompt in prompts:
+        hits = re.findall(r"\bmoving (left|right|up|down)\b", prompt.lower())
+        found.append(hits[0] if len(hits) == 1 else None)
+    return found

@@ -1,14 +1,16 @@
 """--check_fidelity: score samples with the built-in shapes checker, which reads the pixels only."""
 import json
 import os
+from typing import Optional
 
 import torch
 
 from opendit.errors import UsageError
 
 
-def check_fidelity(samples: torch.Tensor, labels: list, use_video: bool, output: str) -> dict:
-    """Score samples with the shapes checker (it reads the pixels only) and write fidelity.json."""
+def check_fidelity(samples: torch.Tensor, labels: list, use_video: bool, output: str, directions: Optional[list] = None) -> dict:
+    """Score samples with the shapes checker (it reads the pixels only) and write fidelity.json. Video clips whose
+    prompt names a direction ("a red circle moving left") must move that way too."""
     from opendit.data.checker import ClassFidelityChecker
     from opendit.data.shapes import SHAPE_CLASSES
 
@@ -17,7 +19,7 @@ def check_fidelity(samples: torch.Tensor, labels: list, use_video: bool, output:
     checker = ClassFidelityChecker(num_classes=len(SHAPE_CLASSES))
     y = torch.tensor(labels)
     if use_video:
-        extra = checker.score_video(samples, y)  # accuracy, frame_accuracy, motion_fraction
+        extra = checker.score_video(samples, y, directions if directions and any(directions) else None)  # accuracy, class and motion alone
         score = extra["accuracy"]
     else:
         score = checker.score(samples, y)

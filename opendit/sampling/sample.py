@@ -16,6 +16,7 @@ from opendit.sampling.conditions import (
     conditions,
     file_stem,
     prompt_classes,
+    prompt_directions,
     read_prompts,
 )
 from opendit.sampling.denoise import PRECISIONS, SAMPLERS, denoise
@@ -208,7 +209,8 @@ def sample(args: argparse.Namespace) -> dict:
     if prompts:
         result["prompts"] = [prompts[j] for j in prompt_ids]
     if args.check_fidelity:
-        result.update(check_fidelity(samples, fidelity_labels, args.use_video, args.output))
+        directions = prompt_directions([prompts[j] for j in prompt_ids]) if prompts else None
+        result.update(check_fidelity(samples, fidelity_labels, args.use_video, args.output, directions))
     return result
 
 
