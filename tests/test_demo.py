@@ -22,3 +22,19 @@ def test_video_demo_pipeline(tmp_path, capsys):
     (experiment,) = [d for d in os.listdir(tmp_path) if d[0].isdigit()]
     samples = os.listdir(os.path.join(tmp_path, experiment, "samples"))
     assert len([f for f in samples if f.endswith(".mp4")]) == 8 and "contact_sheet.png" in samples
+
+
+def test_text_to_video_demo_pipeline(tmp_path, capsys):
+    """--text: captions through a tiny offline CLIP; every class x direction is sampled and held to its direction."""
+    demo.main(["--video", "--text", "--outputs", str(tmp_path), "--max_steps", "2", "--per_class", "4", "--sampling_steps", "2", "--min_fidelity", "0", "--set", "batch_size=4"])
+    assert "class fidelity:" in capsys.readouterr().out
+    (experiment,) = [d for d in os.listdir(tmp_path) if d[0].isdigit()]
+    samples = os.listdir(os.path.join(tmp_path, experiment, "samples"))
+    assert len([f for f in samples if f.endswith(".mp4")]) == 8 * 4
+    assert any("moving-left" in f for f in samples) and any("moving-down" in f for f in samples)
+
+
+def test_prompt_directions():
+    from opendit.sampling.conditions import prompt_directions
+
+    assert prompt_directions(["a red circle moving left", "A green square Moving down", "a blue triangle"]) == ["left", "down", None]
