@@ -28,7 +28,7 @@ def reference(model: nn.Module, before: dict, decay: float) -> dict:
 @pytest.mark.parametrize("lerp", [True, False])
 @pytest.mark.parametrize("keep", [None, False])
 def test_update_is_dits_ema_up_to_float_rounding(lerp, keep):
-    _, ema = model_and_ema(lerp)
+    model, ema = model_and_ema(lerp)
     before = {k: v.clone() for k, v in ema.state_dict().items()}
     for _ in range(3):
         expected = reference(model, ema.state_dict(), DECAY)
