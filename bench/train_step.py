@@ -380,6 +380,7 @@ def main() -> None:
             if args.time_cap and time.perf_counter() - start > args.time_cap:
                 print(f"| {name} | {batch} | skipped (time cap) | | | | |", flush=True)
                 continue
+            print(f"# {name} at batch {batch}: started at {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
             try:
                 r = run(name, batch, args, device)
             except torch.OutOfMemoryError:
