@@ -22,46 +22,103 @@ the same run. Variants are cumulative where the name says so:
     graph-eager  graph without torch.compile (bf16 + flash)
     graph-bf16res  graph + bf16res
 
+A "+modifier" changes one thing of the variant before it (several may follow, e.g. graph-bf16res+whole+muladd-ema):
+
+    +whole       torch.compile of the whole model instead of each block
+    +autotune    torch.compile mode "max-autotune-no-cudagraphs" (Triton GEMM templates with the pointwise epilogues,
+                 e.g. the GELU after fc1, fused in where the benchmark says so; autotuning adds compile time)
+    +coord       inductor's coordinate_descent_tuning (tunes the fused pointwise / reduction kernels' launch configs)
+    +muladd-ema  TrainStep's EMA as the former foreach multiply + add (default: one foreach lerp)
+    +no-rpr      torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False (PyTorch's default: True)
+    +attn-cudnn, +attn-flash, +attn-efficient  attention through that SDPA backend only
+
+The "compile s" column is the warm-up's time beyond its steps at the steady rate (compile, autotune, capture);
+a graph that inductor has already compiled in this process or on this machine loads from its cache (less time).
+`--attention_bench` first times each SDPA backend alone at the model's attention shape (fwd and fwd + bwd).
 `--tiny` runs a 2-block model on small inputs (a CPU smoke check of the script itself).
 """
 
 import argparse
+import contextlib
 import os
 import sys
 import time
 import traceback
+from dataclasses import dataclass, replace
 from functools import partial
+from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from opendit.diffusion import create_diffusion  # noqa: E402
 from opendit.models import DiT_models  # noqa: E402
+from opendit.models.attention import Attention  # noqa: E402
 from opendit.parallel.parallelize import compile_blocks, enable_fast_attention, enable_fused_adaln  # noqa: E402
 from opendit.parallel.mesh import ParallelMesh  # noqa: E402
 from opendit.training.ema import ShardedEMA  # noqa: E402
 from opendit.training.graph_step import CudaGraphStep  # noqa: E402
+from opendit.training.guard import DivergenceGuard  # noqa: E402
 from opendit.training.optim import ShardedAdamW, lr_factor  # noqa: E402
 from opendit.training.step import TrainStep  # noqa: E402
 from opendit.utils.flops import train_flops_per_sample  # noqa: E402
 
-VARIANTS = {  # name -> (autocast dtype, fast attention, fused kernels, compile ("", "blocks", "model"), stepper, bf16 residual)
-    "fp32": (torch.float32, False, False, "", "bench", False),
-    "bf16": (torch.bfloat16, False, False, "", "bench", False),
-    "flash": (torch.bfloat16, True, False, "", "bench", False),
-    "kernels": (torch.bfloat16, True, True, "", "bench", False),
-    "compile": (torch.bfloat16, True, False, "blocks", "bench", False),
-    "all": (torch.bfloat16, True, True, "blocks", "bench", False),
-    "diffusers": (torch.bfloat16, False, False, "", "bench", False),
-    "whole": (torch.bfloat16, True, False, "model", "bench", False),
-    "bf16res": (torch.bfloat16, True, False, "blocks", "bench", True),
-    "step": (torch.bfloat16, True, False, "blocks", "train", False),
-    "graph": (torch.bfloat16, True, False, "blocks", "graph", False),
-    "graph-eager": (torch.bfloat16, True, False, "", "graph", False),
-    "graph-bf16res": (torch.bfloat16, True, False, "blocks", "graph", True),
+@dataclass(frozen=True)
+class Variant:
+    """One configuration of the step: precision, attention, kernels, compile, the stepper, and knobs of issue 16."""
+
+    dtype: torch.dtype = torch.bfloat16
+    flash: bool = True  # fast_attention (cuDNN first)
+    kernels: bool = False  # the Triton adaLN kernels
+    compile: str = "blocks"  # "" (eager), "blocks" (per block) or "model" (whole model)
+    stepper: str = "bench"  # "bench" (make_step), "train" (TrainStep) or "graph" (TrainStep as a CUDA graph)
+    bf16_residual: bool = False
+    compile_mode: Optional[str] = None  # torch.compile's mode
+    attention: str = ""  # one SDPA backend forced ("cudnn", "flash", "efficient"); "" keeps fast_attention's order
+    ema_lerp: bool = True  # TrainStep's EMA as one foreach lerp (False: the former mul + add)
+    reduced_precision_reduction: bool = True  # torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    coordinate_descent: bool = False  # torch._inductor.config.coordinate_descent_tuning
+
+
+VARIANTS = {
+    "fp32": Variant(torch.float32, flash=False, compile=""),
+    "bf16": Variant(flash=False, compile=""),
+    "flash": Variant(compile=""),
+    "kernels": Variant(kernels=True, compile=""),
+    "compile": Variant(),
+    "all": Variant(kernels=True),
+    "diffusers": Variant(flash=False, compile=""),
+    "whole": Variant(compile="model"),
+    "bf16res": Variant(bf16_residual=True),
+    "step": Variant(stepper="train"),
+    "graph": Variant(stepper="graph"),
+    "graph-eager": Variant(compile="", stepper="graph"),
+    "graph-bf16res": Variant(stepper="graph", bf16_residual=True),
 }
+MODIFIERS = {  # "+name" after a variant: one change to it
+    "whole": dict(compile="model"),
+    "autotune": dict(compile_mode="max-autotune-no-cudagraphs"),
+    "coord": dict(coordinate_descent=True),
+    "muladd-ema": dict(ema_lerp=False),
+    "no-rpr": dict(reduced_precision_reduction=False),
+    "attn-cudnn": dict(attention="cudnn"),
+    "attn-flash": dict(attention="flash"),
+    "attn-efficient": dict(attention="efficient"),
+}
+BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+
+def variant(name: str) -> Variant:
+    """A variant by name: one of VARIANTS, then any "+modifier"s (e.g. graph-bf16res+whole+muladd-ema)."""
+    base, *mods = name.split("+")
+    unknown = [m for m in mods if m not in MODIFIERS] + ([base] if base not in VARIANTS else [])
+    if unknown:
+        raise SystemExit(f"unknown variant part(s) {unknown}: variants {', '.join(VARIANTS)}; modifiers +{', +'.join(MODIFIERS)}")
+    return replace(VARIANTS[base], **{k: v for m in mods for k, v in MODIFIERS[m].items()})
 
 
 def parse_args() -> argparse.Namespace:
@@ -69,11 +126,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", default="DiT-XL/2")
     p.add_argument("--latent_size", type=int, default=32, help="latent side (256 px / 8)")
     p.add_argument("--batch_sizes", default="32,128")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated; each a variant, then any +modifiers")
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile, autotune)")
     p.add_argument("--profile", default=None, help="print the top GPU kernels of this variant (at the last batch size)")
     p.add_argument("--time_cap", type=float, default=0, help="seconds: variants not started by then are skipped (0: no cap)")
+    p.add_argument("--attention_bench", action="store_true", help="first time each SDPA backend alone at the model's attention shape")
     p.add_argument("--tiny", action="store_true", help="2-block model, 8x8 latents: a quick check of the script")
     return p.parse_args()
 
@@ -121,26 +179,40 @@ def model_kwargs(args: argparse.Namespace) -> dict:
     return dict(input_size=args.latent_size, num_classes=1000, **({"depth": 2} if args.tiny else {}))
 
 
+def forced_attention(backend: str):
+    """An attention function running SDPA through this one backend only (an error if it cannot run the shapes)."""
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with sdpa_kernel([BACKENDS[backend]]):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    return attention
+
+
 def build(name: str, args: argparse.Namespace, device: torch.device) -> nn.Module:
     model = DiT_models[args.model](**model_kwargs(args))
-    if name == "diffusers":
+    if name.split("+")[0] == "diffusers":
         model = DiffusersDiT(model)
     model = model.to(device)
-    _, flash, kernels, compiled, _, bf16_residual = VARIANTS[name]
-    if kernels:
+    v = variant(name)
+    if v.kernels:
         enable_fused_adaln(model)
-    if flash:
+    if v.flash:
         enable_fast_attention(model)
-    if bf16_residual:
+    if v.attention:
+        for module in model.modules():
+            if isinstance(module, Attention):
+                module.attention_fn = forced_attention(v.attention)
+    if v.bf16_residual:
         model.kernels.low_precision_residual = True
-    if compiled == "blocks":
-        compile_blocks(model)
-    elif compiled == "model":
-        model.compile()
+    if v.compile == "blocks":
+        compile_blocks(model, v.compile_mode)
+    elif v.compile == "model":
+        model.compile(mode=v.compile_mode)
     return model.train()
 
 
-def make_train_step(model: nn.Module, dtype: torch.dtype, graph: bool):
+def make_train_step(model: nn.Module, dtype: torch.dtype, graph: bool, ema_lerp: bool = True):
     """train.py's TrainStep (optionally as a CUDA graph) on one process, behind the bench's step(x, y) signature."""
     params = [p for p in model.parameters() if p.requires_grad]
     cuda = next(model.parameters()).is_cuda
@@ -148,7 +220,9 @@ def make_train_step(model: nn.Module, dtype: torch.dtype, graph: bool):
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, "constant", 0, 1))
     scaler = torch.amp.GradScaler("cuda" if cuda else "cpu", enabled=False)
     diffusion = create_diffusion(timestep_respacing="")
-    train_step = TrainStep(model, diffusion, opt, scaler, scheduler, ShardedEMA(model), ParallelMesh(), dtype, dtype != torch.float32, 1.0, 0.9999)
+    ema = ShardedEMA(model, lerp=ema_lerp)
+    guard = DivergenceGuard(next(model.parameters()).device, 5)
+    train_step = TrainStep(model, diffusion, opt, scaler, scheduler, ema, ParallelMesh(), dtype, dtype != torch.float32, 1.0, 0.9999, guard)
     train_step = CudaGraphStep(train_step) if graph else train_step
     return lambda x, y: train_step(x, dict(y=y))
 
@@ -173,28 +247,81 @@ def make_step(model: nn.Module, dtype: torch.dtype, device: torch.device):
     return step
 
 
+@contextlib.contextmanager
+def knobs(v: Variant):
+    """The variant's global switches (bf16 split reductions in cuBLAS, inductor's coordinate descent), restored after."""
+    import torch._inductor.config as inductor_config
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_bf16_reduced_precision_reduction
+    matmul.allow_bf16_reduced_precision_reduction = v.reduced_precision_reduction
+    try:
+        with inductor_config.patch(coordinate_descent_tuning=v.coordinate_descent):
+            yield
+    finally:
+        matmul.allow_bf16_reduced_precision_reduction = before
+
+
 def run(name: str, batch: int, args: argparse.Namespace, device: torch.device) -> dict:
     torch.manual_seed(0)
-    model = build(name, args, device)
-    stepper = VARIANTS[name][4]
-    step = make_step(model, VARIANTS[name][0], device) if stepper == "bench" else make_train_step(model, VARIANTS[name][0], stepper == "graph")
-    x = torch.randn(batch, 4, args.latent_size, args.latent_size, device=device)
-    y = torch.randint(0, 1000, (batch,), device=device)
-    for _ in range(args.warmup):
-        step(x, y)
+    v = variant(name)
+    with knobs(v):
+        model = build(name, args, device)
+        step = make_step(model, v.dtype, device) if v.stepper == "bench" else make_train_step(model, v.dtype, v.stepper == "graph", v.ema_lerp)
+        x = torch.randn(batch, 4, args.latent_size, args.latent_size, device=device)
+        y = torch.randint(0, 1000, (batch,), device=device)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        warmup = max(args.warmup, 4) if v.stepper == "graph" else args.warmup  # the graph is captured at the 4th call
+        t0 = time.perf_counter()
+        for _ in range(warmup):  # compile, autotune and capture happen here
+            step(x, y)
+        sync()
+        warmup_s = time.perf_counter() - t0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step(x, y)
+        sync()
+        seconds = (time.perf_counter() - t0) / args.steps
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        if args.profile == name:
+            profile(step, x, y)
+    # Warm-up time beyond its steps at the steady rate: compile, autotune, CUDA-graph capture, lazy initialisation.
+    return dict(img_s=batch / seconds, ms=1000 * seconds, peak=peak, compile_s=max(0.0, warmup_s - warmup * seconds))
+
+
+def attention_bench(args: argparse.Namespace, batch: int, device: torch.device) -> None:
+    """Each SDPA backend alone at this model's attention shape, bf16, forward and forward + backward."""
+    with torch.device("meta"):
+        probe = DiT_models[args.model](**model_kwargs(args))
+    heads, tokens, depth = probe.num_heads, probe.x_embedder.num_patches, len(probe.blocks)
+    head_dim = probe.hidden_size // heads
+    shape = (batch, heads, tokens, head_dim)
+    flops = 4 * batch * heads * tokens**2 * head_dim  # forward; backward ~2.5x
+    print(f"\nattention alone, {' x '.join(map(str, shape))} (B x H x N x d), bf16, x {depth} blocks per step:\n")
+    print("| SDPA backend | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | ms per step (x blocks) |\n|---|---:|---:|---:|---:|")
+    q, k, v = (torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step(x, y)
-    sync()
-    seconds = (time.perf_counter() - t0) / args.steps
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    if args.profile == name:
-        profile(step, x, y)
-    return dict(img_s=batch / seconds, ms=1000 * seconds, peak=peak)
+    for name in ("cudnn", "flash", "efficient") if device.type == "cuda" else ("math",):
+        try:
+            with sdpa_kernel([BACKENDS[name]]):
+                times = []
+                for backward in (False, True):
+                    for i in range(3 + args.steps):
+                        if i == 3:
+                            sync()
+                            t0 = time.perf_counter()
+                        out = F.scaled_dot_product_attention(q, k, v)
+                        if backward:
+                            out.backward(torch.ones_like(out))
+                    sync()
+                    times.append(1000 * (time.perf_counter() - t0) / args.steps)
+        except RuntimeError as e:
+            print(f"| {name} | failed: {str(e).splitlines()[0][:100]} | | | |")
+            continue
+        print(f"| {name} | {times[0]:.3f} | {times[1]:.3f} | {3.5 * flops / times[1] / 1e9:.0f} | {depth * times[1]:.1f} |", flush=True)
+    print()
 
 
 KERNEL_KINDS = [  # profiler kernel names -> what they do (first match wins)
@@ -236,28 +363,37 @@ def main() -> None:
     with torch.device("meta"):
         flops = train_flops_per_sample(DiT_models[args.model](**model_kwargs(args)))
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"{card}, torch {torch.__version__}; bf16 matmul peak {peak:.0f} TFLOP/s; {args.model} at latent {args.latent_size}: {flops / 1e9:.1f} GFLOP per training image\n")
-    print("| variant | batch | img/s | ms/step | MFU | peak GiB |")
-    print("|---|---:|---:|---:|---:|---:|")
+    rpr = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    print(f"{card}, torch {torch.__version__}; bf16 matmul peak {peak:.0f} TFLOP/s; {args.model} at latent {args.latent_size}: "
+          f"{flops / 1e9:.1f} GFLOP per training image; allow_bf16_reduced_precision_reduction={rpr} by default\n")
+    names = args.variants.split(",")
+    for name in names:
+        variant(name)  # unknown names end the run before any work
+    batches = [int(b) for b in args.batch_sizes.split(",")]
     start = time.perf_counter()
-    for batch in [int(b) for b in args.batch_sizes.split(",")]:
-        for name in args.variants.split(","):
+    if args.attention_bench:
+        attention_bench(args, batches[-1], device)
+    print("| variant | batch | img/s | ms/step | MFU | peak GiB | compile s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for batch in batches:
+        for name in names:
             if args.time_cap and time.perf_counter() - start > args.time_cap:
-                print(f"| {name} | {batch} | skipped (time cap) | | | |", flush=True)
+                print(f"| {name} | {batch} | skipped (time cap) | | | | |", flush=True)
                 continue
+            print(f"# {name} at batch {batch}: started at {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
             try:
                 r = run(name, batch, args, device)
             except torch.OutOfMemoryError:
-                print(f"| {name} | {batch} | OOM | | | |", flush=True)
+                print(f"| {name} | {batch} | OOM | | | | |", flush=True)
                 torch.cuda.empty_cache()
                 continue
             except Exception as e:  # a variant that cannot run here (e.g. a capture error) should not end the table
                 traceback.print_exc()
-                print(f"| {name} | {batch} | failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''} | | | |", flush=True)
+                print(f"| {name} | {batch} | failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''} | | | | |", flush=True)
                 torch._dynamo.reset()
                 continue
             mfu = r["img_s"] * flops / (peak * 1e12)
-            print(f"| {name} | {batch} | {r['img_s']:.1f} | {r['ms']:.1f} | {100 * mfu:.1f}% | {r['peak']:.1f} |", flush=True)
+            print(f"| {name} | {batch} | {r['img_s']:.1f} | {r['ms']:.1f} | {100 * mfu:.1f}% | {r['peak']:.1f} | {r['compile_s']:.0f} |", flush=True)
             torch._dynamo.reset()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -56,10 +56,11 @@ def enable_grad_checkpointing(model: nn.Module) -> None:
         block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def compile_blocks(model: nn.Module) -> None:
-    """torch.compile each transformer block in place (nn.Module.compile), so parameter names are unchanged."""
+def compile_blocks(model: nn.Module, mode: Optional[str] = None) -> None:
+    """torch.compile each transformer block in place (nn.Module.compile), so parameter names are unchanged; `mode`
+    is torch.compile's (e.g. "max-autotune-no-cudagraphs": Triton GEMM templates with fused epilogues, autotuned)."""
     for block in model.blocks:
-        block.compile()
+        block.compile(mode=mode)
 
 
 @torch.no_grad()
@@ -102,6 +103,7 @@ def parallelize(
     flash_attention: bool = False,
     grad_checkpoint: bool = False,
     compile: bool = False,
+    compile_mode: Optional[str] = None,
     sequence_parallel_type: Optional[str] = None,
     sequence_parallel_overlap: bool = True,
     low_precision_residual: bool = False,
@@ -122,7 +124,7 @@ def parallelize(
     if grad_checkpoint:
         enable_grad_checkpointing(model)
     if compile:
-        compile_blocks(model)
+        compile_blocks(model, compile_mode)
     if mesh.device_mesh is None or plugin is None:
         return model
     if plugin == "ddp":

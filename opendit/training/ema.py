@@ -10,13 +10,15 @@ from opendit.parallel.mesh import local_shard
 class ShardedEMA:
     """ema = decay * ema + (1 - decay) * param on each rank's own shards, with no communication; frozen weights are kept, never updated."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, lerp: bool = True):
         # A DTensor clone keeps the parameter's mesh and placements: EMA shard i lines up with parameter shard i.
         params = dict(model.named_parameters())
         self.shadow: Dict[str, torch.Tensor] = {  # the state_dict's entries: parameters in fp32, persistent buffers as they are
             name: params[name].detach().to(torch.float32, copy=True) if name in params else t.detach().clone() for name, t in model.state_dict().items()
         }
         self._trainable = [(name, p) for name, p in params.items() if p.requires_grad]  # the sharded parameters themselves
+        self.lerp = lerp  # one foreach lerp (3 passes over the weights); False: the former mul + add (5, or 7 with keep)
+        self._weight: Optional[torch.Tensor] = None  # keep: the step's weight repeated, as long as the largest shard
 
     @torch.no_grad()
     def update(self, decay: float, keep: Optional[torch.Tensor] = None) -> None:
@@ -24,6 +26,23 @@ class ShardedEMA:
         0-d bool device tensor, turns it into a no-op without a host sync (the divergence guard's skipped step)."""
         ema = [local_shard(self.shadow[name]) for name, _ in self._trainable]
         params = [local_shard(p).float() for _, p in self._trainable]
+        if not ema:
+            return
+        if not self.lerp:
+            self._mul_add(ema, params, decay, keep)
+        elif keep is None:
+            torch._foreach_lerp_(ema, params, 1 - decay)  # ema + (1 - decay) * (param - ema)
+        else:
+            # foreach lerp takes no device scalar: its per-element weights are views of one buffer holding the step's
+            # weight (0 when keep: ema + 0 * (param - ema) is ema exactly), shaped like each shard.
+            if self._weight is None:
+                self._weight = torch.empty(max(e.numel() for e in ema), dtype=ema[0].dtype, device=ema[0].device)
+            self._weight.copy_(torch.where(keep.to(ema[0].device), 0.0, 1 - decay))
+            torch._foreach_lerp_(ema, params, [self._weight[: e.numel()].view(e.shape) for e in ema])
+
+    @staticmethod
+    def _mul_add(ema: list, params: list, decay: float, keep: Optional[torch.Tensor]) -> None:
+        """decay * ema + (1 - decay) * param as a multiply then an add (ShardedEMA(lerp=False), for comparison)."""
         if keep is None:
             torch._foreach_mul_(ema, decay)
             torch._foreach_add_(ema, params, alpha=1 - decay)

@@ -25,3 +25,18 @@ def test_grad_checkpointing_gives_the_same_gradients(dt):
 def test_unknown_plugin_is_refused(dt):
     with pytest.raises(ValueError, match="plugin 'zero1'"):
         parallelize(dt.tiny_model(), plugin="zero1")
+
+
+def test_compile_mode_reaches_torch_compile_of_every_block(dt, monkeypatch):
+    seen = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs.get("mode")) or real(fn, **kwargs))
+    parallelize(dt.tiny_model(), compile=True)
+    parallelize(dt.tiny_model(), compile=True, compile_mode="max-autotune-no-cudagraphs")
+    blocks = len(dt.tiny_model().blocks)
+    assert seen == [None] * blocks + ["max-autotune-no-cudagraphs"] * blocks
+
+
+def test_unknown_compile_mode_is_refused(dt):
+    with pytest.raises(RuntimeError, match="Unrecognized mode=fastest"):
+        parallelize(dt.tiny_model(), compile=True, compile_mode="fastest")
