@@ -4,6 +4,7 @@ import json
 import os
 import random
 import sys
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -20,7 +21,8 @@ from opendit.data.seeded import EpochSeeded
 from opendit.encoders import load_vae
 from opendit.errors import UsageError, run_or_exit
 from opendit.parallel import build_mesh, parallelize
-from opendit.parallel.process import cleanup, setup_distributed
+from opendit.parallel.mesh import ParallelMesh
+from opendit.parallel.process import DistInfo, cleanup, setup_distributed
 from opendit.training.args import PRECISIONS, check_flags, check_resume_flags, get_parser
 from opendit.training.experiment import open_experiment, restarted_by_torchrun, resume_dir_for
 from opendit.training.graph_step import maybe_graph_step
@@ -59,8 +61,38 @@ def build_loader(args: argparse.Namespace, dataset, mesh, seed: int, device: tor
     return loader, sampler
 
 
+@dataclass
+class Setup:
+    """What set-up hands the loop; everything that can fail on user input was checked while making it."""
+
+    args: argparse.Namespace
+    info: DistInfo
+    mesh: ParallelMesh
+    model: torch.nn.Module
+    config: dict
+    dataset: EpochSeeded
+    loader: DataLoader
+    sampler: ResumableSampler
+    max_steps: int
+    vae: object
+    text_encoder: object
+    resume_dir: Optional[str]  # a checkpoint of this project to resume
+    resume_state: Optional[dict]
+    opendit_init: Optional[str]  # an OpenDiT checkpoint folder: initial weights only
+
+
 def train(args: argparse.Namespace) -> None:
-    # Set-up. Everything that can fail on user input comes before the experiment folder is made.
+    setup = prepare(args)
+    experiment_dir, logger, lock = open_experiment(args, setup.resume_dir, setup.info)  # locked against a second live run
+    try:
+        run(setup, experiment_dir, logger)
+    finally:
+        lock.release()
+    cleanup()
+
+
+def prepare(args: argparse.Namespace) -> Setup:
+    """Process group, mesh, seeds, the checkpoint to resume, data, encoders and the model, before any file is written."""
     info = setup_distributed(args.device)
     device = info.device
     check_flags(args, info.world_size)
@@ -85,22 +117,18 @@ def train(args: argparse.Namespace) -> None:
     model = build_model(config).to(device)
     loader, sampler = build_loader(args, dataset, mesh, seed, device)
     max_steps = args.max_steps or args.epochs * (len(sampler) // args.batch_size)
-
-    experiment_dir, logger, lock = open_experiment(args, resume_dir, info)  # locked against a second live run
-    try:
-        run(args, info, mesh, model, config, dataset, loader, sampler, max_steps, vae, text_encoder, resume_dir, resume_state, experiment_dir, logger, opendit_init)
-    finally:
-        lock.release()
-    cleanup()
+    return Setup(args, info, mesh, model, config, dataset, loader, sampler, max_steps, vae, text_encoder, resume_dir, resume_state, opendit_init)
 
 
-def run(args, info, mesh, model, config, dataset, loader, sampler, max_steps, vae, text_encoder, resume_dir, resume_state, experiment_dir, logger, opendit_init) -> None:
-    """Parallelize, resume, then the loop: steps, the divergence guard, logs, checkpoints, preemption."""
+def run(setup: Setup, experiment_dir: str, logger) -> None:
+    """Parallelize, resume, then the loop: steps, the divergence guard, logs, checkpoints, preemption, previews."""
+    args, info, mesh, model, config, dataset, loader, sampler = (setup.args, setup.info, setup.mesh, setup.model, setup.config, setup.dataset, setup.loader, setup.sampler)
+    max_steps, vae, text_encoder, resume_dir, resume_state = setup.max_steps, setup.vae, setup.text_encoder, setup.resume_dir, setup.resume_state
     device = info.device
     logger.info(f"{args.model} parameters: {sum(p.numel() for p in model.parameters()):,}  config: {config}  parallelism: {mesh.describe(args.plugin)}, {args.mixed_precision}")
     logger.info(f"Dataset: {type(dataset.dataset).__name__} with {len(dataset):,} items, {len(sampler) // args.batch_size} steps per epoch")
     flops_per_image = train_flops_per_sample(model)
-    ema_init = init_from_opendit(opendit_init, model, logger) if opendit_init else None
+    ema_init = init_from_opendit(setup.opendit_init, model, logger) if setup.opendit_init else None
     train_model = parallelize(
         model, mesh, plugin=args.plugin, param_dtype=PRECISIONS[args.mixed_precision], blocks_per_unit=args.fsdp_blocks_per_unit,
         fused_adaln=args.enable_modulate_kernel or args.enable_layernorm_kernel, flash_attention=args.enable_flashattn,
