@@ -5,7 +5,7 @@ parallelism (FSDP2 for zero2/zero3, DDP for ddp; none for sampling) over every r
 are averaged over all dp x sp ranks; ParallelMesh.gradient_loss scales the loss so that this is the right gradient.
 """
 from functools import partial
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -101,13 +101,14 @@ def parallelize(
     fused_adaln: bool = False,
     flash_attention: bool = False,
     grad_checkpoint: bool = False,
-    compile: bool = False,
+    compile: Union[bool, str] = False,
     sequence_parallel_type: Optional[str] = None,
     sequence_parallel_overlap: bool = True,
     low_precision_residual: bool = False,
 ) -> nn.Module:
     """Apply everything requested in the fixed order above. Returns the module to run: a DDP wrapper for ddp, the
-    model itself otherwise (FSDP2 works in place; on one process, or with plugin=None for sampling, nothing wraps it)."""
+    model itself otherwise (FSDP2 works in place; on one process, or with plugin=None for sampling, nothing wraps it).
+    compile: True or "blocks" compiles each block, "model" the whole model in place."""
     if plugin is not None and plugin not in PLUGINS:
         raise ValueError(f"plugin {plugin!r}: choose one of {', '.join(PLUGINS)}")
     mesh = mesh or ParallelMesh()
@@ -121,7 +122,9 @@ def parallelize(
         apply_sequence_parallel_to(model, mesh.sp_group, sequence_parallel_type, sequence_parallel_overlap)
     if grad_checkpoint:
         enable_grad_checkpointing(model)
-    if compile:
+    if compile == "model":  # sampling on one process: the whole forward as one graph (docs/benchmarks.md)
+        model.compile()
+    elif compile:  # True or "blocks"
         compile_blocks(model)
     if mesh.device_mesh is None or plugin is None:
         return model
