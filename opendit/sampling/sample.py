@@ -101,7 +101,8 @@ def resolve_speed_flags(args: argparse.Namespace, device: torch.device) -> None:
 
 def speed_up(args: argparse.Namespace, model: torch.nn.Module, mesh=None) -> torch.nn.Module:
     """Kernels, sequence parallelism and compile (whole model or per block) through parallelize (no data-parallel wrapper)."""
-    
+    from opendit.parallel import parallelize
+
     scope = getattr(args, "compile_scope", "blocks")
     scope = ("model" if mesh is None else "blocks") if scope == "auto" else scope
     return parallelize(model, mesh, plugin=None, fused_adaln=args.enable_modulate_kernel, flash_attention=args.enable_flashattn, compile=args.compile and scope,
