@@ -1,5 +1,6 @@
 """Attention broadcast: off changes nothing, every=1 equals off, every=K really reuses outputs, and the drift is small."""
 import argparse
+import os
 
 import pytest
 import torch
@@ -123,3 +124,19 @@ def test_attention_module_untouched():
     keys = list(model.state_dict())
     _run(_args(attention_broadcast=True), model, torch.randn(1, 4, 4, 4, 4), torch.tensor([3]))
     assert list(model.state_dict()) == keys and all(type(b.attn) is Attention for b in model.blocks)
+
+
+def test_sample_cli_with_broadcast(tmp_path, capsys):
+    from opendit.sampling import sample as sample_cli
+    from opendit.training import train as train_cli
+
+    train_cli.main(["--model", "Latte-S/1x2x2", "--use_video", "--depth", "2", "--hidden_size", "32", "--num_heads", "2", "--image_size", "16", "--num_frames", "2",
+                    "--vae", "none", "--num_classes", "8", "--dataset_size", "8", "--batch_size", "2", "--max_steps", "1", "--mixed_precision", "fp32",
+                    "--num_workers", "0", "--outputs", str(tmp_path / "o")])
+    experiment = os.path.join(tmp_path / "o", os.listdir(tmp_path / "o")[0])
+    base = ["--ckpt", experiment, "--sampler", "ddim", "--num_sampling_steps", "4", "--labels", "1", "--output", str(tmp_path / "s")]
+    sample_cli.main(base + ["--attention_broadcast", "--broadcast_range", "0,1"])
+    assert os.listdir(tmp_path / "s") == ["0000-class1.mp4"]
+    with pytest.raises(SystemExit) as e:
+        sample_cli.main(base + ["--attention_broadcast", "--broadcast_every", "0"])
+    assert e.value.code == 2 and "--broadcast_every" in capsys.readouterr().err
