@@ -252,12 +252,12 @@ def main():
         print("| part | seconds |\n|---|---:|")
         for part, seconds in outside_the_loop(model_name, size, device):
             print(f"| {part} | {seconds:.2f} |", flush=True)
-    if "whole" in sections and device.type == "cuda":
-        whole_model_rows(opts, model_name, size, latent, device)
     if "broadcast" in sections:
         broadcast_rows(opts, device)
     if "imports" in sections:
         import_rows()
+    if "whole" in sections and device.type == "cuda":
+        whole_model_rows(opts, model_name, size, latent, device)
 
 
 if __name__ == "__main__":
