@@ -1,6 +1,6 @@
 """One-GPU sampling speed of DiT-XL/2 at 256 (random weights), as markdown tables.
 
-    python bench/sample.py [--steps 250] [--images 8] [--ddp_batches 64,256] [--tiny]
+    python bench/sample.py [--steps 250] [--images 8] [--ddp_batches 64,256] [--tiny] [--sections loop,outside,whole,broadcast,imports]
 
 1. The denoising loop for --images images with classifier-free guidance (2 x images rows per forward), 250 DDPM
    steps, per speed-up (cumulative): fp32 (the reference loop, what sample.py did), bf16 autocast (the engine),
@@ -9,7 +9,12 @@
 2. sample_ddp.py throughput: images/s per GPU at each batch (cfg 1.5, 250 DDPM steps, from 25 timed steps).
 3. Outside the loop: importing sample.py, building the model on the GPU, loading a safetensors checkpoint, writing
    8 PNGs, and the first call's compile + capture. The SD VAE decode is not measured (no diffusers on the host).
-A loop's time is its second call (the first one compiles and captures).
+4. whole: the full fast path with the whole model compiled (--compile_scope model, sample.py's default on one
+   process) instead of each block, with and without the fused adaLN kernels, and DDIM-50 / DPM-Solver-20 with it.
+5. broadcast: --attention_broadcast on Latte-XL/1x2x2 and VDiT-XL/1x2x2 at 16 frames x 256 px (latent 16x32x32),
+   one video + CFG, DDIM-50, bf16 + fused attention, eager: full attention vs the default ranges vs every step in range.
+6. imports: `python -X importtime -c "import opendit.sampling.sample"` in a fresh interpreter: total and the slowest.
+A loop's time is its second call (the first one compiles and captures). Default sections: loop,outside.
 """
 import argparse
 import os
@@ -103,13 +108,92 @@ def outside_the_loop(model_name: str, size: int, device) -> list:
     return rows
 
 
+def whole_model_rows(opts, model_name: str, size: int, latent: tuple, device) -> None:
+    print(f"\n## Whole-model compile (--compile_scope model), {opts.images} images + CFG, bf16 + fused attention + CUDA graph\n")
+    print("| kernels | sampler | seconds | first call |\n|---|---|---:|---:|")
+    for kernels in (False, True):
+        args = flags("bf16", True, kernels, True, compile_scope="model", num_sampling_steps=opts.steps)
+        model = build(args, model_name, size, device)
+        for sampler, steps in (("ddpm", opts.steps), ("ddim", 50), ("dpm-solver", 20)):
+            args.sampler, args.num_sampling_steps = sampler, steps
+            try:
+                first, second = timed_loop(args, model, opts.images, latent, device)
+            except Exception as e:
+                print(f"| {kernels} | {sampler}-{steps} | failed: {type(e).__name__}: {str(e)[:200]} | |", flush=True)
+                break
+            print(f"| {'fused adaLN' if kernels else 'none'} | {sampler}-{steps} | {second:.2f} | {first:.1f} |", flush=True)
+        _ENGINES.clear()
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+BROADCASTS = {  # name -> broadcast flags (None: full attention)
+    "full attention": None,
+    "--attention_broadcast (defaults: spatial 0.2-0.8 every 2, temporal 0.1-0.9 every 4)": ("0.2,0.8", "0.1,0.9", 2, 4),
+    "every step in range (0-1), spatial every 2, temporal every 4 (upper bound)": ("0,1", "0,1", 2, 4),
+}
+
+
+def broadcast_rows(opts, device) -> None:
+    from opendit.models import Video_models
+
+    frames, size, steps = (4, 32, 10) if opts.tiny else (16, 256, 50)
+    print(f"\n## Attention broadcast, 1 video + CFG (2 rows), {frames} frames at {size} px, DDIM-{steps}, bf16{'' if opts.tiny else ' + fused attention'}, eager\n")
+    print("| model | attention | seconds | speed-up | attention forwards computed / reused |\n|---|---|---:|---:|---:|")
+    for name in (("Latte-S/1x2x2", "VDiT-S/1x2x2") if opts.tiny else ("Latte-XL/1x2x2", "VDiT-XL/1x2x2")):
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = Video_models[name](input_size=size // 8, num_frames=frames, num_classes=1000, **(dict(depth=2) if opts.tiny else {}))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02)
+        base = None
+        for label, b in BROADCASTS.items():
+            kw = dict(sampler="ddim", num_sampling_steps=steps, use_video=True, attention_broadcast=b is not None)
+            if b is not None:
+                kw.update(broadcast_range=b[0], broadcast_range_temporal=b[1], broadcast_every=b[2], broadcast_every_temporal=b[3])
+            args = flags("bf16", not opts.tiny, False, False, **kw)
+            speed_up(args, model.eval())
+            _, second = timed_loop(args, model, 1, (4, frames, size // 8, size // 8), device)
+            base = base or second
+            engine = next(iter(_ENGINES.values()))
+            counts = f"{engine.broadcast.computed} / {engine.broadcast.reused}" if engine.broadcast is not None else "-"
+            print(f"| {name} | {label} | {second:.2f} | {base / second:.2f}x | {counts} |", flush=True)
+            _ENGINES.clear()
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def import_rows() -> None:
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    env = dict(os.environ, PYTHONPATH=root)
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", "import opendit.sampling.sample"], cwd=root, env=env, capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - start
+    rows = [line.split("|") for line in done.stderr.splitlines() if line.startswith("import time:") and "self [us]" not in line]
+    rows = [(int(r[1]), r[2].rstrip()) for r in rows]  # (cumulative us, indented name)
+    top = [(us, name.strip()) for us, name in rows if len(name) - len(name.lstrip()) <= 3]  # top-level imports
+    print("\n## Imports: python -X importtime -c 'import opendit.sampling.sample' (fresh interpreter)\n")
+    print(f"wall {wall:.2f} s (interpreter start included); importtime total {rows[-1][0] / 1e6:.2f} s\n")
+    print("| top-level module | cumulative seconds |\n|---|---:|")
+    for us, name in sorted(top, reverse=True)[:10]:
+        print(f"| {name} | {us / 1e6:.2f} |")
+    loaded = subprocess.run([sys.executable, "-c", "import sys, opendit.sampling.sample; print(' '.join(m for m in ('diffusers', 'transformers', 'av', 'pandas', 'triton', 'torchvision', 'torch.distributed.tensor', 'torch.distributed.fsdp', 'torch._dynamo') if m in sys.modules))"],
+                            cwd=root, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    print(f"\nheavy modules loaded by the import: {loaded or 'none'}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--ddp_batches", type=str, default="64,256")
     parser.add_argument("--tiny", action="store_true", help="DiT-S/2 at 64 on the CPU, bf16 only: a smoke check of the script")
+    parser.add_argument("--sections", type=str, default="loop,outside", help="comma-separated: loop (with samplers and ddp), outside, whole, broadcast, imports")
     opts = parser.parse_args()
+    sections = set(opts.sections.split(","))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     model_name, size = ("DiT-S/2", 64) if opts.tiny else ("DiT-XL/2", 256)
@@ -117,55 +201,63 @@ def main():
     variants = {k: v for k, v in VARIANTS.items() if not opts.tiny or not (v[1] or v[2] or v[3])}
     print(f"# {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}, {model_name} at {size}\n")
 
-    print(f"## {opts.steps} DDPM steps, {opts.images} images + CFG ({2 * opts.images} rows a step), the loop only\n")
-    print("| variant | seconds | first call (compile + capture) |\n|---|---:|---:|")
-    models = {}
-    for name, v in variants.items():
-        args = flags(*v, num_sampling_steps=opts.steps)
-        model = build(args, model_name, size, device)
-        try:
-            first, second = timed_loop(args, model, opts.images, latent, device)
-        except Exception as e:  # report and go on: one failing speed-up should not cost the other rows
-            print(f"| {name} | failed: {type(e).__name__}: {str(e)[:200]} | |", flush=True)
-            continue
-        print(f"| {name} | {second:.2f} | {first:.2f} |", flush=True)
-        models[v] = model
-        _ENGINES.clear()
-    fast = list(variants.values())[-1] if list(variants.values())[-1] in models else max(models, key=lambda v: sum(v[1:]))  # everything on
-
-    print(f"\n## Other samplers, {opts.images} images + CFG\n")
-    print("| sampler | variant | seconds |\n|---|---|---:|")
-    for sampler, steps in (("ddim", 50), ("dpm-solver", 20)):
-        for v in (VARIANTS["bf16 autocast, engine (eager)"], fast):
-            if v not in models:
-                continue
-            args = flags(*v, sampler=sampler, num_sampling_steps=steps)
+    if "loop" in sections:
+        print(f"## {opts.steps} DDPM steps, {opts.images} images + CFG ({2 * opts.images} rows a step), the loop only\n")
+        print("| variant | seconds | first call (compile + capture) |\n|---|---:|---:|")
+        models = {}
+        for name, v in variants.items():
+            args = flags(*v, num_sampling_steps=opts.steps)
+            model = build(args, model_name, size, device)
             try:
-                _, second = timed_loop(args, models[v], opts.images, latent, device)
-            except Exception as e:
-                print(f"| {sampler}-{steps} | failed: {type(e).__name__}: {str(e)[:200]} | |", flush=True)
+                first, second = timed_loop(args, model, opts.images, latent, device)
+            except Exception as e:  # report and go on: one failing speed-up should not cost the other rows
+                print(f"| {name} | failed: {type(e).__name__}: {str(e)[:200]} | |", flush=True)
                 continue
-            print(f"| {sampler}-{steps} | {'full fast path' if v[3] else 'bf16 eager'} | {second:.2f} |", flush=True)
-
-    print("\n## sample_ddp.py throughput per GPU (cfg 1.5, 250 DDPM steps; 25 timed steps x 10)\n")
-    print("| batch | bf16 eager img/s | full fast path img/s | speed-up |\n|---|---:|---:|---:|")
-    for batch in [int(b) for b in opts.ddp_batches.split(",")]:
-        rates = []
-        for v in (VARIANTS["bf16 autocast, engine (eager)"], fast):
-            args = flags(*v, cfg_scale=1.5, num_sampling_steps=25)
-            try:
-                _, second = timed_loop(args, models[v], batch, latent, device)
-            except Exception as e:
-                print(f"batch {batch} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                second = float("nan")
-            rates.append(batch / (second * 10))
+            print(f"| {name} | {second:.2f} | {first:.2f} |", flush=True)
+            models[v] = model
             _ENGINES.clear()
-        print(f"| {batch} | {rates[0]:.1f} | {rates[1]:.1f} | {rates[1] / rates[0]:.2f}x |", flush=True)
+        fast = list(variants.values())[-1] if list(variants.values())[-1] in models else max(models, key=lambda v: sum(v[1:]))  # everything on
 
-    print("\n## Outside the loop\n")
-    print("| part | seconds |\n|---|---:|")
-    for part, seconds in outside_the_loop(model_name, size, device):
-        print(f"| {part} | {seconds:.2f} |", flush=True)
+        print(f"\n## Other samplers, {opts.images} images + CFG\n")
+        print("| sampler | variant | seconds |\n|---|---|---:|")
+        for sampler, steps in (("ddim", 50), ("dpm-solver", 20)):
+            for v in (VARIANTS["bf16 autocast, engine (eager)"], fast):
+                if v not in models:
+                    continue
+                args = flags(*v, sampler=sampler, num_sampling_steps=steps)
+                try:
+                    _, second = timed_loop(args, models[v], opts.images, latent, device)
+                except Exception as e:
+                    print(f"| {sampler}-{steps} | failed: {type(e).__name__}: {str(e)[:200]} | |", flush=True)
+                    continue
+                print(f"| {sampler}-{steps} | {'full fast path' if v[3] else 'bf16 eager'} | {second:.2f} |", flush=True)
+
+        print("\n## sample_ddp.py throughput per GPU (cfg 1.5, 250 DDPM steps; 25 timed steps x 10)\n")
+        print("| batch | bf16 eager img/s | full fast path img/s | speed-up |\n|---|---:|---:|---:|")
+        for batch in [int(b) for b in opts.ddp_batches.split(",")]:
+            rates = []
+            for v in (VARIANTS["bf16 autocast, engine (eager)"], fast):
+                args = flags(*v, cfg_scale=1.5, num_sampling_steps=25)
+                try:
+                    _, second = timed_loop(args, models[v], batch, latent, device)
+                except Exception as e:
+                    print(f"batch {batch} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    second = float("nan")
+                rates.append(batch / (second * 10))
+                _ENGINES.clear()
+            print(f"| {batch} | {rates[0]:.1f} | {rates[1]:.1f} | {rates[1] / rates[0]:.2f}x |", flush=True)
+
+    if "outside" in sections:
+        print("\n## Outside the loop\n")
+        print("| part | seconds |\n|---|---:|")
+        for part, seconds in outside_the_loop(model_name, size, device):
+            print(f"| {part} | {seconds:.2f} |", flush=True)
+    if "broadcast" in sections:
+        broadcast_rows(opts, device)
+    if "imports" in sections:
+        import_rows()
+    if "whole" in sections and device.type == "cuda":
+        whole_model_rows(opts, model_name, size, latent, device)
 
 
 if __name__ == "__main__":

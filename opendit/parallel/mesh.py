@@ -1,4 +1,5 @@
 """The (dp, sp) device mesh and the views of it that training and sampling need, in one object."""
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Optional
@@ -6,14 +7,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor
 
 DP, SP, DP_SP = "dp", "sp", "dp_sp"
 
 
 def local_shard(t: torch.Tensor) -> torch.Tensor:
     """This rank's piece of a tensor: the local shard of a DTensor, the tensor itself otherwise."""
-    return t._local_tensor if isinstance(t, DTensor) else t
+    dtensor = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor exists (the import costs ~0.5 s)
+    return t._local_tensor if dtensor is not None and isinstance(t, dtensor.DTensor) else t
 
 
 @dataclass

@@ -5,12 +5,11 @@ parallelism (FSDP2 for zero2/zero3, DDP for ddp; none for sampling) over every r
 are averaged over all dp x sp ranks; ParallelMesh.gradient_loss scales the loss so that this is the right gradient.
 """
 from functools import partial
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
@@ -75,6 +74,8 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, reshard_after_forward: bool
     """FSDP2 per unit of blocks_per_unit blocks and at the root, sharded over every rank: zero2 keeps the gathered
     parameters until backward (reshard_after_forward=False), zero3 frees each unit's after its forward. fp32 master weights and fp32 gradient reduction;
     forward/backward run in param_dtype (bf16/fp16) when given."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # imported here: ~0.5 s, not needed to sample
+
     broadcast_from_rank0(model, mesh)
     low = param_dtype is not None and param_dtype != torch.float32
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if low else MixedPrecisionPolicy()
@@ -102,14 +103,15 @@ def parallelize(
     fused_adaln: bool = False,
     flash_attention: bool = False,
     grad_checkpoint: bool = False,
-    compile: bool = False,
+    compile: Union[bool, str] = False,
     compile_mode: Optional[str] = None,
     sequence_parallel_type: Optional[str] = None,
     sequence_parallel_overlap: bool = True,
     low_precision_residual: bool = False,
 ) -> nn.Module:
     """Apply everything requested in the fixed order above. Returns the module to run: a DDP wrapper for ddp, the
-    model itself otherwise (FSDP2 works in place; on one process, or with plugin=None for sampling, nothing wraps it)."""
+    model itself otherwise (FSDP2 works in place; on one process, or with plugin=None for sampling, nothing wraps it).
+    compile: True or "blocks" compiles each block, "model" the whole model in place."""
     if plugin is not None and plugin not in PLUGINS:
         raise ValueError(f"plugin {plugin!r}: choose one of {', '.join(PLUGINS)}")
     mesh = mesh or ParallelMesh()
@@ -123,7 +125,9 @@ def parallelize(
         apply_sequence_parallel_to(model, mesh.sp_group, sequence_parallel_type, sequence_parallel_overlap)
     if grad_checkpoint:
         enable_grad_checkpointing(model)
-    if compile:
+    if compile == "model":  # sampling on one process: the whole forward as one graph (docs/benchmarks.md)
+        model.compile(mode=compile_mode)
+    elif compile:  # True or "blocks"
         compile_blocks(model, compile_mode)
     if mesh.device_mesh is None or plugin is None:
         return model

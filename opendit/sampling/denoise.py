@@ -1,5 +1,6 @@
 """The denoising loop: DDPM, DDIM or DPM-Solver from noise, with classifier-free guidance. fp32 without --compile
-runs the reference loops of opendit.diffusion; bf16 / fp16, --compile or --cfg_parallel run the engine (engine.py)."""
+runs the reference loops of opendit.diffusion; bf16 / fp16, --compile, --cfg_parallel or --attention_broadcast run the
+engine (engine.py)."""
 import argparse
 from typing import Optional
 
@@ -15,20 +16,30 @@ _ENGINES: dict = {}  # one engine (and its CUDA graph) per model and sampling se
 
 
 def uses_engine(args: argparse.Namespace, cfg_group: Optional[dist.ProcessGroup] = None) -> bool:
-    return getattr(args, "mixed_precision", "fp32") != "fp32" or getattr(args, "compile", False) or cfg_group is not None
+    return getattr(args, "mixed_precision", "fp32") != "fp32" or getattr(args, "compile", False) or cfg_group is not None or getattr(args, "attention_broadcast", False)
+
+
+def broadcast_key(args: argparse.Namespace) -> Optional[tuple]:
+    if not getattr(args, "attention_broadcast", False):
+        return None
+    return (args.broadcast_range, args.broadcast_range_temporal, args.broadcast_every, args.broadcast_every_temporal)
 
 
 def get_engine(args: argparse.Namespace, model: torch.nn.Module, device: torch.device, cfg_group: Optional[dist.ProcessGroup] = None) -> Engine:
     """The engine for these flags, built once (schedule constants on the device) and cached with its CUDA graph."""
     key = (id(model), args.sampler, args.num_sampling_steps, args.noise_schedule, args.cfg_scale, args.cfg_channels, getattr(args, "mixed_precision", "fp32"),
-           getattr(args, "compile", False), args.vae == "none", id(cfg_group), str(device))
+           getattr(args, "compile", False), args.vae == "none", id(cfg_group), str(device), broadcast_key(args))
     if key not in _ENGINES:
         schedule = make_schedule(args.sampler, args.num_sampling_steps, args.noise_schedule, device)
         guided = Guided(model, args.cfg_scale, None if args.cfg_channels == "all" else 3, PRECISIONS[getattr(args, "mixed_precision", "fp32")], cfg_group)
         graph = getattr(args, "compile", False) and device.type == "cuda" and cfg_group is None and not (dist.is_initialized() and dist.get_world_size() > 1)
-        _ENGINES[key] = Engine(schedule, guided, clip=args.vae == "none", cuda_graph=graph)
-    return _ENGINES[key]
+        broadcast = None
+        if broadcast_key(args) is not None:
+            from opendit.sampling.broadcast import AttentionBroadcast, config_from_args
 
+            broadcast = AttentionBroadcast(config_from_args(args))
+        _ENGINES[key] = Engine(schedule, guided, clip=args.vae == "none", cuda_graph=graph and broadcast is None, broadcast=broadcast)
+    return _ENGINES[key]
 
 
 def denoise(

@@ -150,10 +150,13 @@ class Guided:
 class Engine:
     """Runs a Schedule from noise: step(i) = guided forward + update; optionally one CUDA graph per step shape."""
 
-    def __init__(self, schedule: Schedule, guided: Guided, clip: bool, cuda_graph: bool = False):
+    def __init__(self, schedule: Schedule, guided: Guided, clip: bool, cuda_graph: bool = False, broadcast=None):
         self.s, self.guided, self.clip = schedule, guided, clip
         self.cuda_graph = cuda_graph
         self.graph = None
+        self.broadcast = broadcast  # an AttentionBroadcast (broadcast.py) told each step's index; eager steps only
+        if broadcast is not None and cuda_graph:
+            raise ValueError("attention broadcast decides per step on the host: it cannot run inside a CUDA graph")
 
     def step(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, noise: torch.Tensor, x0_prev: torch.Tensor) -> tuple:
         out = self.guided(x, t)
@@ -191,6 +194,17 @@ class Engine:
             x = z.float().clone()
             x0_prev = torch.zeros_like(x)
         noise = torch.zeros_like(x)
+        if self.broadcast is None:
+            return self._loop(x, x0_prev, noise, noise_rows, progress)
+        self.broadcast.attach(self.guided.model)
+        try:
+            return self._loop(x, x0_prev, noise, noise_rows, progress)
+        finally:
+            self.broadcast.detach()  # other engines on this model compute every attention
+
+    def _loop(self, x: torch.Tensor, x0_prev: torch.Tensor, noise: torch.Tensor, noise_rows: int, progress: bool) -> torch.Tensor:
+        if self.cuda_graph:
+            _, t_buf, c_buf, n_buf, _ = self.bufs
         steps = range(len(self.s.timesteps))
         if progress:
             from tqdm.auto import tqdm
@@ -199,6 +213,8 @@ class Engine:
         for i in steps:
             if self.s.kind == "ddpm":
                 noise = torch.randn((noise_rows, *x.shape[1:]), device=x.device)[: len(x)]
+            if self.broadcast is not None:
+                self.broadcast.set_step(i, len(self.s.timesteps))
             if self.cuda_graph:
                 t_buf.copy_(self.s.timesteps[i])
                 c_buf.copy_(self.s.coefs[i])

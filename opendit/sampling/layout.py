@@ -9,8 +9,6 @@ from typing import Optional
 import torch.distributed as dist
 
 from opendit.errors import UsageError
-from opendit.parallel import build_mesh
-from opendit.parallel.mesh import ParallelMesh
 
 
 @dataclass
@@ -21,7 +19,7 @@ class SamplingLayout:
     world: int = 1
     sp: int = 1
     cfg: int = 1
-    mesh: Optional[ParallelMesh] = None
+    mesh: Optional["ParallelMesh"] = None  # noqa: F821 (opendit.parallel is imported when a mesh is built)
     cfg_group: Optional[dist.ProcessGroup] = None
 
     @property
@@ -51,6 +49,8 @@ def build_layout(rank: int, world: int, sp: int, cfg_parallel: bool, device_type
         raise UsageError(f"--sequence_parallel_size {sp}{' x 2 (--cfg_parallel)' if cfg_parallel else ''} must divide the number of processes ({world})")
     if world == 1:
         return SamplingLayout()
+    from opendit.parallel import build_mesh
+
     mesh = build_mesh(world, sp, device_type) if sp > 1 else None
     cfg_group = None
     if cfg_parallel:

@@ -11,7 +11,6 @@ from opendit.checkpoint.weights import load_model_weights
 from opendit.encoders import load_text_encoder, load_vae
 from opendit.encoders.text import DEFAULT_TEXT_ENCODER
 from opendit.errors import UsageError, run_or_exit
-from opendit.parallel import parallelize
 from opendit.sampling.conditions import (
     conditions,
     file_stem,
@@ -59,6 +58,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sequence_parallel_size", type=int, default=1, help="under torchrun: processes that split each step's tokens (as in train.py); the rest sample other conditions")
     parser.add_argument("--cfg_parallel", action="store_true", help="under torchrun: the conditional and unconditional halves of each step on two processes (world = dp x 2 x sp)")
     add_speed_flags(parser)
+    add_broadcast_flags(parser)
     parser.add_argument("--sequence_parallel_type", type=str, default=None, choices=["fastseq", "longseq", "ulysses", "dsp"], help="default: dsp for Latte, fastseq otherwise")
     return parser
 
@@ -68,7 +68,18 @@ def add_speed_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mixed_precision", type=str, default=None, choices=list(PRECISIONS), help="autocast dtype (default: bf16 on a GPU, fp32 on the CPU)")
     parser.add_argument("--enable_flashattn", action="store_true", help="attention on the fused GPU kernels only (cuDNN/flash; bf16/fp16)")
     parser.add_argument("--enable_modulate_kernel", action="store_true", help="Triton fused LayerNorm + modulate (adaLN) in every block")
-    parser.add_argument("--compile", action="store_true", help="GPU: torch.compile the blocks and capture each whole denoising step as one CUDA graph")
+    parser.add_argument("--compile", action="store_true", help="GPU: torch.compile the model and capture each whole denoising step as one CUDA graph")
+    parser.add_argument("--compile_scope", type=str, default="auto", choices=["auto", "model", "blocks"],
+                        help="what --compile compiles: the whole model (faster, longer first call) or each block; auto: model on one process, blocks under sequence parallelism")
+
+
+def add_broadcast_flags(parser: argparse.ArgumentParser) -> None:
+    """--attention_broadcast and its ranges / periods (video models; opendit/sampling/broadcast.py)."""
+    parser.add_argument("--attention_broadcast", action="store_true", help="video models: reuse each attention's output across steps in the middle of the schedule")
+    parser.add_argument("--broadcast_range", type=str, default="0.2,0.8", help="START,END fractions of the steps where spatial (VDiT: all) attention is reused")
+    parser.add_argument("--broadcast_range_temporal", type=str, default="0.1,0.9", help="START,END fractions of the steps where Latte's temporal attention is reused")
+    parser.add_argument("--broadcast_every", type=int, default=2, help="spatial attention: computed once every K steps in its range, reused in between")
+    parser.add_argument("--broadcast_every_temporal", type=int, default=4, help="temporal attention: computed once every K steps in its range")
 
 
 def resolve_speed_flags(args: argparse.Namespace, device: torch.device) -> None:
@@ -79,11 +90,23 @@ def resolve_speed_flags(args: argparse.Namespace, device: torch.device) -> None:
         raise UsageError("--enable_flashattn, --compile and --mixed_precision fp16 need a CUDA GPU")
     if args.enable_flashattn and args.mixed_precision == "fp32":
         raise UsageError("--enable_flashattn needs --mixed_precision bf16 or fp16")
+    if getattr(args, "attention_broadcast", False):
+        from opendit.sampling.broadcast import config_from_args
+
+        config_from_args(args)  # one-line errors for bad ranges / periods
+        if args.compile:
+            raise UsageError("--attention_broadcast decides per step on the host: it cannot run with --compile (a CUDA graph per step); drop one of them")
+        if not args.use_video:
+            raise UsageError("--attention_broadcast is for the video models (VDiT, Latte, vDiT)")
 
 
 def speed_up(args: argparse.Namespace, model: torch.nn.Module, mesh=None) -> torch.nn.Module:
-    """Kernels, sequence parallelism and per-block compile through parallelize (no data-parallel wrapper)."""
-    return parallelize(model, mesh, plugin=None, fused_adaln=args.enable_modulate_kernel, flash_attention=args.enable_flashattn, compile=args.compile,
+    """Kernels, sequence parallelism and compile (whole model or per block) through parallelize (no data-parallel wrapper)."""
+    from opendit.parallel import parallelize
+
+    scope = getattr(args, "compile_scope", "blocks")
+    scope = ("model" if mesh is None else "blocks") if scope == "auto" else scope
+    return parallelize(model, mesh, plugin=None, fused_adaln=args.enable_modulate_kernel, flash_attention=args.enable_flashattn, compile=args.compile and scope,
                        sequence_parallel_type=getattr(args, "sequence_parallel_type", None), sequence_parallel_overlap=False)  # plain collectives: faster on NVLink
 
 

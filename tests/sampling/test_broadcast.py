@@ -1,0 +1,142 @@
+"""Attention broadcast: off changes nothing, every=1 equals off, every=K really reuses outputs, and the drift is small."""
+import argparse
+import os
+
+import pytest
+import torch
+
+from opendit.errors import UsageError
+from opendit.models import Latte, VDiT
+from opendit.models.attention import Attention
+from opendit.sampling.denoise import _ENGINES, denoise
+from opendit.sampling.sample import resolve_speed_flags
+
+
+def _model(cls=Latte, std: float = 0.05):
+    torch.manual_seed(0)
+    model = cls(depth=2, hidden_size=32, num_heads=2, in_channels=4, num_classes=10, input_size=4, num_frames=4, patch_size=(1, 2, 2)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(std * torch.randn_like(p))  # adaLN-Zero would zero every block's attention
+    return model
+
+
+def _args(**kw):
+    base = dict(sampler="ddim", num_sampling_steps=10, noise_schedule="linear", cfg_scale=4.0, cfg_channels="3", num_classes=10, vae="ema",
+                mixed_precision="fp32", compile=False, attention_broadcast=False, broadcast_range="0.2,0.8", broadcast_range_temporal="0.1,0.9",
+                broadcast_every=2, broadcast_every_temporal=4, use_video=True)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def _run(args, model, z, y):
+    torch.manual_seed(7)
+    with torch.no_grad():
+        return denoise(args, model, z, y)
+
+
+def _count_calls(model) -> list:
+    """Wrap each block attention's attention_fn with a counter; returns the per-block counts (a list filled in place)."""
+    counts = [0] * len(model.blocks)
+    for i, block in enumerate(model.blocks):
+        fn = block.attn.attention_fn
+
+        def counted(q, k, v, i=i, fn=fn):
+            counts[i] += 1
+            return fn(q, k, v)
+
+        block.attn.attention_fn = counted
+    return counts
+
+
+@pytest.fixture(autouse=True)
+def _fresh_engines():
+    _ENGINES.clear()
+    yield
+    _ENGINES.clear()
+
+
+def test_off_is_bit_equal_and_leaves_no_wrapper():
+    model, z, y = _model(), torch.randn(2, 4, 4, 4, 4), torch.tensor([1, 5])
+    before = _run(_args(mixed_precision="bf16"), model, z, y)
+    _run(_args(mixed_precision="bf16", attention_broadcast=True), model, z, y)  # a broadcast run in between
+    assert all("forward" not in block.attn.__dict__ for block in model.blocks)  # detached after its loop
+    _ENGINES.clear()
+    after = _run(_args(mixed_precision="bf16"), model, z, y)
+    assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("cls", [Latte, VDiT])
+def test_every_one_equals_off(cls):
+    model, z, y = _model(cls), torch.randn(2, 4, 4, 4, 4), torch.tensor([1, 5])
+    off = _run(_args(sampler="ddpm", mixed_precision="bf16"), model, z, y)
+    on = _run(_args(sampler="ddpm", mixed_precision="bf16", attention_broadcast=True, broadcast_every=1, broadcast_every_temporal=1, broadcast_range="0,1", broadcast_range_temporal="0,1"), model, z, y)
+    assert torch.equal(off, on)
+
+
+def test_reuse_counts_latte():
+    """10 DDIM steps: spatial range [2, 8) every 2 -> computed at 2, 4, 6; temporal [1, 9) every 4 -> at 1, 5."""
+    model, z, y = _model(), torch.randn(2, 4, 4, 4, 4), torch.tensor([1, 5])
+    counts = _count_calls(model)
+    _run(_args(attention_broadcast=True), model, z, y)
+    assert model.block_kinds == ["spatial", "temporal"]
+    assert counts == [10 - 3, 10 - 6]
+    counts[:] = [0, 0]
+    _run(_args(attention_broadcast=True), model, z, y)  # the cached engine again: a new sample starts without a cache
+    assert counts == [7, 4]
+
+
+def test_reuse_counts_vdit_and_cfg_rows_cached_together():
+    """VDiT's full attention follows the spatial range; cond + uncond rows are one batch, cached as one tensor."""
+    model, z, y = _model(VDiT), torch.randn(3, 4, 4, 4, 4), torch.tensor([1, 5, 9])
+    counts = _count_calls(model)
+    seen = []
+    for block in model.blocks:
+        fn = block.attn.attention_fn
+        block.attn.attention_fn = lambda q, k, v, fn=fn: (seen.append(q.shape[0]), fn(q, k, v))[1]
+    _run(_args(attention_broadcast=True, broadcast_every=3), model, z, y)  # [2, 8) every 3 -> computed at 2, 5
+    assert counts == [6, 6] and set(seen) == {6}
+
+
+def test_drift_small_but_real():
+    model, z, y = _model(), torch.randn(2, 4, 4, 4, 4), torch.tensor([1, 5])
+    off = _run(_args(num_sampling_steps=20, attention_broadcast=False, mixed_precision="bf16"), model, z, y)
+    on = _run(_args(num_sampling_steps=20, attention_broadcast=True, mixed_precision="bf16"), model, z, y)
+    rel = ((on - off).norm() / off.norm()).item()
+    assert 0 < rel < 0.05, rel
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(compile=True), "--compile"),
+    (dict(use_video=False), "video models"),
+    (dict(broadcast_range="0.8,0.2"), "START <= END"),
+    (dict(broadcast_range_temporal="half"), "START,END"),
+    (dict(broadcast_every=0), "at least 1"),
+])
+def test_bad_flags_one_line(kw, message):
+    args = _args(attention_broadcast=True, enable_flashattn=False, **kw)
+    with pytest.raises(UsageError, match=message):
+        resolve_speed_flags(args, torch.device("cuda" if kw.get("compile") else "cpu"))
+
+
+def test_attention_module_untouched():
+    """The state dict and the Attention class are the model's own while and after broadcasting."""
+    model = _model()
+    keys = list(model.state_dict())
+    _run(_args(attention_broadcast=True), model, torch.randn(1, 4, 4, 4, 4), torch.tensor([3]))
+    assert list(model.state_dict()) == keys and all(type(b.attn) is Attention for b in model.blocks)
+
+
+def test_sample_cli_with_broadcast(tmp_path, capsys):
+    from opendit.sampling import sample as sample_cli
+    from opendit.training import train as train_cli
+
+    train_cli.main(["--model", "Latte-S/1x2x2", "--use_video", "--depth", "2", "--hidden_size", "32", "--num_heads", "2", "--image_size", "16", "--num_frames", "2",
+                    "--vae", "none", "--num_classes", "8", "--dataset_size", "8", "--batch_size", "2", "--max_steps", "1", "--mixed_precision", "fp32",
+                    "--num_workers", "0", "--outputs", str(tmp_path / "o")])
+    experiment = os.path.join(tmp_path / "o", os.listdir(tmp_path / "o")[0])
+    base = ["--ckpt", experiment, "--sampler", "ddim", "--num_sampling_steps", "4", "--labels", "1", "--output", str(tmp_path / "s")]
+    sample_cli.main(base + ["--attention_broadcast", "--broadcast_range", "0,1"])
+    assert os.listdir(tmp_path / "s") == ["0000-class1.mp4"]
+    with pytest.raises(SystemExit) as e:
+        sample_cli.main(base + ["--attention_broadcast", "--broadcast_every", "0"])
+    assert e.value.code == 2 and "--broadcast_every" in capsys.readouterr().err
