@@ -140,3 +140,20 @@ def test_sample_cli_with_broadcast(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         sample_cli.main(base + ["--attention_broadcast", "--broadcast_every", "0"])
     assert e.value.code == 2 and "--broadcast_every" in capsys.readouterr().err
+
+
+def test_reuse_when_attention_output_dtype_differs_from_its_input():
+    """Under CUDA autocast an attention takes fp32 (LayerNorm output) and returns bf16 (its Linear): still reused."""
+    from opendit.sampling.broadcast import AttentionBroadcast, BroadcastConfig
+
+    block = torch.nn.Module()
+    block.attn = torch.nn.Module()
+    block.attn.forward = lambda x: x.to(torch.bfloat16)  # input fp32 -> output bf16, like autocast on CUDA
+    model = torch.nn.Module()
+    model.blocks = [block]
+    b = AttentionBroadcast(BroadcastConfig(spatial_range=(0.0, 1.0), spatial_every=2)).attach(model)
+    x = torch.ones(1, 4, 8)
+    for step in range(4):
+        b.set_step(step, 4)
+        model.blocks[0].attn.forward(x)
+    assert (b.computed, b.reused) == (2, 2)
