@@ -29,7 +29,7 @@ def train(model, train_model, dt, rank=0, world_size=1, optimizer=ShardedAdamW):
         ema.update(DECAY)
         for name, p in model.named_parameters():
             if p.requires_grad:
-                unsharded[name].mul_(DECAY).add_(dt.full(p), alpha=1 - DECAY)
+                unsharded[name].lerp_(dt.full(p), 1 - DECAY)  # ShardedEMA's update, on the whole tensor
     weights = {name: dt.full(p) for name, p in model.named_parameters()}
     return grads, weights, {name: dt.full(t) for name, t in ema.state_dict().items()}, unsharded
 
