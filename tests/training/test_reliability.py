@@ -53,7 +53,7 @@ def image_run(images, out, steps, workers, *extra):
                 "--ckpt_every", "2", "--experiment_dir", str(out), *extra])
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, 2, 4])
 def test_resume_is_exact_with_workers_and_bad_sample_count_carried(images, tmp_path, workers):
     assert image_run(images, tmp_path / "full", 6, workers) == 0
     assert image_run(images, tmp_path / "cut", 2, workers) == 0
@@ -87,6 +87,9 @@ def test_zero2_resume_exact_with_workers(images, tmp_path):
     torchrun(tmp_path / "cut", 4, "--load", "auto")
     full, cut = metrics(tmp_path / "full"), metrics(tmp_path / "cut")
     assert all(full[s]["loss"] == cut[s]["loss"] for s in full) and sorted(cut) == [1, 2, 3, 4]
+    for part in ("model", "ema"):  # the sharded weights and EMA of step 4, gathered from both ranks' DCP shards
+        a, b = (read_tensors(str(tmp_path / r / "checkpoints" / "step-0000004"), part) for r in ("full", "cut"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
 
 
 def test_divergence_is_skipped_then_stops_and_no_bad_checkpoint(tmp_path, monkeypatch, capsys):
@@ -235,3 +238,41 @@ def test_sigterm_checkpoints_and_exits_3_then_resume_is_exact(tmp_path):
     assert run([*TRAIN_FLAGS, "--max_steps", str(target), "--experiment_dir", str(tmp_path / "full")]) == 0
     full, cut = metrics(tmp_path / "full"), metrics(tmp_path / "cut")
     assert all(full[s]["loss"] == cut[s]["loss"] for s in full)
+
+
+def _children(pid: int) -> list:
+    """Processes whose parent is pid (torchrun's workers), from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1] == str(pid):
+                found.append(int(entry))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def test_sigusr1_on_one_rank_stops_both_ranks_with_a_checkpoint(tmp_path):
+    """zero2 on 2 processes: a signal to one worker alone; the ranks agree to stop, write one checkpoint, exit 3."""
+    def torchrun(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "train.py"), *TRAIN_FLAGS,
+               "--plugin", "zero2", "--ckpt_every", "1000", "--experiment_dir", str(out), *extra]
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+    agent = torchrun(tmp_path / "cut", "--max_steps", "500")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "cut" / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    time.sleep(0.5)
+    workers = _children(agent.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGUSR1)  # rank 0 never sees a signal
+    err = agent.communicate(timeout=120)[1]
+    assert agent.returncode != 0 and err.count("exitcode  : 3") == 2, err[-3000:]  # both ranks ended with status 3
+    last = max(metrics(tmp_path / "cut"))
+    assert last < 500 and open(tmp_path / "cut" / "checkpoints" / "latest").read().strip() == f"step-{last:07d}"  # nothing lost
+    resumed = torchrun(tmp_path / "cut", "--max_steps", str(last + 2), "--load", "auto")
+    full = torchrun(tmp_path / "full", "--max_steps", str(last + 2))
+    assert resumed.wait(timeout=300) == 0 and full.wait(timeout=300) == 0
+    a, b = metrics(tmp_path / "full"), metrics(tmp_path / "cut")
+    assert all(a[s]["loss"] == b[s]["loss"] for s in a)
