@@ -23,7 +23,14 @@ VIDEO_FLAGS = dict(COMMON, model="VDiT-S/2x2x2", num_frames=4, batch_size=32, ma
 
 
 def as_argv(flags: dict) -> list:
-    return [item for key, value in flags.items() for item in (f"--{key}", str(value))]
+    """{"lr": 4e-3, "compile": True} -> ["--lr", "0.004", "--compile"]: True stands for a switch (False: left out)."""
+    argv = []
+    for key, value in flags.items():
+        if str(value).lower() in ("true", "false"):
+            argv += [f"--{key}"] if str(value).lower() == "true" else []
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
 
 
 def main(argv=None) -> None:
