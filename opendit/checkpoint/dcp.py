@@ -32,8 +32,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from opendit.checkpoint.layout import LATEST, MANIFEST, STEP_PATTERN, TRAIN_STATE, rng_state
-from opendit.checkpoint.weights import torch_load
+from opendit.checkpoint.layout import LATEST, MANIFEST, STEP_PATTERN, TRAIN_STATE, rng_state, torch_load
 from opendit.errors import CheckpointError
 from opendit.parallel.process import barrier
 

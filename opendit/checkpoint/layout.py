@@ -1,4 +1,4 @@
-"""Checkpoint folder layout: file names, finding the latest checkpoint, and the RNG state saved with it.
+"""Checkpoint folder layout: file names, finding the latest checkpoint, the RNG state saved with it, and safe reading.
 
 Training checkpoints are DCP folders written by opendit/checkpoint/dcp.py (layout there).
 """
@@ -77,3 +77,11 @@ def experiment_dir_of(checkpoint_dir: str) -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_dir)))
 
 
+def torch_load(path: str) -> Any:
+    """torch.load restricted to tensors and plain containers: a checkpoint can never run code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except Exception as e:  # truncated, corrupt, or carrying pickled code
+        raise CheckpointError(f"{path}: cannot be read as a weights-only checkpoint ({type(e).__name__}: {e})".split("\n")[0]) from None

@@ -12,22 +12,12 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from opendit.checkpoint.layout import EXPORT_CONFIG, EXPORT_WEIGHTS, TRAIN_STATE, resolve_checkpoint_dir
+from opendit.checkpoint.layout import EXPORT_CONFIG, EXPORT_WEIGHTS, TRAIN_STATE, resolve_checkpoint_dir, torch_load
 from opendit.errors import CheckpointError
 
 OFFICIAL_DIT_CHECKPOINTS = {"DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt"}
 
 OFFICIAL_DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/{}"
-
-
-def torch_load(path: str) -> Any:
-    """torch.load restricted to tensors and plain containers: a checkpoint can never run code."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except Exception as e:  # truncated, corrupt, or carrying pickled code
-        raise CheckpointError(f"{path}: cannot be read as a weights-only checkpoint ({type(e).__name__}: {e})".split("\n")[0]) from None
 
 
 def _download_official(name: str) -> str:
