@@ -81,3 +81,17 @@ def build_mesh(world_size: int, sp_size: int, device_type: str) -> ParallelMesh:
     if world_size == 1:
         return ParallelMesh()
     return ParallelMesh(init_device_mesh(device_type, (world_size // sp_size, sp_size), mesh_dim_names=(DP, SP)))
+
+
+def cfg_pair_group(rank: int, world: int, sp_size: int) -> dist.ProcessGroup:
+    """Classifier-free-guidance parallelism: the group of the two ranks (conditional, unconditional half) that share
+    this rank's dp group and sp index, with rank = (dp_index * 2 + cfg_index) * sp_size + sp_index. Every rank takes
+    part in creating every pair, as new_group requires."""
+    mine = None
+    for d in range(world // (2 * sp_size)):
+        for s in range(sp_size):
+            ranks = [(d * 2 + c) * sp_size + s for c in range(2)]
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                mine = group
+    return mine

@@ -50,14 +50,7 @@ def build_layout(rank: int, world: int, sp: int, cfg_parallel: bool, device_type
     if world == 1:
         return SamplingLayout()
     from opendit.parallel import build_mesh
+    from opendit.parallel.mesh import cfg_pair_group
 
     mesh = build_mesh(world, sp, device_type) if sp > 1 else None
-    cfg_group = None
-    if cfg_parallel:
-        for d in range(world // (sp * cfg)):
-            for s in range(sp):
-                ranks = [(d * cfg + c) * sp + s for c in range(cfg)]
-                group = dist.new_group(ranks)
-                if rank in ranks:
-                    cfg_group = group
-    return SamplingLayout(rank, world, sp, cfg, mesh, cfg_group)
+    return SamplingLayout(rank, world, sp, cfg, mesh, cfg_pair_group(rank, world, sp) if cfg_parallel else None)
