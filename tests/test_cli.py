@@ -173,6 +173,7 @@ def test_bad_flags_give_one_line_errors(tmp_path):
     one_line_error(run_cli("train.py", *TINY, "--sequence_parallel_size", "2", *out), "--sequence_parallel_size", "must divide")
     one_line_error(run_cli("train.py", "--model", "VDiT-S/1x2x2", *out), "--use_video")
     one_line_error(run_cli("train.py", *TINY, "--fsdp_blocks_per_unit", "0", *out), "--fsdp_blocks_per_unit 0", "at least 1")
+    one_line_error(run_cli("train.py", *TINY, "--snr_gamma", "-1", *out), "--snr_gamma -1", "at least 0")
     one_line_error(run_cli("train.py", *TINY, "--load", str(tmp_path / "nope"), *out), "nope")
     one_line_error(run_cli("sample.py", "--ckpt", str(tmp_path / "missing.pt")), "missing.pt")
 

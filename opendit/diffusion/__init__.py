@@ -39,6 +39,7 @@ def create_diffusion(
     learn_sigma=True,
     rescale_learned_sigmas=False,
     diffusion_steps=1000,
+    snr_gamma=0.0,
 ):
     """Build a (possibly respaced) diffusion with DiT's defaults: linear betas, eps-prediction, learned range variance."""
     betas = gd.get_named_beta_schedule(noise_schedule, diffusion_steps)
@@ -63,4 +64,5 @@ def create_diffusion(
         model_mean_type=gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.EPSILON,
         model_var_type=var_type,
         loss_type=loss_type,
+        snr_gamma=snr_gamma,
     )

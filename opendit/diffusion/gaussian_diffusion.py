@@ -118,10 +118,11 @@ def _extract_into_tensor(arr: np.ndarray, timesteps: th.Tensor, broadcast_shape)
 class GaussianDiffusion:
     """Forward noising, reverse sampling and training losses for a fixed beta schedule."""
 
-    def __init__(self, *, betas, model_mean_type: ModelMeanType, model_var_type: ModelVarType, loss_type: LossType):
+    def __init__(self, *, betas, model_mean_type: ModelMeanType, model_var_type: ModelVarType, loss_type: LossType, snr_gamma: float = 0.0):
         self.model_mean_type = model_mean_type
         self.model_var_type = model_var_type
         self.loss_type = loss_type
+        self.snr_gamma = snr_gamma  # > 0: Min-SNR-gamma weighting of the eps MSE (Hang et al., 2023); 0: DiT's plain MSE
 
         betas = np.array(betas, dtype=np.float64)
         assert betas.ndim == 1, "betas must be 1-D"
@@ -139,6 +140,8 @@ class GaussianDiffusion:
         self.alphas_cumprod_prev = np.append(1.0, ac[:-1])
         self.alphas_cumprod_next = np.append(ac[1:], 0.0)
         assert self.alphas_cumprod_prev.shape == (self.num_timesteps,)
+        snr = ac / (1.0 - ac)  # signal-to-noise ratio of x_t
+        self.min_snr_weights = np.minimum(snr, snr_gamma) / snr if snr_gamma > 0 else np.ones_like(snr)
 
         # q(x_t | x_0)
         self.sqrt_alphas_cumprod = np.sqrt(ac)
@@ -471,6 +474,8 @@ class GaussianDiffusion:
                 raise NotImplementedError(self.model_mean_type)
             assert model_output.shape == target.shape == x_start.shape
             terms["mse"] = mean_flat((target - model_output) ** 2)
+            if self.snr_gamma > 0 and self.model_mean_type == ModelMeanType.EPSILON:
+                terms["mse"] = terms["mse"] * _extract_into_tensor(self.min_snr_weights, t, t.shape)  # min(SNR, gamma) / SNR
             terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         else:
             raise NotImplementedError(self.loss_type)

@@ -53,6 +53,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hidden_size", type=int, default=None, help="override the registry model's hidden size")
     parser.add_argument("--num_heads", type=int, default=None, help="override the registry model's number of heads")
     parser.add_argument("--noise_schedule", type=str, default="linear", choices=["linear", "squaredcos_cap_v2"], help="beta schedule (DiT: linear)")
+    parser.add_argument("--snr_gamma", type=float, default=0.0, help="> 0: Min-SNR-gamma weighting of the noise MSE (e.g. 5; Hang et al., 2023); 0: DiT's unweighted loss")
     parser.add_argument("--lr_schedule", type=str, default="constant", choices=["constant", "cosine"], help="constant (DiT) or cosine decay to 0 at the last step")
     parser.add_argument("--lr_warmup_steps", type=int, default=0, help="linear learning-rate warmup steps")
     parser.add_argument("--ema_decay", type=float, default=0.9999)
@@ -104,6 +105,8 @@ def check_flags(args: argparse.Namespace, world_size: int) -> None:
         raise UsageError(f"--num_classes {args.num_classes}: must be at least 0 (0: no class labels)")
     if args.lr_warmup_steps < 0:
         raise UsageError(f"--lr_warmup_steps {args.lr_warmup_steps}: must be at least 0")
+    if not args.snr_gamma >= 0:
+        raise UsageError(f"--snr_gamma {args.snr_gamma}: must be at least 0 (0: no weighting)")
     if args.max_steps is not None and args.max_steps < 1:
         raise UsageError(f"--max_steps {args.max_steps}: must be at least 1")
     if args.enable_flashattn and (args.mixed_precision == "fp32" or args.device == "cpu" or not torch.cuda.is_available()):

@@ -133,7 +133,7 @@ def build_train_step(args, model: torch.nn.Module, train_model: torch.nn.Module,
     optimizer = ShardedAdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda", foreach=device.type != "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     ema = ShardedEMA(model)  # fp32, laid out like the (sharded) parameters; starts equal to the model
-    diffusion = create_diffusion(timestep_respacing="", noise_schedule=args.noise_schedule)  # 1000 steps, learned-range sigma
+    diffusion = create_diffusion(timestep_respacing="", noise_schedule=args.noise_schedule, snr_gamma=args.snr_gamma)  # 1000 steps, learned-range sigma
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, args.lr_schedule, args.lr_warmup_steps, max_steps))
     use_autocast = amp_dtype != torch.float32 and not (mesh.device_mesh is not None and args.plugin != "ddp")  # FSDP2 casts parameters itself
     guard = DivergenceGuard(device, getattr(args, "max_bad_steps", 5))

@@ -100,3 +100,21 @@ def test_calc_bpd_loop_and_prior():
     th.testing.assert_close(out["total_bpd"], out["vb"].sum(1) + out["prior_bpd"])
     # The prior is tiny for the linear schedule (alpha_bar_T ~ 4e-5).
     assert (out["prior_bpd"] >= 0).all() and (out["prior_bpd"] < 1e-3).all()
+
+
+@pytest.mark.parametrize("schedule", ["linear", "squaredcos_cap_v2"])
+def test_min_snr_weighting(base_diffusion, conv_model, schedule):
+    """--snr_gamma: the eps MSE of sample i is scaled by min(SNR(t_i), gamma) / SNR(t_i); the VB term is unchanged;
+    gamma 0 (DiT's default) changes nothing."""
+    plain, weighted = create_diffusion("", noise_schedule=schedule), create_diffusion("", noise_schedule=schedule, snr_gamma=5.0)
+    x0 = th.rand(4, 4, 8, 8) * 2 - 1
+    noise = th.randn_like(x0)
+    t = th.tensor([0, 100, 500, 999])
+    a, b = (d.training_losses(conv_model, x0, t, noise=noise) for d in (plain, weighted))
+    ac = th.tensor(plain.alphas_cumprod)[t]
+    snr = ac / (1 - ac)
+    th.testing.assert_close(b["mse"], a["mse"] * (snr.clamp(max=5.0) / snr).float())
+    th.testing.assert_close(b["vb"], a["vb"])
+    assert b["mse"][0] < a["mse"][0] and b["mse"][-1] == a["mse"][-1]  # low t (high SNR) weighted down, high t kept
+    c = base_diffusion.training_losses(conv_model, x0, t, noise=noise) if schedule == "linear" else a
+    assert th.equal(c["mse"], a["mse"])
