@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from opendit.diffusion import create_diffusion
 from opendit.models import DiT, Latte
-from opendit.parallel import build_mesh, collectives, sp_all_reduce_grads
+from opendit.parallel import build_mesh, collectives, parallelize, sp_all_reduce_grads
 from opendit.parallel.dsp import apply_dsp, apply_latte_sequence_parallel
 from opendit.parallel.parallelize import enable_grad_checkpointing
 
@@ -138,6 +138,13 @@ def _check_dp_sp(rank, world_size, model, batch, grads_ref):
     for name, p in ddp.module.named_parameters():
         if p.requires_grad:
             assert_equal64(p.grad, grads_ref[name], f"DSP, DDP over the world + loss * sp: gradient of {name}")
+
+    # The same under FSDP2 (ZeRO, what zero2 / zero3 use), applied by parallelize() over all dp x sp ranks.
+    sharded = parallelize(copy.deepcopy(model), mesh, plugin="zero2", blocks_per_unit=2)  # float64 weights, reduced in float64
+    mesh.gradient_loss(_losses(sharded, x, t, y, noise).mean()).backward()
+    for name, p in sharded.named_parameters():
+        if p.requires_grad:
+            assert_equal64(p.grad.full_tensor(), grads_ref[name], f"DSP, FSDP2 over the world + loss * sp: gradient of {name}")
 
 
 def test_dp2_sp2_matches_one_process(spawn, tiny_latte, dp_sp_reference):
