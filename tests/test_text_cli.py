@@ -126,11 +126,19 @@ def test_text_flag_mistakes_are_one_line_errors(image_ckpt, clip, tmp_path, caps
     one_line_error(capsys, *class_model, "--text_encoder", clip, needles=["--text_encoder", "not text-conditioned"])
 
 
-@pytest.mark.parametrize("video", [False, True], ids=["image", "video"])
+MODELS = {
+    "image": ["--model", "DiT-S/2"],
+    "video": ["--model", "VDiT-S/1x2x2", "--use_video", "--num_frames", "3"],
+    # Latte with the speed-ups the CPU runs: the fused-kernel switch (PyTorch fallback on the CPU) and checkpointing
+    "latte": ["--model", "Latte-S/1x2x2", "--use_video", "--num_frames", "2", "--depth", "2", "--enable_modulate_kernel", "--grad_checkpoint"],
+}
+
+
+@pytest.mark.parametrize("video", list(MODELS))
 def test_train_on_captions_then_sample_prompts(clip, tmp_path, video):
     """train.py on captioned shapes builds a text model (text_dim from the encoder); sample.py reuses its encoder."""
-    model = ["--model", "VDiT-S/1x2x2", "--use_video", "--num_frames", "3"] if video else ["--model", "DiT-S/2"]
-    train_cli.main([*model, "--depth", "1", "--hidden_size", "32", "--num_heads", "2", "--image_size", "16", "--vae", "none", "--num_classes", "8",
+    model = MODELS[video]
+    train_cli.main(["--depth", "1", *model, "--hidden_size", "32", "--num_heads", "2", "--image_size", "16", "--vae", "none", "--num_classes", "8",
                     "--dataset", "shapes", "--captions", "on", "--text_encoder", clip, "--dataset_size", "8", "--batch_size", "2", "--max_steps", "2",
                     "--mixed_precision", "fp32", "--num_workers", "0", "--outputs", str(tmp_path / "o")])
     (experiment,) = [os.path.join(tmp_path / "o", d) for d in os.listdir(tmp_path / "o")]
@@ -138,8 +146,8 @@ def test_train_on_captions_then_sample_prompts(clip, tmp_path, video):
         config = json.load(f)
     assert config["model"]["text_dim"] == TEXT_DIM and config["args"]["text_encoder"] == clip
     result = run("--ckpt", experiment, "--prompt", "a red circle", "--prompt", "a blue square", "--output", str(tmp_path / "s"))
-    suffix = ".mp4" if video else ".png"
-    expected = [f"0000-prompt0-a-red-circle{suffix}", f"0001-prompt1-a-blue-square{suffix}"] + ([] if video else ["grid.png"])
+    suffix = ".png" if video == "image" else ".mp4"
+    expected = [f"0000-prompt0-a-red-circle{suffix}", f"0001-prompt1-a-blue-square{suffix}"] + (["grid.png"] if video == "image" else [])
     assert sorted(os.listdir(tmp_path / "s")) == expected and result["labels"] == [8, 8]  # the null class: prompts alone
 
 
