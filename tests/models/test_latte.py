@@ -6,19 +6,9 @@ import torch
 from opendit.models import DiT_models, Latte_models, VDiT, VDiT3D_models, is_video_model, spatial_patch
 from opendit.models.blocks import DiTBlock
 from opendit.models.pos_embed import get_3d_sincos_pos_embed
+from tiny import randomize  # tests/tiny.py
 
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
-
-
-def randomized(model):
-    """Small random weights everywhere (adaLN-Zero would make every block the identity), float64."""
-    gen = torch.Generator().manual_seed(0)
-    model.double()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model
 
 
 def tiny_latte(name="Latte-S/1x2x2", **kwargs):
@@ -47,7 +37,7 @@ def test_every_latte_builds_with_its_size(name):
 
 def test_latte_has_vdit_parameters_and_round_trips():
     """Same parameter names and shapes as a VDiT of the same size; a strict state-dict round trip gives the same outputs."""
-    model = randomized(tiny_latte())
+    model = randomize(tiny_latte())
     vdit = VDiT(input_size=8, num_frames=4, num_classes=10, depth=2, hidden_size=32, num_heads=4)
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in vdit.state_dict().items()}
     copy = tiny_latte().double()
@@ -66,7 +56,7 @@ def test_zero_init_output_and_cfg_shape():
 
 
 def test_text_conditioning():
-    model = randomized(tiny_latte(num_classes=0, text_dim=16))
+    model = randomize(tiny_latte(num_classes=0, text_dim=16))
     out = model(torch.randn(2, 4, 4, 8, 8, dtype=torch.float64), torch.tensor([1, 2]), text=torch.randn(2, 16, dtype=torch.float64))
     assert out.shape == (2, 8, 4, 8, 8)
 
@@ -74,7 +64,7 @@ def test_text_conditioning():
 @pytest.mark.parametrize("kind", ["spatial", "temporal"])
 def test_block_is_a_dit_block_on_regrouped_rows(kind):
     """A spatial block = DiTBlock on (N*t, s, D) rows, a temporal one on (N*s, t, D), with c repeated for each row."""
-    model = randomized(tiny_latte())
+    model = randomize(tiny_latte())
     block = model.blocks[0 if kind == "spatial" else 1]
     x, c = torch.randn(2, 4, 16, 32, dtype=torch.float64), torch.randn(2, 32, dtype=torch.float64)  # (N, t, s, D)
     rows = x.reshape(8, 16, 32) if kind == "spatial" else x.transpose(1, 2).reshape(32, 4, 32)
@@ -96,15 +86,15 @@ def _frame_jacobian_mass(model):
 
 
 def test_spatial_block_never_mixes_frames_and_temporal_block_does():
-    mass = _frame_jacobian_mass(randomized(tiny_latte(depth=1)))
+    mass = _frame_jacobian_mass(randomize(tiny_latte(depth=1)))
     assert torch.all(mass.diagonal() > 0)
     assert torch.equal(mass - torch.diag(mass.diagonal()), torch.zeros(4, 4, dtype=torch.float64))
-    mass = _frame_jacobian_mass(randomized(tiny_latte(depth=2)))
+    mass = _frame_jacobian_mass(randomize(tiny_latte(depth=2)))
     assert torch.all(mass > 0)
 
 
 def test_temporal_table_is_added_before_the_first_temporal_block():
-    model = randomized(tiny_latte(depth=2))
+    model = randomize(tiny_latte(depth=2))
     seen = []
     model.blocks[1].register_forward_pre_hook(lambda module, args: seen.append(args[2]))
     model.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[2]))
@@ -116,7 +106,7 @@ def test_one_frame_vdit_is_the_image_dit():
     """DiT's weights in a one-frame VDiT give DiT's outputs; the only difference, VDiT's temporal table (whose frame-0
     row is [sin 0 = 0 | cos 0 = 1]), is zeroed for the comparison."""
     kw = dict(input_size=8, num_classes=10, depth=2, hidden_size=32, num_heads=4)
-    dit = randomized(DiT_models["DiT-S/2"](**kw)).eval()
+    dit = randomize(DiT_models["DiT-S/2"](**kw)).eval()
     vdit = DiT_models["VDiT-S/1x2x2"](num_frames=1, **kw).double().eval()
     state = dit.state_dict()
     state["x_embedder.proj.weight"] = state["x_embedder.proj.weight"].unsqueeze(2)  # Conv2d -> Conv3d with kernel t = 1

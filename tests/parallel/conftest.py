@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from opendit.models import DiT, Latte, VDiT
+from tiny import randomize  # tests/tiny.py
 
 _launches = itertools.count()
 
@@ -30,17 +31,6 @@ def spawn(tmp_path):
         mp.start_processes(_run, args=(world_size, str(init_file), fn, args), nprocs=world_size, join=True, start_method="fork")
 
     return launch
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Replace the adaLN-Zero init (which zeroes most gradients) by small random weights, in float64."""
-    gen = torch.Generator().manual_seed(seed)
-    model.double()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model
 
 
 @pytest.fixture

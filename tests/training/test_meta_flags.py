@@ -1,5 +1,4 @@
 """Meta DiT's hyphenated flags are aliases of train.py's and sample.py's; --global-batch-size is split over the dp ranks."""
-import argparse
 
 import pytest
 

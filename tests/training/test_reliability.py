@@ -2,7 +2,6 @@
 one-line errors for bad checkpoints and data, SIGTERM, and the experiment lock."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ranks import TRAIN_FLAGS, run_ranks  # tests/ranks.py (tests/conftest.py puts tests/ on sys.path)
+from ranks import TRAIN_FLAGS  # tests/ranks.py (tests/conftest.py puts tests/ on sys.path)
 from opendit.checkpoint.dcp import read_tensors
 from opendit.training import train as train_cli
 from opendit.training.preemption import ExperimentLock
