@@ -30,13 +30,15 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from opendit.builders import build_model  # noqa: E402
+from opendit.builders import (
+    PRECISIONS,  # noqa: E402
+    build_model,  # noqa: E402
+)
 from opendit.diffusion import create_diffusion  # noqa: E402
 from opendit.parallel import build_mesh, parallelize  # noqa: E402
 from opendit.parallel.mesh import local_shard  # noqa: E402
 from opendit.parallel.parallelize import BLOCKS_PER_UNIT  # noqa: E402
 from opendit.parallel.process import cleanup, setup_distributed  # noqa: E402
-from opendit.training.args import PRECISIONS  # noqa: E402
 from opendit.training.ema import ShardedEMA  # noqa: E402
 from opendit.training.optim import ShardedAdamW, optimizer_step  # noqa: E402
 

@@ -7,6 +7,7 @@ from opendit.errors import UsageError
 from opendit.models import DiT_models, is_video_model, spatial_patch
 
 KNOWN_VAE_DOWNSAMPLE = {"none": 1, "ema": 8, "mse": 8}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --mixed_precision of train.py and sample.py
 
 
 def patch_hw(model_name: str) -> int:

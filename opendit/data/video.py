@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-
 from .robust import error_line
 from .table import open_csv
 from .transforms import center_crop, random_flip, short_side_size, to_tensor

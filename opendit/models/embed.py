@@ -6,7 +6,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 _FREQUENCIES = {}  # (half, max_period, device) -> frequencies: a host-to-device copy per call would stall the GPU queue
 
 

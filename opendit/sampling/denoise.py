@@ -7,11 +7,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from opendit.builders import PRECISIONS
 from opendit.diffusion import create_diffusion
 from opendit.sampling.engine import Engine, Guided, make_schedule
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver")
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _ENGINES: dict = {}  # one engine (and its CUDA graph) per model and sampling setting, reused across batches
 
 

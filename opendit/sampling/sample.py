@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from opendit.builders import build_model, check_model_flags, model_config
+from opendit.builders import PRECISIONS, build_model, check_model_flags, model_config
 from opendit.checkpoint.weights import load_model_weights
 from opendit.encoders import load_text_encoder, load_vae
 from opendit.encoders.text import DEFAULT_TEXT_ENCODER
@@ -18,7 +18,7 @@ from opendit.sampling.conditions import (
     prompt_directions,
     read_prompts,
 )
-from opendit.sampling.denoise import PRECISIONS, SAMPLERS, denoise
+from opendit.sampling.denoise import SAMPLERS, denoise
 from opendit.sampling.fidelity import check_fidelity
 from opendit.sampling.layout import SamplingLayout, build_layout
 

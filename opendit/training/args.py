@@ -3,14 +3,13 @@ import argparse
 
 import torch
 
-from opendit.builders import check_model_flags
+from opendit.builders import PRECISIONS, check_model_flags
 from opendit.errors import UsageError
 from opendit.parallel.parallelize import BLOCKS_PER_UNIT, PLUGINS
-from opendit.training.graph_step import graph_step_refusal
 from opendit.training.experiment import restarted_by_torchrun
+from opendit.training.graph_step import graph_step_refusal
 
 DEFAULT_BATCH = 2
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 

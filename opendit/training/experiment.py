@@ -2,12 +2,11 @@
 import argparse
 import json
 import os
+import re
+import sys
 from typing import Optional
 
 import torch.distributed as dist
-
-import re
-import sys
 
 from opendit.checkpoint.dcp import verify_checkpoint
 from opendit.checkpoint.layout import STEP_PATTERN, experiment_dir_of, latest_checkpoint, resolve_checkpoint_dir

@@ -4,9 +4,9 @@ from functools import partial
 
 import torch
 
+from opendit.builders import PRECISIONS
 from opendit.diffusion import create_diffusion
 from opendit.parallel.mesh import ParallelMesh
-from opendit.training.args import PRECISIONS
 from opendit.training.ema import ShardedEMA
 from opendit.training.guard import DivergenceGuard, any_rank
 from opendit.training.optim import ShardedAdamW, clip_and_check, lr_factor

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from opendit.builders import build_model, model_config
+from opendit.builders import PRECISIONS, build_model, model_config
 from opendit.checkpoint.dcp import load_checkpoint, read_train_state, save_checkpoint
 from opendit.checkpoint.layout import set_rng_state
 from opendit.checkpoint.weights import is_opendit_folder, load_opendit_folder
@@ -23,7 +23,7 @@ from opendit.errors import UsageError, run_or_exit
 from opendit.parallel import build_mesh, parallelize
 from opendit.parallel.mesh import ParallelMesh
 from opendit.parallel.process import DistInfo, cleanup, setup_distributed
-from opendit.training.args import PRECISIONS, check_flags, check_resume_flags, get_parser
+from opendit.training.args import check_flags, check_resume_flags, get_parser
 from opendit.training.experiment import open_experiment, restarted_by_torchrun, resume_dir_for
 from opendit.training.graph_step import maybe_graph_step
 from opendit.training.guard import DivergenceError, non_finite_tensors
