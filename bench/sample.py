@@ -1,20 +1,30 @@
 """One-GPU sampling speed of DiT-XL/2 at 256 (random weights), as markdown tables.
 
-    python bench/sample.py [--steps 250] [--images 8] [--ddp_batches 64,256] [--tiny] [--sections loop,outside,whole,broadcast,imports]
+    python bench/sample.py [--steps 250] [--images 8] [--ddp_batches 64,256] [--tiny] [--sections loop,outside,whole,broadcast,profile,imports]
 
 1. The denoising loop for --images images with classifier-free guidance (2 x images rows per forward), 250 DDPM
    steps, per speed-up (cumulative): fp32 (the reference loop, what sample.py did), bf16 autocast (the engine),
    + fused attention (--enable_flashattn), + fused adaLN kernels (--enable_modulate_kernel), + --compile (per-block
-   torch.compile and the whole step as one CUDA graph). Then DDIM-50 and DPM-Solver-20, eager bf16 and full path.
+   torch.compile and the whole step as one CUDA graph); then the whole model compiled (sample.py's default scope on
+   one process), + the bf16 weights stored once, + each MLP's GELU in its fc1 GEMM's epilogue (both what sample.py
+   does in bf16 on a GPU), + a bf16 residual stream (a probe).
+   Then DDIM-50 and DPM-Solver-20, eager bf16 and the fastest path.
 2. sample_ddp.py throughput: images/s per GPU at each batch (cfg 1.5, 250 DDPM steps, from 25 timed steps).
 3. Outside the loop: importing sample.py, building the model on the GPU, loading a safetensors checkpoint, writing
    8 PNGs, and the first call's compile + capture. The SD VAE decode is not measured (no diffusers on the host).
 4. whole: the full fast path with the whole model compiled (--compile_scope model, sample.py's default on one
    process) instead of each block, with and without the fused adaLN kernels, and DDIM-50 / DPM-Solver-20 with it.
 5. broadcast: --attention_broadcast on Latte-XL/1x2x2 and VDiT-XL/1x2x2 at 16 frames x 256 px (latent 16x32x32),
-   one video + CFG, DDIM-50, bf16 + fused attention, eager: full attention vs the default ranges vs every step in range.
+   one video + CFG, DDIM-50, bf16 + fused attention, bf16 weights and the GELU epilogue (as sample.py): full attention
+   vs each setting of BROADCASTS, eager and with each block compiled (the library allows it; sample.py refuses --compile
+   with --attention_broadcast since this measured it slower), then full
+   attention on sample.py's fastest path (whole model compiled, the step one CUDA graph). Speed-ups are against the
+   full-attention row of the same run mode.
 6. imports: `python -X importtime -c "import opendit.sampling.sample"` in a fresh interpreter: total and the slowest.
+7. profile: the top CUDA kernels of sample.py's fast path (whole model compiled, bf16 weights, GELU epilogue), one
+   step run from Python (not in a graph) under torch.profiler.
 A loop's time is its second call (the first one compiles and captures). Default sections: loop,outside.
+BENCH_CPU_COMPILE=1 also runs the broadcast section's compiled modes on the CPU (a smoke check with --tiny).
 """
 import argparse
 import os
@@ -29,21 +39,26 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from opendit.models import DiT_models  # noqa: E402
 from opendit.sampling.denoise import _ENGINES, denoise  # noqa: E402
-from opendit.sampling.sample import speed_up  # noqa: E402
+from opendit.sampling.sample import add_broadcast_flags, cast_matmul_weights, speed_up  # noqa: E402
 
-VARIANTS = {  # name -> (precision, flash attention, fused kernels, compile)
-    "fp32 + TF32 (reference loop, sample.py before)": ("fp32", False, False, False),
-    "bf16 autocast, engine (eager)": ("bf16", False, False, False),
-    "+ fused attention": ("bf16", True, False, False),
-    "+ fused adaLN kernels": ("bf16", True, True, False),
-    "+ compile, whole step as a CUDA graph (full fast path)": ("bf16", True, True, True),
+VARIANTS = {  # name -> (precision, flash attention, fused kernels, compile, extra: compile_scope / cast / bf16_residual)
+    "fp32 + TF32 (reference loop, sample.py before)": ("fp32", False, False, False, ()),
+    "bf16 autocast, engine (eager)": ("bf16", False, False, False, ()),
+    "+ fused attention": ("bf16", True, False, False, ()),
+    "+ fused adaLN kernels": ("bf16", True, True, False, ()),
+    "+ compile per block, whole step as a CUDA graph": ("bf16", True, True, True, ()),
+    "compile the whole model instead (no fused adaLN)": ("bf16", True, False, True, (("compile_scope", "model"),)),
+    "+ bf16 weights stored once": ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True))),
+    "+ GELU in the fc1 GEMM's epilogue (sample.py's fast path)": ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("gelu_epilogue", True))),
+    "+ bf16 residual stream (probe, not a flag)": ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("gelu_epilogue", True), ("bf16_residual", True))),
 }
+FAST = "+ GELU in the fc1 GEMM's epilogue (sample.py's fast path)"
 
 
-def flags(precision, flash, kernels, compile, **kw) -> argparse.Namespace:
+def flags(precision, flash, kernels, compile, extra=(), **kw) -> argparse.Namespace:
     base = dict(sampler="ddpm", num_sampling_steps=250, noise_schedule="linear", cfg_scale=4.0, cfg_channels="3", num_classes=1000, vae="ema",
-                mixed_precision=precision, enable_flashattn=flash, enable_modulate_kernel=kernels, compile=compile)
-    return argparse.Namespace(**{**base, **kw})
+                mixed_precision=precision, enable_flashattn=flash, enable_modulate_kernel=kernels, compile=compile, gelu_epilogue=False)
+    return argparse.Namespace(**{**base, **dict(extra), **kw})
 
 
 def build(args, model_name: str, size: int, device) -> torch.nn.Module:
@@ -53,6 +68,9 @@ def build(args, model_name: str, size: int, device) -> torch.nn.Module:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)  # adaLN-Zero init would zero every block
+    model.kernels.low_precision_residual = getattr(args, "bf16_residual", False)
+    if getattr(args, "cast", False):
+        cast_matmul_weights(model, torch.bfloat16)
     return speed_up(args, model.eval())
 
 
@@ -128,42 +146,79 @@ def whole_model_rows(opts, model_name: str, size: int, latent: tuple, device) ->
             torch.cuda.empty_cache()
 
 
-BROADCASTS = {  # name -> broadcast flags (None: full attention)
-    "full attention": None,
-    "--attention_broadcast (defaults: spatial 0.2-0.8 every 2, temporal 0.1-0.9 every 4)": ("0.2,0.8", "0.1,0.9", 2, 4),
-    "every step in range (0-1), spatial every 2, temporal every 4 (upper bound)": ("0,1", "0,1", 2, 4),
+WIDE = ["--attention_broadcast", "--broadcast_range", "0.1,0.9", "--broadcast_every", "3", "--broadcast_range_temporal", "0.05,0.95", "--broadcast_every_temporal", "6"]
+BROADCASTS = {  # name -> sample.py flags (also bench/sample_quality.py's rows)
+    "full attention": [],
+    "--attention_broadcast (defaults: spatial 0.2-0.8 every 2, temporal 0.1-0.9 every 4)": ["--attention_broadcast"],
+    "wide: spatial 0.1-0.9 every 3, temporal 0.05-0.95 every 6": WIDE,
+    "wide + MLPs 0.2-0.8 every 2": WIDE + ["--broadcast_mlp_range", "0.2,0.8", "--broadcast_mlp_every", "2"],
+    "wide + MLPs 0.1-0.9 every 3": WIDE + ["--broadcast_mlp_range", "0.1,0.9", "--broadcast_mlp_every", "3"],
 }
+
+
+def broadcast_flags(flags: list) -> dict:
+    """sample.py's broadcast flags -> the Namespace fields they set."""
+    parser = argparse.ArgumentParser()
+    add_broadcast_flags(parser)
+    return vars(parser.parse_args(flags))
 
 
 def broadcast_rows(opts, device) -> None:
     from opendit.models import Video_models
 
     frames, size, steps = (4, 32, 10) if opts.tiny else (16, 256, 50)
-    print(f"\n## Attention broadcast, 1 video + CFG (2 rows), {frames} frames at {size} px, DDIM-{steps}, bf16{'' if opts.tiny else ' + fused attention'}, eager\n")
-    print("| model | attention | seconds | speed-up | attention forwards computed / reused |\n|---|---|---:|---:|---:|")
+    print(f"\n## Attention broadcast, 1 video + CFG (2 rows), {frames} frames at {size} px, DDIM-{steps}, bf16{'' if opts.tiny else ' + fused attention'}, bf16 weights, GELU epilogue\n")
+    print("| model | attention | run | seconds | speed-up | forwards (attention + MLP) computed / reused |\n|---|---|---|---:|---:|---:|")
+    modes = ("eager",) if device.type != "cuda" and not os.environ.get("BENCH_CPU_COMPILE") else ("eager", "compile per block", "whole model + CUDA graph")
     for name in (("Latte-S/1x2x2", "VDiT-S/1x2x2") if opts.tiny else ("Latte-XL/1x2x2", "VDiT-XL/1x2x2")):
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = Video_models[name](input_size=size // 8, num_frames=frames, num_classes=1000, **(dict(depth=2) if opts.tiny else {}))
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0, 0.02)
-        base = None
-        for label, b in BROADCASTS.items():
-            kw = dict(sampler="ddim", num_sampling_steps=steps, use_video=True, attention_broadcast=b is not None)
-            if b is not None:
-                kw.update(broadcast_range=b[0], broadcast_range_temporal=b[1], broadcast_every=b[2], broadcast_every_temporal=b[3])
-            args = flags("bf16", not opts.tiny, False, False, **kw)
-            speed_up(args, model.eval())
-            _, second = timed_loop(args, model, 1, (4, frames, size // 8, size // 8), device)
-            base = base or second
-            engine = next(iter(_ENGINES.values()))
-            counts = f"{engine.broadcast.computed} / {engine.broadcast.reused}" if engine.broadcast is not None else "-"
-            print(f"| {name} | {label} | {second:.2f} | {base / second:.2f}x | {counts} |", flush=True)
-            _ENGINES.clear()
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        for mode in modes:  # a fresh model per mode: compiling is in place
+            torch.manual_seed(0)
+            with torch.device(device):
+                model = Video_models[name](input_size=size // 8, num_frames=frames, num_classes=1000, **(dict(depth=2) if opts.tiny else {}))
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.normal_(0, 0.02)
+            cast_matmul_weights(model, torch.bfloat16)  # as sample.py stores them in bf16
+            base = None
+            for label, b in BROADCASTS.items():
+                if mode == "whole model + CUDA graph" and b:
+                    break  # the broadcast decides per step: no graph (the full-attention row is the fastest full path)
+                args = flags("bf16", not opts.tiny, False, mode != "eager", sampler="ddim", num_sampling_steps=steps, use_video=True, gelu_epilogue=True,
+                             compile_scope="model" if mode.startswith("whole") else "blocks", **broadcast_flags(b))
+                speed_up(args, model.eval())
+                try:
+                    _, second = timed_loop(args, model, 1, (4, frames, size // 8, size // 8), device)
+                except Exception as e:
+                    print(f"| {name} | {label} | {mode} | failed: {type(e).__name__}: {str(e)[:200]} | | |", flush=True)
+                    break
+                base = base or second
+                engine = next(iter(_ENGINES.values()))
+                counts = f"{engine.broadcast.computed} / {engine.broadcast.reused}" if engine.broadcast is not None else "-"
+                print(f"| {name} | {label} | {mode} | {second:.3f} | {base / second:.2f}x | {counts} |", flush=True)
+                _ENGINES.clear()
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def profile_rows(opts, model_name: str, size: int, latent: tuple, device) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    args = flags(*VARIANTS[FAST], num_sampling_steps=opts.steps)
+    model = build(args, model_name, size, device)
+    timed_loop(args, model, opts.images, latent, device)  # compile
+    engine = next(iter(_ENGINES.values()))
+    x, t, c, noise, x0 = engine.bufs
+    with torch.no_grad():
+        for _ in range(3):
+            engine.step(x, t, c, noise, x0)
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                engine.step(x, t, c, noise, x0)
+            sync()
+    print(f"\n## Profile of the fast path's step, {opts.images} images + CFG, 5 steps (not graphed)\n")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90), flush=True)
 
 
 def import_rows() -> None:
@@ -190,8 +245,9 @@ def main():
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--ddp_batches", type=str, default="64,256")
+    parser.add_argument("--rows", type=str, default="", help="comma-separated indices of the loop's variants to run (0 = fp32; default all)")
     parser.add_argument("--tiny", action="store_true", help="DiT-S/2 at 64 on the CPU, bf16 only: a smoke check of the script")
-    parser.add_argument("--sections", type=str, default="loop,outside", help="comma-separated: loop (with samplers and ddp), outside, whole, broadcast, imports")
+    parser.add_argument("--sections", type=str, default="loop,outside", help="comma-separated: loop (with samplers and ddp), outside, whole, broadcast, profile, imports")
     opts = parser.parse_args()
     sections = set(opts.sections.split(","))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -199,6 +255,9 @@ def main():
     model_name, size = ("DiT-S/2", 64) if opts.tiny else ("DiT-XL/2", 256)
     latent = (4, size // 8, size // 8)
     variants = {k: v for k, v in VARIANTS.items() if not opts.tiny or not (v[1] or v[2] or v[3])}
+    if opts.rows:  # always with bf16 eager (the baseline of the ddp rows)
+        keep = {int(i) for i in opts.rows.split(",")} | {1}
+        variants = {k: v for i, (k, v) in enumerate(variants.items()) if i in keep}
     print(f"# {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}, {model_name} at {size}\n")
 
     if "loop" in sections:
@@ -216,7 +275,8 @@ def main():
             print(f"| {name} | {second:.2f} | {first:.2f} |", flush=True)
             models[v] = model
             _ENGINES.clear()
-        fast = list(variants.values())[-1] if list(variants.values())[-1] in models else max(models, key=lambda v: sum(v[1:]))  # everything on
+        fast = VARIANTS[FAST]
+        fast = fast if fast in models else max(models, key=lambda v: sum(v[1:4]))  # sample.py's fast path, or the most on
 
         print(f"\n## Other samplers, {opts.images} images + CFG\n")
         print("| sampler | variant | seconds |\n|---|---|---:|")
@@ -256,6 +316,8 @@ def main():
         broadcast_rows(opts, device)
     if "imports" in sections:
         import_rows()
+    if "profile" in sections and device.type == "cuda":
+        profile_rows(opts, model_name, size, latent, device)
     if "whole" in sections and device.type == "cuda":
         whole_model_rows(opts, model_name, size, latent, device)
 

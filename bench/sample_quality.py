@@ -1,14 +1,20 @@
-"""Quality kept by the fast sampling paths, on the CPU with small models trained on the built-in shapes.
+"""Quality kept by the fast sampling paths, measured on the demo's own models (trained on the built-in shapes).
 
-    python bench/sample_quality.py [--workdir /tmp/opendit-quality] [--image_steps 400] [--video_steps 300] [--per_class 4]
+    python bench/sample_quality.py [--workdir /tmp/opendit-quality] [--per_class 16] [--skip_image] [--skip_video]
 
-1. Image model (DiT, 16 px, no VAE): DDIM-50 from the same noise in fp32 (the reference loop) and in bf16 autocast
-   (the engine, what a GPU runs by default): PSNR of bf16 vs fp32, and the shapes checker's class fidelity of each.
-2. Video model (VDiT, depth 2, width 64, 4 frames at 16 px): DDIM-50 with and without --attention_broadcast (default ranges) from the
-   same noise: PSNR, the video checker's clip accuracy of each, and the loop's seconds.
-Trained models are kept under --workdir and reused by the next run.
+1. Image model: `make demo`'s recipe (DiT-S/2, depth 4, width 128, 16 px, 2000 steps). The demo's sampler (DDPM-100,
+   cfg 4) in fp32 (the reference loop), bf16 (the engine, bf16 weights as sample.py stores them) and, on a GPU,
+   bf16 + --compile (the whole step as one CUDA graph): the shapes checker's class fidelity of each; and DDIM-50
+   from the same noise: PSNR of each against fp32.
+2. Video model: `make demo-video`'s recipe (VDiT-S/2x2x2, 4 frames at 16 px, Min-SNR-5, 3000 steps). The demo's
+   sampler with full attention and with each --attention_broadcast setting of bench/sample.py (BROADCASTS), in the
+   sample.py default precision of the device: the video checker's clip fidelity, PSNR against full attention from
+   the same noise, the share of attention / MLP forwards reused and the loop's seconds.
+Trained models are kept under --workdir and reused by the next run. On a GPU the training takes a few minutes; on
+two CPU cores about 15.
 """
 import argparse
+import importlib.util
 import math
 import os
 import sys
@@ -16,101 +22,128 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+_spec = importlib.util.spec_from_file_location("bench_sample", os.path.join(HERE, "sample.py"))
+bench_sample = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_sample)
+BROADCASTS = bench_sample.BROADCASTS  # the settings bench/sample.py times
 
 from opendit.builders import model_config  # noqa: E402
 from opendit.checkpoint.weights import load_model_weights  # noqa: E402
 from opendit.data.checker import ClassFidelityChecker  # noqa: E402
+from opendit.demo import IMAGE_FLAGS, VIDEO_FLAGS, as_argv  # noqa: E402
 from opendit.encoders import load_vae  # noqa: E402
 from opendit.sampling import sample as sample_cli  # noqa: E402
 from opendit.sampling.denoise import _ENGINES, denoise  # noqa: E402
 from opendit.training import train as train_cli  # noqa: E402
 
-COMMON = dict(depth=4, hidden_size=128, num_heads=4, image_size=16, lr=4e-3, noise_schedule="squaredcos_cap_v2", ema_decay=0.995, dataset="shapes",
-              vae="none", num_classes=8, mixed_precision="fp32", num_workers=1, log_every=100, ckpt_every=0)
+TRAIN = dict(dataset="shapes", vae="none", num_classes=8, mixed_precision="fp32", log_every=500, ckpt_every=0)
 
 
-def trained(workdir: str, name: str, flags: dict, video: bool) -> str:
-    """The experiment folder of a model trained with flags (trained now unless workdir already holds one)."""
+def trained(workdir: str, name: str, flags: dict, video: bool, workers: int) -> str:
+    """The experiment folder of a model trained with the demo's flags (trained now unless workdir holds one)."""
     out = os.path.join(workdir, name)
     done = [d for d in sorted(os.listdir(out)) if d[0].isdigit()] if os.path.isdir(out) else []
     if not done:
-        argv = [item for k, v in {**flags, "outputs": out}.items() for item in (f"--{k}", str(v))] + (["--use_video"] if video else [])
         start = time.time()
-        train_cli.main(argv)
+        train_cli.main(as_argv({**flags, **TRAIN, "num_workers": workers, "outputs": out}) + (["--use_video"] if video else []))
         print(f"trained {name} in {time.time() - start:.0f} s", flush=True)
         done = [d for d in sorted(os.listdir(out)) if d[0].isdigit()]
     return os.path.join(out, done[-1])
 
 
-def load(experiment: str, extra: list) -> tuple:
-    """(model, args) as sample.py builds them from the experiment folder, on the CPU."""
-    args = sample_cli.get_parser().parse_args(["--ckpt", experiment, "--device", "cpu", "--sampler", "ddim", "--num_sampling_steps", "50", *extra])
+def load(experiment: str, device: torch.device, extra: list) -> tuple:
+    """(model, args) as sample.py builds them from the experiment folder and the flags extra."""
+    args = sample_cli.get_parser().parse_args(["--ckpt", experiment, "--cfg_scale", "4.0", *extra])
     state_dict, config = load_model_weights(experiment, use_ema=True)
     sample_cli.resolve_model_flags(args, config)
-    vae = load_vae(args.vae, torch.device("cpu"))
-    model = sample_cli.build_sampling_model(args, model_config(args, vae, None), state_dict, torch.device("cpu"))
+    sample_cli.resolve_speed_flags(args, device)
+    vae = load_vae(args.vae, device)
+    model = sample_cli.speed_up(args, sample_cli.build_sampling_model(args, model_config(args, vae, None), state_dict, device))
     return model, args
 
 
 def run(args, model, z, y) -> tuple:
-    """(samples in [-1, 1], loop seconds) of one denoise call from the noise z."""
+    """(samples in [-1, 1] on the CPU, loop seconds, engine) of one denoise call from the noise z (seeded stream)."""
     _ENGINES.clear()
-    torch.manual_seed(0)
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = denoise(args, model, z, y)
-    return out.clamp(-1, 1), time.perf_counter() - start
+    for _ in range(2 if args.compile else 1):  # the first call of a compiled path compiles and captures
+        torch.manual_seed(0)
+        if z.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = denoise(args, model, z, y)
+        if z.is_cuda:
+            torch.cuda.synchronize()
+    engine = next(iter(_ENGINES.values()), None)
+    return out.clamp(-1, 1).float().cpu(), time.perf_counter() - start, engine
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """dB over images in [-1, 1] (peak-to-peak 2)."""
+    """dB over samples in [-1, 1] (peak-to-peak 2)."""
     return 10 * math.log10(4.0 / (a - b).square().mean().clamp_min(1e-20).item())
+
+
+def image_rows(opts, device, checker) -> None:
+    exp = trained(opts.workdir, "image", {**IMAGE_FLAGS, "max_steps": opts.train_steps or IMAGE_FLAGS["max_steps"]}, False, opts.workers)
+    y = torch.arange(8).repeat_interleave(opts.per_class).to(device)
+    z = torch.randn(len(y), 3, 16, 16, generator=torch.Generator().manual_seed(1)).to(device)
+    variants = {"fp32 (reference loop)": ["--mixed_precision", "fp32"], "bf16 (engine, bf16 weights)": ["--mixed_precision", "bf16"]}
+    if device.type == "cuda":
+        variants["bf16 + --compile (whole step, one CUDA graph)"] = ["--mixed_precision", "bf16", "--compile"]
+    rows = {}
+    for name, flags in variants.items():
+        model, args = load(exp, device, flags)
+        args.sampler, args.num_sampling_steps = "ddpm", 100
+        fidelity = checker.score(run(args, model, z, y)[0], y.cpu())
+        args.sampler, args.num_sampling_steps = "ddim", 50
+        rows[name] = (fidelity, *run(args, model, z, y)[:2])
+    print(f"\n## Image model, the demo's recipe, {len(y)} samples from the same noise, {device.type}\n")
+    print("| precision | class fidelity (DDPM-100, cfg 4) | DDIM-50 PSNR vs fp32 (dB) | DDIM-50 loop seconds |\n|---|---:|---:|---:|")
+    ref = rows["fp32 (reference loop)"][1]
+    for name, (fidelity, x, sec) in rows.items():
+        db = "-" if x is ref else f"{psnr(x, ref):.1f}"
+        print(f"| {name} | {100 * fidelity:.1f}% | {db} | {sec:.2f} |", flush=True)
+
+
+def video_rows(opts, device, checker) -> None:
+    exp = trained(opts.workdir, "video", {**VIDEO_FLAGS, "max_steps": opts.train_steps or VIDEO_FLAGS["max_steps"]}, True, opts.workers)
+    y = torch.arange(8).repeat_interleave(opts.per_class).to(device)
+    z = torch.randn(len(y), 3, 4, 16, 16, generator=torch.Generator().manual_seed(2)).to(device)
+    model, args = load(exp, device, ["--sampler", "ddpm", "--num_sampling_steps", "100"])
+    rows = {}
+    for name, flags in BROADCASTS.items():
+        a = sample_cli.get_parser().parse_args(["--ckpt", exp, "--sampler", "ddpm", "--num_sampling_steps", "100", "--cfg_scale", "4.0", *flags])
+        sample_cli.resolve_model_flags(a, load_model_weights(exp)[1])
+        a.mixed_precision = args.mixed_precision
+        rows[name] = run(a, model, z, y)
+    print(f"\n## Video model, the demo-video recipe, DDPM-100, cfg 4, {len(y)} clips from the same noise, {args.mixed_precision} on {device.type}\n")
+    print("| attention | clip fidelity | class alone | motion alone | PSNR vs full (dB) | forwards reused | loop seconds |\n|---|---:|---:|---:|---:|---:|---:|")
+    ref = rows["full attention"][0]
+    for name, (x, sec, engine) in rows.items():
+        s = checker.score_video(x, y.cpu())
+        b = engine.broadcast if engine is not None else None
+        reused = f"{100 * b.reused / max(1, b.reused + b.computed):.0f}%" if b is not None else "-"
+        db = "-" if x is ref else f"{psnr(x, ref):.1f}"
+        print(f"| {name} | {100 * s['accuracy']:.1f}% | {100 * s['class_accuracy']:.1f}% | {100 * s['motion_accuracy']:.1f}% | {db} | {reused} | {sec:.2f} |", flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="/tmp/opendit-quality")
-    parser.add_argument("--image_steps", type=int, default=400)
-    parser.add_argument("--video_steps", type=int, default=300)
-    parser.add_argument("--per_class", type=int, default=4)
+    parser.add_argument("--per_class", type=int, default=16, help="samples (clips) per class")
+    parser.add_argument("--workers", type=int, default=1, help="data loader workers while training")
+    parser.add_argument("--train_steps", type=int, default=None, help="override the demo recipes' training steps (a smoke run)")
     parser.add_argument("--skip_image", action="store_true")
     parser.add_argument("--skip_video", action="store_true")
     opts = parser.parse_args()
-    torch.set_num_threads(2)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     checker = ClassFidelityChecker(num_classes=8)
-    y = torch.arange(8).repeat_interleave(opts.per_class)
-
     if not opts.skip_image:
-        exp = trained(opts.workdir, "image", dict(COMMON, model="DiT-S/2", batch_size=32, max_steps=opts.image_steps), video=False)
-        model, args = load(exp, ["--cfg_scale", "4.0"])
-        z = torch.randn(len(y), 3, 16, 16, generator=torch.Generator().manual_seed(1))
-        rows = {}
-        for precision in ("fp32", "bf16"):
-            args.mixed_precision = precision
-            rows[precision] = run(args, model, z, y)
-        print(f"\n## Image model ({opts.image_steps} training steps), DDIM-50, cfg 4, {len(y)} samples, CPU\n")
-        print("| precision | class fidelity | PSNR vs fp32 (dB) | loop seconds |\n|---|---:|---:|---:|")
-        for precision, (x, sec) in rows.items():
-            db = "-" if precision == "fp32" else f"{psnr(x, rows['fp32'][0]):.1f}"
-            print(f"| {precision} | {100 * checker.score(x, y):.1f} | {db} | {sec:.2f} |", flush=True)
-
+        image_rows(opts, device, checker)
     if not opts.skip_video:
-        exp = trained(opts.workdir, "video", dict(COMMON, model="VDiT-S/1x2x2", depth=2, hidden_size=64, num_frames=4, batch_size=8, max_steps=opts.video_steps), video=True)
-        model, args = load(exp, ["--cfg_scale", "4.0", "--use_video"])
-        z = torch.randn(len(y), 3, 4, 16, 16, generator=torch.Generator().manual_seed(2))
-        rows = {}
-        for name, flags in (("full", []), ("broadcast 0.2-0.8, every 2", ["--attention_broadcast"]), ("broadcast 0.1-0.9, every 3", ["--attention_broadcast", "--broadcast_range", "0.1,0.9", "--broadcast_every", "3"])):
-            a = sample_cli.get_parser().parse_args(["--ckpt", exp, "--sampler", "ddim", "--num_sampling_steps", "50", "--cfg_scale", "4.0", *flags])
-            sample_cli.resolve_model_flags(a, load_model_weights(exp)[1])
-            a.mixed_precision = "fp32"
-            rows[name] = run(a, model, z, y)
-        print(f"\n## Video model VDiT depth 2 width 64 ({opts.video_steps} training steps), DDIM-50, cfg 4, {len(y)} clips of 4 frames, CPU fp32\n")
-        print("| attention | clip accuracy | frame accuracy | PSNR vs full (dB) | loop seconds |\n|---|---:|---:|---:|---:|")
-        for name, (x, sec) in rows.items():
-            s = checker.score_video(x, y)
-            db = "-" if name == "full" else f"{psnr(x, rows['full'][0]):.1f}"
-            print(f"| {name} | {100 * s['accuracy']:.1f} | {100 * s['frame_accuracy']:.1f} | {db} | {sec:.2f} |", flush=True)
+        video_rows(opts, device, checker)
 
 
 if __name__ == "__main__":

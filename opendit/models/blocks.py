@@ -34,18 +34,29 @@ class KernelChoice:
 
     fused_adaln: bool = False  # LayerNorm + modulate and gate + residual as Triton kernels (--enable_modulate_kernel)
     low_precision_residual: bool = False  # under autocast, carry the residual stream in the autocast dtype (bf16), not fp32
+    gelu_epilogue: bool = False  # CUDA, no autograd (sampling): fc1 + bias + tanh GELU as one cuBLASLt GEMM epilogue
+
+
+def linear_gelu(fc: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(x W^T + b) with the GELU in the GEMM's epilogue (cuBLASLt; CUDA, forward only), in the autocast dtype."""
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else fc.weight.dtype
+    h = torch._addmm_activation(fc.bias.to(dtype), x.reshape(-1, x.shape[-1]).to(dtype), fc.weight.to(dtype).t(), use_gelu=True)
+    return h.view(*x.shape[:-1], h.shape[-1])  # (..., hidden)
 
 
 class Mlp(nn.Module):
     """Two-layer MLP with tanh-approximated GELU (timm's Mlp layout)."""
 
-    def __init__(self, in_features: int, hidden_features: int):
+    def __init__(self, in_features: int, hidden_features: int, kernels: Optional[KernelChoice] = None):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden_features, in_features)
+        self.kernels = kernels or KernelChoice()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels.gelu_epilogue and x.is_cuda and not torch.is_grad_enabled():
+            return self.fc2(linear_gelu(self.fc1, x))
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -54,12 +65,12 @@ class DiTBlock(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, kernels: Optional[KernelChoice] = None):
         super().__init__()
+        self.kernels = kernels or KernelChoice()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), self.kernels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
-        self.kernels = kernels or KernelChoice()
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)

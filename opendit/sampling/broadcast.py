@@ -4,7 +4,9 @@ In the stable middle of the schedule an attention's output changes little from o
 range each attention computes its output (after proj) at one step and hands the same tensor back for the next
 every - 1 steps. Latte's temporal attention is steadier than its spatial one and gets a wider range and a longer
 period; VDiT / vDiT blocks attend over all tokens at once and count as spatial. Outside the ranges every step computes.
-The denoising loop tells the broadcaster the step (set_step) before each forward; the model files know nothing of it.
+Optionally (off by default) each block's MLP output is broadcast the same way in its own range, as PAB's implementation
+allows for the steadiest steps. The denoising loop tells the broadcaster the step (set_step) before each forward;
+the model files know nothing of it.
 """
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -14,27 +16,30 @@ import torch.nn as nn
 
 from opendit.errors import UsageError
 
-SPATIAL, TEMPORAL = "spatial", "temporal"
+SPATIAL, TEMPORAL, MLP = "spatial", "temporal", "mlp"
 
 
 @dataclass
 class BroadcastConfig:
-    """Step ranges as fractions [start, end) of the schedule and reuse periods, for spatial and temporal attention."""
+    """Step ranges as fractions [start, end) of the schedule and reuse periods: spatial and temporal attention, MLPs."""
 
     spatial_range: Tuple[float, float] = (0.2, 0.8)
     temporal_range: Tuple[float, float] = (0.1, 0.9)
     spatial_every: int = 2
     temporal_every: int = 4
+    mlp_range: Tuple[float, float] = (0.0, 0.0)  # empty: every MLP computes at every step
+    mlp_every: int = 2
 
 
-class CachedAttention:
-    """Wraps one Attention's forward: computes, or returns the output it computed at most every - 1 steps ago."""
+class CachedOutput:
+    """Wraps one Attention's (or Mlp's) forward: computes, or returns the output it computed at most every - 1 steps ago."""
 
     def __init__(self, broadcaster: "AttentionBroadcast", module: nn.Module, kind: str):
         self.b, self.kind, self.forward = broadcaster, kind, module.forward
         self.out: Optional[torch.Tensor] = None
         self.at, self.key = -1, None  # the step self.out was computed at, and its input's (shape, dtype, device)
 
+    @torch.compiler.disable  # a compiled block breaks its graph here (no recompile per step): the choice is made on the host
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         b = self.b
         if not b.in_range(self.kind):
@@ -51,27 +56,29 @@ class CachedAttention:
 
 
 class AttentionBroadcast:
-    """Attach to a video model's block attentions; set_step(i, total) before each forward of the denoising loop."""
+    """Attach to a video model's block attentions (and MLPs); set_step(i, total) before each forward of the denoising loop."""
 
     def __init__(self, config: BroadcastConfig):
         self.config = config
         self.step, self.total = 0, 1
-        self.computed = self.reused = 0  # attention forwards run / skipped, for tests and the bench
+        self.computed = self.reused = 0  # wrapped forwards run / skipped, for tests and the bench
         self.wrapped: list = []
 
     def attach(self, model: nn.Module) -> "AttentionBroadcast":
-        """Wrap every block's attention (again after another broadcaster took them over; a no-op when already ours)."""
+        """Wrap every block's attention, and MLP when it has a range (again after another broadcaster took them over;
+        a no-op when already ours)."""
         if self.wrapped and all(m.__dict__.get("forward") is w for m, w in self.wrapped):
             return self
         self.wrapped = []
+        lo, hi = self.config.mlp_range
         for block in model.blocks:
             kind = getattr(block, "kind", SPATIAL)  # Latte blocks say which; VDiT attends over all tokens
-            module = block.attn
-            if isinstance(module.__dict__.get("forward"), CachedAttention):
-                del module.forward  # another broadcaster's wrapper
-            wrapper = CachedAttention(self, module, kind)
-            module.forward = wrapper  # an instance attribute: parameters and state dict are untouched
-            self.wrapped.append((module, wrapper))
+            for module, k in [(block.attn, kind)] + ([(block.mlp, MLP)] if hi > lo else []):
+                if isinstance(module.__dict__.get("forward"), CachedOutput):
+                    del module.forward  # another broadcaster's wrapper
+                wrapper = CachedOutput(self, module, k)
+                module.forward = wrapper  # an instance attribute: parameters and state dict are untouched
+                self.wrapped.append((module, wrapper))
         return self
 
     def detach(self) -> None:
@@ -89,10 +96,12 @@ class AttentionBroadcast:
                 wrapper.out = None
 
     def every(self, kind: str) -> int:
-        return self.config.temporal_every if kind == TEMPORAL else self.config.spatial_every
+        c = self.config
+        return {TEMPORAL: c.temporal_every, MLP: c.mlp_every}.get(kind, c.spatial_every)
 
     def in_range(self, kind: str) -> bool:
-        lo, hi = self.config.temporal_range if kind == TEMPORAL else self.config.spatial_range
+        c = self.config
+        lo, hi = {TEMPORAL: c.temporal_range, MLP: c.mlp_range}.get(kind, c.spatial_range)
         return lo * self.total <= self.step < hi * self.total
 
 
@@ -109,7 +118,8 @@ def parse_range(text: str, flag: str) -> Tuple[float, float]:
 
 def config_from_args(args) -> BroadcastConfig:
     """The broadcast flags of sample.py as a BroadcastConfig (one-line errors for bad values)."""
-    if args.broadcast_every < 1 or args.broadcast_every_temporal < 1:
-        raise UsageError("--broadcast_every and --broadcast_every_temporal must be at least 1")
+    mlp_every = getattr(args, "broadcast_mlp_every", 2)
+    if args.broadcast_every < 1 or args.broadcast_every_temporal < 1 or mlp_every < 1:
+        raise UsageError("--broadcast_every, --broadcast_every_temporal and --broadcast_mlp_every must be at least 1")
     return BroadcastConfig(parse_range(args.broadcast_range, "--broadcast_range"), parse_range(args.broadcast_range_temporal, "--broadcast_range_temporal"),
-                           args.broadcast_every, args.broadcast_every_temporal)
+                           args.broadcast_every, args.broadcast_every_temporal, parse_range(getattr(args, "broadcast_mlp_range", "0,0"), "--broadcast_mlp_range"), mlp_every)

@@ -22,7 +22,8 @@ def uses_engine(args: argparse.Namespace, cfg_group: Optional[dist.ProcessGroup]
 def broadcast_key(args: argparse.Namespace) -> Optional[tuple]:
     if not getattr(args, "attention_broadcast", False):
         return None
-    return (args.broadcast_range, args.broadcast_range_temporal, args.broadcast_every, args.broadcast_every_temporal)
+    return (args.broadcast_range, args.broadcast_range_temporal, args.broadcast_every, args.broadcast_every_temporal, getattr(args, "broadcast_mlp_range", "0,0"),
+            getattr(args, "broadcast_mlp_every", 2))
 
 
 def get_engine(args: argparse.Namespace, model: torch.nn.Module, device: torch.device, cfg_group: Optional[dist.ProcessGroup] = None) -> Engine:

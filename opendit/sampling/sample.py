@@ -80,6 +80,8 @@ def add_broadcast_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broadcast_range_temporal", type=str, default="0.1,0.9", help="START,END fractions of the steps where Latte's temporal attention is reused")
     parser.add_argument("--broadcast_every", type=int, default=2, help="spatial attention: computed once every K steps in its range, reused in between")
     parser.add_argument("--broadcast_every_temporal", type=int, default=4, help="temporal attention: computed once every K steps in its range")
+    parser.add_argument("--broadcast_mlp_range", type=str, default="0,0", help="START,END fractions of the steps where each block's MLP output is reused too (default: never)")
+    parser.add_argument("--broadcast_mlp_every", type=int, default=2, help="MLPs: computed once every K steps in their range")
 
 
 def resolve_speed_flags(args: argparse.Namespace, device: torch.device) -> None:
@@ -94,8 +96,8 @@ def resolve_speed_flags(args: argparse.Namespace, device: torch.device) -> None:
         from opendit.sampling.broadcast import config_from_args
 
         config_from_args(args)  # one-line errors for bad ranges / periods
-        if args.compile:
-            raise UsageError("--attention_broadcast decides per step on the host: it cannot run with --compile (a CUDA graph per step); drop one of them")
+        if args.compile:  # measured: compiled blocks broken at each wrapper ran slower than eager (docs/benchmarks.md)
+            raise UsageError("--attention_broadcast runs eagerly (it decides per step on the host; compiled with it was slower): drop --compile or --attention_broadcast")
         if not args.use_video:
             raise UsageError("--attention_broadcast is for the video models (VDiT, Latte, vDiT)")
 
@@ -106,6 +108,9 @@ def speed_up(args: argparse.Namespace, model: torch.nn.Module, mesh=None) -> tor
 
     scope = getattr(args, "compile_scope", "blocks")
     scope = ("model" if mesh is None else "blocks") if scope == "auto" else scope
+    # bf16 / fp16 on CUDA: each MLP's GELU in its fc1 GEMM's epilogue (sampling runs without autograd; fp32 and the CPU
+    # keep the reference path)
+    model.kernels.gelu_epilogue = getattr(args, "gelu_epilogue", True) and getattr(args, "mixed_precision", "fp32") in ("bf16", "fp16")
     return parallelize(model, mesh, plugin=None, fused_adaln=args.enable_modulate_kernel, flash_attention=args.enable_flashattn, compile=args.compile and scope,
                        sequence_parallel_type=getattr(args, "sequence_parallel_type", None), sequence_parallel_overlap=False)  # plain collectives: faster on NVLink
 
@@ -157,7 +162,17 @@ def build_sampling_model(args: argparse.Namespace, config: dict, state_dict: dic
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
         raise UsageError(f"--ckpt {args.ckpt}: weights do not fit {args.model} at --image_size {args.image_size} ({str(e).splitlines()[1].strip()})") from None
-    return model.eval()
+    return cast_matmul_weights(model.eval(), PRECISIONS[getattr(args, "mixed_precision", None) or "fp32"])
+
+
+def cast_matmul_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Store every Linear / Conv weight and bias in the autocast dtype: the casts autocast makes on each forward, made
+    once (the same numbers, no fp32 weight read per step). A no-op in fp32."""
+    if dtype != torch.float32:
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+                module.to(dtype)
+    return model
 
 
 def gather_samples(outputs: list, layout: SamplingLayout) -> Optional[torch.Tensor]:

@@ -111,6 +111,8 @@ def test_drift_small_but_real():
     (dict(broadcast_range="0.8,0.2"), "START <= END"),
     (dict(broadcast_range_temporal="half"), "START,END"),
     (dict(broadcast_every=0), "at least 1"),
+    (dict(broadcast_mlp_every=0), "--broadcast_mlp_every"),
+    (dict(broadcast_mlp_range="0.5"), "--broadcast_mlp_range"),
 ])
 def test_bad_flags_one_line(kw, message):
     args = _args(attention_broadcast=True, enable_flashattn=False, **kw)
@@ -157,3 +159,44 @@ def test_reuse_when_attention_output_dtype_differs_from_its_input():
         b.set_step(step, 4)
         model.blocks[0].attn.forward(x)
     assert (b.computed, b.reused) == (2, 2)
+
+
+def test_mlp_broadcast_off_by_default_and_counted_when_on():
+    """No MLP is wrapped without --broadcast_mlp_range; with [0.3, 0.9) every 3 over 10 steps each MLP runs at
+    0, 1, 2, 3, 6, 9 (6 of 10), attention as before, and the wrappers are gone after the loop."""
+    model, z, y = _model(VDiT), torch.randn(2, 4, 4, 4, 4), torch.tensor([1, 5])
+    calls = [0] * len(model.blocks)
+    for i, block in enumerate(model.blocks):
+        fn = block.mlp.fc2.forward
+        block.mlp.fc2.forward = lambda x, i=i, fn=fn: (calls.__setitem__(i, calls[i] + 1), fn(x))[1]
+    off = _run(_args(attention_broadcast=True), model, z, y)
+    assert calls == [10, 10]
+    calls[:] = [0, 0]
+    on = _run(_args(attention_broadcast=True, broadcast_mlp_range="0.3,0.9", broadcast_mlp_every=3), model, z, y)
+    assert calls == [6, 6]
+    assert all("forward" not in b.mlp.__dict__ and "forward" not in b.attn.__dict__ for b in model.blocks)
+    rel = ((on - off).norm() / off.norm()).item()
+    assert 0 < rel < 0.1, rel
+
+
+@pytest.mark.parametrize("cls", [Latte, VDiT])
+def test_broadcast_through_compiled_blocks(cls):
+    """Blocks compiled by the caller (the library's denoise; sample.py refuses --compile with the broadcast): the wrapper
+    breaks the block's graph, so computing or reusing is still chosen at every step (same samples and counts as eager)."""
+    import torch._dynamo
+
+    model, z, y = _model(cls), torch.randn(2, 4, 4, 4, 4), torch.tensor([1, 5])
+    args = _args(attention_broadcast=True, broadcast_mlp_range="0.2,0.8")
+    eager = _run(args, model, z, y)
+    eager_counts = (_ENGINES[next(iter(_ENGINES))].broadcast.computed, _ENGINES[next(iter(_ENGINES))].broadcast.reused)
+    _ENGINES.clear()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for block in model.blocks:
+        block.compile(backend="eager")  # dynamo's tracing and graph breaks without inductor (no C++ compiler needed)
+    compiled = _run(args, model, z, y)
+    b = _ENGINES[next(iter(_ENGINES))].broadcast
+    assert torch.equal(compiled, eager) and (b.computed, b.reused) == eager_counts and b.reused > 0
+    stats = torch._dynamo.utils.counters
+    assert stats["graph_break"] and 0 < stats["stats"]["unique_graphs"] <= 6  # broken at the wrapper, not recompiled per step
+    torch._dynamo.reset()

@@ -56,3 +56,35 @@ def test_bf16_close_to_fp32_on_cpu():
     out = _run(_args(sampler="ddim", cfg_scale=1.0, mixed_precision="bf16"), model, z, y)
     assert out.dtype == torch.float32 and (out - ref).norm() / ref.norm() < 0.05
     assert not torch.equal(out, ref)  # autocast did run in bf16
+
+
+@pytest.mark.parametrize("cls,shape,kw", [("DiT", (2, 4, 8, 8), {}), ("Latte", (2, 4, 2, 8, 8), dict(num_frames=2, patch_size=(1, 2, 2), text_dim=16))])
+def test_bf16_weights_cast_once_equal_autocast(cls, shape, kw):
+    """sample.py stores Linear / Conv weights in bf16 when sampling in bf16: the same numbers as casting every step."""
+    import copy
+
+    from opendit import models
+    from opendit.sampling.sample import cast_matmul_weights
+
+    torch.manual_seed(0)
+    model = getattr(models, cls)(depth=2, hidden_size=64, num_heads=4, in_channels=4, num_classes=10, input_size=8, **{"patch_size": 2, **kw}).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.1 * torch.randn_like(p))
+    cast = cast_matmul_weights(copy.deepcopy(model), torch.bfloat16)
+    assert cast.blocks[0].attn.qkv.weight.dtype == torch.bfloat16 and cast.y_embedder.embedding_table.weight.dtype == torch.float32
+    assert cast_matmul_weights(model, torch.float32) is model and model.blocks[0].attn.qkv.weight.dtype == torch.float32
+    z, y = torch.randn(*shape), torch.tensor([1, 5])
+    text = torch.randn(2, 16) if kw.get("text_dim") else None
+    for sampler in ("ddim", "ddpm"):
+        args = _args(sampler=sampler, mixed_precision="bf16")
+        from opendit.sampling.denoise import _ENGINES
+
+        _ENGINES.clear()
+        null = torch.zeros(1, 16) if text is not None else None
+        torch.manual_seed(7)
+        with torch.no_grad():
+            ref = denoise(args, model, z, y, text, null)
+            torch.manual_seed(7)
+            out = denoise(args, cast, z, y, text, null)
+        assert torch.equal(out, ref), sampler
