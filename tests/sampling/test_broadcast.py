@@ -137,11 +137,13 @@ def test_sample_cli_with_broadcast(tmp_path, capsys):
                     "--num_workers", "0", "--outputs", str(tmp_path / "o")])
     experiment = os.path.join(tmp_path / "o", os.listdir(tmp_path / "o")[0])
     base = ["--ckpt", experiment, "--sampler", "ddim", "--num_sampling_steps", "4", "--labels", "1", "--output", str(tmp_path / "s")]
-    sample_cli.main(base + ["--attention_broadcast", "--broadcast_range", "0,1"])
+    sample_cli.main(base + ["--attention_broadcast", "--broadcast_range", "0,1", "--broadcast_mlp_range", "0.2,0.8", "--broadcast_mlp_every", "3"])
     assert os.listdir(tmp_path / "s") == ["0000-class1.mp4"]
-    with pytest.raises(SystemExit) as e:
-        sample_cli.main(base + ["--attention_broadcast", "--broadcast_every", "0"])
-    assert e.value.code == 2 and "--broadcast_every" in capsys.readouterr().err
+    for bad, flag in ((["--broadcast_every", "0"], "--broadcast_every"), (["--broadcast_mlp_range", "0.9,0.1"], "--broadcast_mlp_range")):
+        with pytest.raises(SystemExit) as e:
+            sample_cli.main(base + ["--attention_broadcast", *bad])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and flag in err and "Traceback" not in err
 
 
 def test_reuse_when_attention_output_dtype_differs_from_its_input():
