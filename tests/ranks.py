@@ -81,5 +81,24 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
 
+def assert_equal64(actual, expected, what):
+    """Equal up to float64 round-off of a different summation order (relative to the tensor's largest entry)."""
+    atol = 1e-10 * float(expected.abs().max()) + 1e-300
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def assert_sp_matches(sp_model, model, out, out_ref, grads_ref, what):
+    """A sequence-parallel copy of model after its forward + backward: the same parameter names, the reference's output
+    and, once the ranks' gradients are summed, every gradient of the one-process run."""
+    from opendit.parallel import sp_all_reduce_grads
+
+    assert list(sp_model.state_dict()) == list(model.state_dict()), what
+    assert_equal64(out, out_ref, f"{what}: output")
+    sp_all_reduce_grads(sp_model, dist.group.WORLD)
+    for name, p in sp_model.named_parameters():
+        if p.requires_grad:
+            assert_equal64(p.grad, grads_ref[name], f"{what}: gradient of {name}")
+
+
 def helpers() -> SimpleNamespace:
     return SimpleNamespace(run=run_ranks, init=init_gloo, tiny_model=tiny_model, batch=batch, loss_on=loss_on, full=full, config=TINY_CONFIG, flags=TRAIN_FLAGS, device_type="cpu")

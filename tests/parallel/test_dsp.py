@@ -10,17 +10,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from opendit.diffusion import create_diffusion
 from opendit.models import DiT, Latte
-from opendit.parallel import build_mesh, collectives, parallelize, sp_all_reduce_grads
+from opendit.parallel import build_mesh, collectives, parallelize
 from opendit.parallel.dsp import apply_dsp, apply_latte_sequence_parallel
 from opendit.parallel.parallelize import enable_grad_checkpointing
+from ranks import assert_equal64, assert_sp_matches  # tests/ranks.py
 
 KINDS = ["dsp", "dsp+checkpoint", "ulysses", "fastseq"]
-
-
-def assert_equal64(actual, expected, what):
-    """Equal up to float64 round-off of a different summation order (relative to the tensor's largest entry)."""
-    atol = 1e-10 * float(expected.abs().max()) + 1e-300
-    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
 def _forward_backward(model, x, t, y, probe):
@@ -36,12 +31,7 @@ def _check_kinds(rank, world_size, model, x, t, y, probe, out_ref, grads_ref):
         sp_model = apply_latte_sequence_parallel(copy.deepcopy(model), dist.group.WORLD, kind.split("+")[0])
         if kind.endswith("+checkpoint"):  # hooks sit outside the recomputed forward: no collective runs twice
             enable_grad_checkpointing(sp_model)
-        assert list(sp_model.state_dict()) == list(model.state_dict()), what
-        assert_equal64(_forward_backward(sp_model, x, t, y, probe), out_ref, f"{what}: output")
-        sp_all_reduce_grads(sp_model, dist.group.WORLD)
-        for name, p in sp_model.named_parameters():
-            if p.requires_grad:
-                assert_equal64(p.grad, grads_ref[name], f"{what}: gradient of {name}")
+        assert_sp_matches(sp_model, model, _forward_backward(sp_model, x, t, y, probe), out_ref, grads_ref, what)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

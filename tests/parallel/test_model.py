@@ -6,16 +6,11 @@ import torch
 import torch.distributed as dist
 
 from opendit.models import DiT
-from opendit.parallel import apply_sequence_parallel, sp_all_reduce_grads
+from opendit.parallel import apply_sequence_parallel
 from opendit.parallel.parallelize import enable_grad_checkpointing
+from ranks import assert_sp_matches  # tests/ranks.py
 
 KINDS = [("fastseq", True), ("fastseq", False), ("ulysses", True), ("fastseq+checkpoint", True)]
-
-
-def assert_equal64(actual, expected, what):
-    """Equal up to float64 round-off of a different summation order (relative to the tensor's largest entry)."""
-    atol = 1e-10 * float(expected.abs().max()) + 1e-300
-    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
 def _forward_backward(model, x, t, y, probe, seed):
@@ -32,13 +27,7 @@ def _check_models(rank, world_size, cases):
             sp_model = apply_sequence_parallel(copy.deepcopy(model), dist.group.WORLD, kind.split("+")[0], overlap)
             if kind.endswith("+checkpoint"):  # the collectives run again in the recomputation, in the same order everywhere
                 enable_grad_checkpointing(sp_model)
-            assert list(sp_model.state_dict()) == list(model.state_dict()), what
-            out = _forward_backward(sp_model, x, t, y, probe, seed=7)
-            assert_equal64(out, out_ref, f"{what}: output")
-            sp_all_reduce_grads(sp_model, dist.group.WORLD)
-            for pname, p in sp_model.named_parameters():
-                if p.requires_grad:
-                    assert_equal64(p.grad, grads_ref[pname], f"{what}: gradient of {pname}")
+            assert_sp_matches(sp_model, model, _forward_backward(sp_model, x, t, y, probe, seed=7), out_ref, grads_ref, what)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
