@@ -19,7 +19,7 @@ from opendit.errors import UsageError
 SPATIAL, TEMPORAL, MLP = "spatial", "temporal", "mlp"
 
 
-@dataclass
+@dataclass(frozen=True)
 class BroadcastConfig:
     """Step ranges as fractions [start, end) of the schedule and reuse periods: spatial and temporal attention, MLPs."""
 
@@ -60,6 +60,8 @@ class AttentionBroadcast:
 
     def __init__(self, config: BroadcastConfig):
         self.config = config
+        c = config
+        self.rules = {SPATIAL: (c.spatial_range, c.spatial_every), TEMPORAL: (c.temporal_range, c.temporal_every), MLP: (c.mlp_range, c.mlp_every)}
         self.step, self.total = 0, 1
         self.computed = self.reused = 0  # wrapped forwards run / skipped, for tests and the bench
         self.wrapped: list = []
@@ -96,12 +98,10 @@ class AttentionBroadcast:
                 wrapper.out = None
 
     def every(self, kind: str) -> int:
-        c = self.config
-        return {TEMPORAL: c.temporal_every, MLP: c.mlp_every}.get(kind, c.spatial_every)
+        return self.rules[kind][1]
 
     def in_range(self, kind: str) -> bool:
-        c = self.config
-        lo, hi = {TEMPORAL: c.temporal_range, MLP: c.mlp_range}.get(kind, c.spatial_range)
+        (lo, hi), _ = self.rules[kind]
         return lo * self.total <= self.step < hi * self.total
 
 

@@ -19,26 +19,28 @@ def uses_engine(args: argparse.Namespace, cfg_group: Optional[dist.ProcessGroup]
     return getattr(args, "mixed_precision", "fp32") != "fp32" or getattr(args, "compile", False) or cfg_group is not None or getattr(args, "attention_broadcast", False)
 
 
-def broadcast_key(args: argparse.Namespace) -> Optional[tuple]:
+def broadcast_config(args: argparse.Namespace):
+    """The attention-broadcast settings (a hashable BroadcastConfig), or None when --attention_broadcast is off."""
     if not getattr(args, "attention_broadcast", False):
         return None
-    return (args.broadcast_range, args.broadcast_range_temporal, args.broadcast_every, args.broadcast_every_temporal, getattr(args, "broadcast_mlp_range", "0,0"),
-            getattr(args, "broadcast_mlp_every", 2))
+    from opendit.sampling.broadcast import config_from_args
+
+    return config_from_args(args)
 
 
 def get_engine(args: argparse.Namespace, model: torch.nn.Module, device: torch.device, cfg_group: Optional[dist.ProcessGroup] = None) -> Engine:
     """The engine for these flags, built once (schedule constants on the device) and cached with its CUDA graph."""
+    broadcast = broadcast_config(args)
     key = (id(model), args.sampler, args.num_sampling_steps, args.noise_schedule, args.cfg_scale, args.cfg_channels, getattr(args, "mixed_precision", "fp32"),
-           getattr(args, "compile", False), args.vae == "none", id(cfg_group), str(device), broadcast_key(args))
+           getattr(args, "compile", False), args.vae == "none", id(cfg_group), str(device), broadcast)
     if key not in _ENGINES:
         schedule = make_schedule(args.sampler, args.num_sampling_steps, args.noise_schedule, device)
         guided = Guided(model, args.cfg_scale, None if args.cfg_channels == "all" else 3, PRECISIONS[getattr(args, "mixed_precision", "fp32")], cfg_group)
         graph = getattr(args, "compile", False) and device.type == "cuda" and cfg_group is None and not (dist.is_initialized() and dist.get_world_size() > 1)
-        broadcast = None
-        if broadcast_key(args) is not None:
-            from opendit.sampling.broadcast import AttentionBroadcast, config_from_args
+        if broadcast is not None:
+            from opendit.sampling.broadcast import AttentionBroadcast
 
-            broadcast = AttentionBroadcast(config_from_args(args))
+            broadcast = AttentionBroadcast(broadcast)
         _ENGINES[key] = Engine(schedule, guided, clip=args.vae == "none", cuda_graph=graph and broadcast is None, broadcast=broadcast)
     return _ENGINES[key]
 
