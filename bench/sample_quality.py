@@ -112,10 +112,11 @@ def video_rows(opts, device, checker) -> None:
     y = torch.arange(8).repeat_interleave(opts.per_class).to(device)
     z = torch.randn(len(y), 3, 4, 16, 16, generator=torch.Generator().manual_seed(2)).to(device)
     model, args = load(exp, device, ["--sampler", "ddpm", "--num_sampling_steps", "100"])
+    train_config = load_model_weights(exp)[1]
     rows = {}
     for name, flags in BROADCASTS.items():
         a = sample_cli.get_parser().parse_args(["--ckpt", exp, "--sampler", "ddpm", "--num_sampling_steps", "100", "--cfg_scale", "4.0", *flags])
-        sample_cli.resolve_model_flags(a, load_model_weights(exp)[1])
+        sample_cli.resolve_model_flags(a, train_config)
         a.mixed_precision = args.mixed_precision
         rows[name] = run(a, model, z, y)
     print(f"\n## Video model, the demo-video recipe, DDPM-100, cfg 4, {len(y)} clips from the same noise, {args.mixed_precision} on {device.type}\n")
