@@ -7,7 +7,9 @@
    + fused attention (--enable_flashattn), + fused adaLN kernels (--enable_modulate_kernel), + --compile (per-block
    torch.compile and the whole step as one CUDA graph); then the whole model compiled (sample.py's default scope on
    one process), + the bf16 weights stored once, + each MLP's GELU in its fc1 GEMM's epilogue (both what sample.py
-   does in bf16 on a GPU), + a bf16 residual stream (a probe).
+   does in bf16 on a GPU), + a bf16 residual stream (a probe); the fast path with float8 block GEMMs
+   (opendit.kernels.float8, not a flag: measured slower), and bf16 eager with them; and sample.py's --cuda_graph
+   without compiling (fused attention and adaLN kernels, bf16 weights, GELU epilogue).
    Then DDIM-50 and DPM-Solver-20, eager bf16 and the fastest path.
 2. sample_ddp.py throughput: images/s per GPU at each batch (cfg 1.5, 250 DDPM steps, from 25 timed steps).
 3. Outside the loop: importing sample.py, building the model on the GPU, loading a safetensors checkpoint, writing
@@ -16,15 +18,15 @@
    process) instead of each block, with and without the fused adaLN kernels, and DDIM-50 / DPM-Solver-20 with it.
 5. broadcast: --attention_broadcast on Latte-XL/1x2x2 and VDiT-XL/1x2x2 at 16 frames x 256 px (latent 16x32x32),
    one video + CFG, DDIM-50, bf16 + fused attention, bf16 weights and the GELU epilogue (as sample.py): full attention
-   vs each setting of BROADCASTS, eager and with each block compiled (the library allows it; sample.py refuses --compile
-   with --attention_broadcast since this measured it slower), then full
-   attention on sample.py's fastest path (whole model compiled, the step one CUDA graph). Speed-ups are against the
-   full-attention row of the same run mode.
+   vs each setting of BROADCASTS: eager, eager replayed as CUDA graphs (--cuda_graph: one graph per compute/reuse
+   pattern), that with the fused adaLN kernels, then full attention on sample.py's fastest full path (whole model
+   compiled, the step one CUDA graph). Speed-ups are against the full-attention row of the same run mode.
+   BENCH_COMPILED_BLOCKS=1 adds each block compiled around the broadcast (measured slower; sample.py refuses
+   --compile with --attention_broadcast).
 6. imports: `python -X importtime -c "import opendit.sampling.sample"` in a fresh interpreter: total and the slowest.
-7. profile: the top CUDA kernels of sample.py's fast path (whole model compiled, bf16 weights, GELU epilogue), one
-   step run from Python (not in a graph) under torch.profiler.
+7. profile: the top CUDA kernels of sample.py's fast path (whole model compiled, bf16 weights, GELU epilogue; or the
+   variants --profile names), one step run from Python (not in a graph) under torch.profiler.
 A loop's time is its second call (the first one compiles and captures). Default sections: loop,outside.
-BENCH_CPU_COMPILE=1 also runs the broadcast section's compiled modes on the CPU (a smoke check with --tiny).
 """
 import argparse
 import os
@@ -37,6 +39,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from opendit.kernels.float8 import to_float8  # noqa: E402
 from opendit.models import DiT_models  # noqa: E402
 from opendit.sampling.denoise import _ENGINES, denoise  # noqa: E402
 from opendit.sampling.sample import add_broadcast_flags, cast_matmul_weights, speed_up  # noqa: E402
@@ -51,8 +54,13 @@ VARIANTS = {  # name -> (precision, flash attention, fused kernels, compile, ext
     "+ bf16 weights stored once": ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True))),
     "+ GELU in the fc1 GEMM's epilogue (sample.py's fast path)": ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("gelu_epilogue", True))),
     "+ bf16 residual stream (probe, not a flag)": ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("gelu_epilogue", True), ("bf16_residual", True))),
+    "fast path + float8 block GEMMs": ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("gelu_epilogue", True), ("fp8_linear", True))),
+    "bf16 eager + fused attention + float8 block GEMMs": ("bf16", True, False, False, (("cast", True), ("gelu_epilogue", True), ("fp8_linear", True))),
+    "fused attention + fused adaLN + bf16 weights + GELU epilogue, CUDA graph, not compiled (--cuda_graph)":
+        ("bf16", True, True, False, (("cast", True), ("gelu_epilogue", True), ("cuda_graph", True))),
 }
 FAST = "+ GELU in the fc1 GEMM's epilogue (sample.py's fast path)"
+FP8 = "fast path + float8 block GEMMs"
 
 
 def flags(precision, flash, kernels, compile, extra=(), **kw) -> argparse.Namespace:
@@ -71,6 +79,8 @@ def build(args, model_name: str, size: int, device) -> torch.nn.Module:
     model.kernels.low_precision_residual = getattr(args, "bf16_residual", False)
     if getattr(args, "cast", False):
         cast_matmul_weights(model, torch.bfloat16)
+    if getattr(args, "fp8_linear", False):
+        to_float8(model)
     return speed_up(args, model.eval())
 
 
@@ -169,7 +179,8 @@ def broadcast_rows(opts, device) -> None:
     frames, size, steps = (4, 32, 10) if opts.tiny else (16, 256, 50)
     print(f"\n## Attention broadcast, 1 video + CFG (2 rows), {frames} frames at {size} px, DDIM-{steps}, bf16{'' if opts.tiny else ' + fused attention'}, bf16 weights, GELU epilogue\n")
     print("| model | attention | run | seconds | speed-up | forwards (attention + MLP) computed / reused |\n|---|---|---|---:|---:|---:|")
-    modes = ("eager",) if device.type != "cuda" and not os.environ.get("BENCH_CPU_COMPILE") else ("eager", "compile per block", "whole model + CUDA graph")
+    modes = ("eager",) if device.type != "cuda" else ("eager", "CUDA graphs", "fused adaLN + CUDA graphs", "whole model + CUDA graph")
+    modes += ("compile per block",) if os.environ.get("BENCH_COMPILED_BLOCKS") else ()
     for name in (("Latte-S/1x2x2", "VDiT-S/1x2x2") if opts.tiny else ("Latte-XL/1x2x2", "VDiT-XL/1x2x2")):
         for mode in modes:  # a fresh model per mode: compiling is in place
             torch.manual_seed(0)
@@ -183,8 +194,9 @@ def broadcast_rows(opts, device) -> None:
             for label, b in BROADCASTS.items():
                 if mode == "whole model + CUDA graph" and b:
                     break  # the broadcast decides per step: no graph (the full-attention row is the fastest full path)
-                args = flags("bf16", not opts.tiny, False, mode != "eager", sampler="ddim", num_sampling_steps=steps, use_video=True, gelu_epilogue=True,
-                             compile_scope="model" if mode.startswith("whole") else "blocks", **broadcast_flags(b))
+                compile = mode in ("compile per block", "whole model + CUDA graph")
+                args = flags("bf16", not opts.tiny, mode.startswith("fused"), compile, sampler="ddim", num_sampling_steps=steps, use_video=True, gelu_epilogue=True,
+                             compile_scope="model" if mode.startswith("whole") else "blocks", cuda_graph=mode.endswith("CUDA graphs"), **broadcast_flags(b))
                 speed_up(args, model.eval())
                 try:
                     _, second = timed_loop(args, model, 1, (4, frames, size // 8, size // 8), device)
@@ -201,24 +213,31 @@ def broadcast_rows(opts, device) -> None:
                 torch.cuda.empty_cache()
 
 
+PROFILES = {"fast": FAST, "fp8": FP8, "fp8-eager": "bf16 eager + fused attention + float8 block GEMMs"}
+
+
 def profile_rows(opts, model_name: str, size: int, latent: tuple, device) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    args = flags(*VARIANTS[FAST], num_sampling_steps=opts.steps)
-    model = build(args, model_name, size, device)
-    timed_loop(args, model, opts.images, latent, device)  # compile
-    engine = next(iter(_ENGINES.values()))
-    x, t, c, noise, x0 = engine.bufs
-    with torch.no_grad():
-        for _ in range(3):
-            engine.step(x, t, c, noise, x0)
-        sync()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
+    for key in opts.profile.split(","):
+        args = flags(*VARIANTS[PROFILES[key]], num_sampling_steps=opts.steps)
+        model = build(args, model_name, size, device)
+        timed_loop(args, model, opts.images, latent, device)  # compile
+        engine = next(iter(_ENGINES.values()))
+        x, t, c, noise, x0 = engine.bufs if engine.cuda_graph else (torch.randn(opts.images, *latent, device=device), engine.s.timesteps[0], engine.s.coefs[0],
+                                                                      torch.randn(opts.images, *latent, device=device), torch.zeros(opts.images, *latent, device=device))
+        with torch.no_grad():
+            for _ in range(3):
                 engine.step(x, t, c, noise, x0)
             sync()
-    print(f"\n## Profile of the fast path's step, {opts.images} images + CFG, 5 steps (not graphed)\n")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90), flush=True)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    engine.step(x, t, c, noise, x0)
+                sync()
+        print(f"\n## Profile of {PROFILES[key]}, {opts.images} images + CFG, 5 steps (not graphed)\n")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90), flush=True)
+        _ENGINES.clear()
+        del model
 
 
 def import_rows() -> None:
@@ -246,6 +265,7 @@ def main():
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--ddp_batches", type=str, default="64,256")
     parser.add_argument("--rows", type=str, default="", help="comma-separated indices of the loop's variants to run (0 = fp32; default all)")
+    parser.add_argument("--profile", type=str, default="fast", help=f"comma-separated variants the profile section profiles: {', '.join(PROFILES)}")
     parser.add_argument("--tiny", action="store_true", help="DiT-S/2 at 64 on the CPU, bf16 only: a smoke check of the script")
     parser.add_argument("--sections", type=str, default="loop,outside", help="comma-separated: loop (with samplers and ddp), outside, whole, broadcast, profile, imports")
     opts = parser.parse_args()
@@ -254,7 +274,7 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = True
     model_name, size = ("DiT-S/2", 64) if opts.tiny else ("DiT-XL/2", 256)
     latent = (4, size // 8, size // 8)
-    variants = {k: v for k, v in VARIANTS.items() if not opts.tiny or not (v[1] or v[2] or v[3])}
+    variants = {k: v for k, v in VARIANTS.items() if not opts.tiny or not (v[1] or v[2] or v[3] or ("fp8_linear", True) in v[4])}
     if opts.rows:  # always with bf16 eager (the baseline of the ddp rows)
         keep = {int(i) for i in opts.rows.split(",")} | {1}
         variants = {k: v for i, (k, v) in enumerate(variants.items()) if i in keep}
@@ -293,10 +313,12 @@ def main():
                 print(f"| {sampler}-{steps} | {'full fast path' if v[3] else 'bf16 eager'} | {second:.2f} |", flush=True)
 
         print("\n## sample_ddp.py throughput per GPU (cfg 1.5, 250 DDPM steps; 25 timed steps x 10)\n")
-        print("| batch | bf16 eager img/s | full fast path img/s | speed-up |\n|---|---:|---:|---:|")
+        ddp = [VARIANTS["bf16 autocast, engine (eager)"], fast] + ([VARIANTS[FP8]] if VARIANTS[FP8] in models else [])
+        print("| batch | bf16 eager img/s | full fast path img/s | speed-up |" + (" + float8 GEMMs img/s | speed-up |" if len(ddp) > 2 else ""))
+        print("|---|---:|---:|---:|" + ("---:|---:|" if len(ddp) > 2 else ""))
         for batch in [int(b) for b in opts.ddp_batches.split(",")]:
             rates = []
-            for v in (VARIANTS["bf16 autocast, engine (eager)"], fast):
+            for v in ddp:
                 args = flags(*v, cfg_scale=1.5, num_sampling_steps=25)
                 try:
                     _, second = timed_loop(args, models[v], batch, latent, device)
@@ -305,7 +327,7 @@ def main():
                     second = float("nan")
                 rates.append(batch / (second * 10))
                 _ENGINES.clear()
-            print(f"| {batch} | {rates[0]:.1f} | {rates[1]:.1f} | {rates[1] / rates[0]:.2f}x |", flush=True)
+            print(f"| {batch} | {rates[0]:.1f} | " + " | ".join(f"{r:.1f} | {r / rates[0]:.2f}x" for r in rates[1:]) + " |", flush=True)
 
     if "outside" in sections:
         print("\n## Outside the loop\n")

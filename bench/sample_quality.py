@@ -4,12 +4,13 @@
 
 1. Image model: `make demo`'s recipe (DiT-S/2, depth 4, width 128, 16 px, 2000 steps). The demo's sampler (DDPM-100,
    cfg 4) in fp32 (the reference loop), bf16 (the engine, bf16 weights as sample.py stores them) and, on a GPU,
-   bf16 + --compile (the whole step as one CUDA graph): the shapes checker's class fidelity of each; and DDIM-50
-   from the same noise: PSNR of each against fp32.
+   bf16 + --compile (the whole step as one CUDA graph), and bf16 + --cuda_graph with the fused kernels (not compiled):
+   the shapes checker's class fidelity of each; and DDIM-50 from the same noise: PSNR of each against fp32.
 2. Video model: `make demo-video`'s recipe (VDiT-S/2x2x2, 4 frames at 16 px, Min-SNR-5, 3000 steps). The demo's
    sampler with full attention and with each --attention_broadcast setting of bench/sample.py (BROADCASTS), in the
    sample.py default precision of the device: the video checker's clip fidelity, PSNR against full attention from
-   the same noise, the share of attention / MLP forwards reused and the loop's seconds.
+   the same noise, the share of attention / MLP forwards reused and the loop's seconds; on a GPU also the widest
+   setting replayed as CUDA graphs (--cuda_graph).
 Trained models are kept under --workdir and reused by the next run. On a GPU the training takes a few minutes; on
 two CPU cores about 15.
 """
@@ -35,7 +36,7 @@ from opendit.data.checker import ClassFidelityChecker  # noqa: E402
 from opendit.demo import IMAGE_FLAGS, VIDEO_FLAGS, as_argv  # noqa: E402
 from opendit.encoders import load_vae  # noqa: E402
 from opendit.sampling import sample as sample_cli  # noqa: E402
-from opendit.sampling.denoise import _ENGINES, denoise  # noqa: E402
+from opendit.sampling.denoise import _ENGINES, denoise, wants_graph  # noqa: E402
 from opendit.training import train as train_cli  # noqa: E402
 
 TRAIN = dict(dataset="shapes", vae="none", num_classes=8, mixed_precision="fp32", log_every=500, ckpt_every=0)
@@ -67,7 +68,7 @@ def load(experiment: str, device: torch.device, extra: list) -> tuple:
 def run(args, model, z, y) -> tuple:
     """(samples in [-1, 1] on the CPU, loop seconds, engine) of one denoise call from the noise z (seeded stream)."""
     _ENGINES.clear()
-    for _ in range(2 if args.compile else 1):  # the first call of a compiled path compiles and captures
+    for _ in range(2 if wants_graph(args) else 1):  # the first call of a compiled / graphed path compiles and captures
         torch.manual_seed(0)
         if z.is_cuda:
             torch.cuda.synchronize()
@@ -92,6 +93,7 @@ def image_rows(opts, device, checker) -> None:
     variants = {"fp32 (reference loop)": ["--mixed_precision", "fp32"], "bf16 (engine, bf16 weights)": ["--mixed_precision", "bf16"]}
     if device.type == "cuda":
         variants["bf16 + --compile (whole step, one CUDA graph)"] = ["--mixed_precision", "bf16", "--compile"]
+        variants["bf16 + --cuda_graph + fused kernels (no compile)"] = ["--mixed_precision", "bf16", "--cuda_graph", "--enable_modulate_kernel", "--enable_flashattn"]
     rows = {}
     for name, flags in variants.items():
         model, args = load(exp, device, flags)
@@ -113,8 +115,11 @@ def video_rows(opts, device, checker) -> None:
     z = torch.randn(len(y), 3, 4, 16, 16, generator=torch.Generator().manual_seed(2)).to(device)
     model, args = load(exp, device, ["--sampler", "ddpm", "--num_sampling_steps", "100"])
     train_config = load_model_weights(exp)[1]
-    rows = {}
-    for name, flags in BROADCASTS.items():
+    rows, settings = {}, dict(BROADCASTS)
+    if device.type == "cuda":
+        widest = list(BROADCASTS)[-1]
+        settings[f"{widest}, --cuda_graph"] = BROADCASTS[widest] + ["--cuda_graph"]
+    for name, flags in settings.items():
         a = sample_cli.get_parser().parse_args(["--ckpt", exp, "--sampler", "ddpm", "--num_sampling_steps", "100", "--cfg_scale", "4.0", *flags])
         sample_cli.resolve_model_flags(a, train_config)
         a.mixed_precision = args.mixed_precision

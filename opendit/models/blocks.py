@@ -55,7 +55,7 @@ class Mlp(nn.Module):
         self.kernels = kernels or KernelChoice()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernels.gelu_epilogue and x.is_cuda and not torch.is_grad_enabled():
+        if self.kernels.gelu_epilogue and x.is_cuda and not torch.is_grad_enabled() and isinstance(self.fc1, nn.Linear):  # not a Float8Linear
             return self.fc2(linear_gelu(self.fc1, x))
         return self.fc2(self.act(self.fc1(x)))
 

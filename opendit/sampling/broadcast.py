@@ -6,7 +6,8 @@ every - 1 steps. Latte's temporal attention is steadier than its spatial one and
 period; VDiT / vDiT blocks attend over all tokens at once and count as spatial. Outside the ranges every step computes.
 Optionally (off by default) each block's MLP output is broadcast the same way in its own range, as PAB's implementation
 allows for the steadiest steps. The denoising loop tells the broadcaster the step (set_step) before each forward;
-the model files know nothing of it.
+the model files know nothing of it. Which kinds compute or reuse at each step is a plan fixed by the schedule (plan), so
+the engine can capture one CUDA graph per distinct step pattern; the cached outputs then stay in fixed buffers.
 """
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -31,40 +32,49 @@ class BroadcastConfig:
     mlp_every: int = 2
 
 
+FULL, COMPUTE, REUSE = "full", "compute", "reuse"  # a kind's state at one step: outside its range, or inside it
+
+
 class CachedOutput:
     """Wraps one Attention's (or Mlp's) forward: computes, or returns the output it computed at most every - 1 steps ago."""
 
     def __init__(self, broadcaster: "AttentionBroadcast", module: nn.Module, kind: str):
         self.b, self.kind, self.forward = broadcaster, kind, module.forward
         self.out: Optional[torch.Tensor] = None
-        self.at, self.key = -1, None  # the step self.out was computed at, and its input's (shape, dtype, device)
+        self.key = None  # the (shape, dtype, device) of the input self.out was computed from
 
     @torch.compiler.disable  # a compiled block breaks its graph here (no recompile per step): the choice is made on the host
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.b
-        if not b.in_range(self.kind):
-            self.out = None
-            b.computed += 1
-            return self.forward(x)
+        b, state = self.b, self.b.state[self.kind]
         key = (x.shape, x.dtype, x.device)  # the cached output fits only inputs like the one it was computed from
-        if self.out is not None and b.step - self.at < b.every(self.kind) and self.key == key:
+        if state == REUSE and self.out is not None and self.key == key:
             b.reused += 1
             return self.out
-        self.out, self.at, self.key = self.forward(x), b.step, key
+        y = self.forward(x)
         b.computed += 1
-        return self.out
+        if state == FULL:
+            if not b.static:
+                self.out = None  # outside the range: nothing to keep
+        elif b.static and self.out is not None and self.key == key:
+            self.out.copy_(y)  # a CUDA graph reads the cached output at this address
+        else:
+            self.out, self.key = (y.clone() if b.static else y), key
+        return y
 
 
 class AttentionBroadcast:
-    """Attach to a video model's block attentions (and MLPs); set_step(i, total) before each forward of the denoising loop."""
+    """Attach to a video model's block attentions (and MLPs); set_step(i, total) before each forward of the denoising
+    loop. static=True (CUDA graphs) keeps each cached output in one buffer, refilled in place."""
 
-    def __init__(self, config: BroadcastConfig):
-        self.config = config
+    def __init__(self, config: BroadcastConfig, static: bool = False):
+        self.config, self.static = config, static
         c = config
         self.rules = {SPATIAL: (c.spatial_range, c.spatial_every), TEMPORAL: (c.temporal_range, c.temporal_every), MLP: (c.mlp_range, c.mlp_every)}
         self.step, self.total = 0, 1
+        self.state = {kind: FULL for kind in self.rules}  # this step's state per kind
         self.computed = self.reused = 0  # wrapped forwards run / skipped, for tests and the bench
         self.wrapped: list = []
+        self._plans: dict = {}
 
     def attach(self, model: nn.Module) -> "AttentionBroadcast":
         """Wrap every block's attention, and MLP when it has a range (again after another broadcaster took them over;
@@ -83,26 +93,47 @@ class AttentionBroadcast:
                 self.wrapped.append((module, wrapper))
         return self
 
-    def detach(self) -> None:
-        """Give every attention its own forward back."""
-        for module, wrapper in self.wrapped:
+    def detach(self) -> list:
+        """Give every attention its own forward back. -> the wrappers (a CUDA graph keeps them for their buffers)."""
+        wrapped, self.wrapped = self.wrapped, []
+        for module, wrapper in wrapped:
             if module.__dict__.get("forward") is wrapper:
                 del module.forward
-        self.wrapped = []
+        return [w for _, w in wrapped]
+
+    def plan(self, total: int) -> list:
+        """Each step's state per kind over a schedule of total steps: FULL outside the kind's range; inside it COMPUTE at
+        the range's first step and every `every` steps after, REUSE in between."""
+        if total not in self._plans:
+            rows, at = [], {kind: None for kind in self.rules}
+            for i in range(total):
+                row = {}
+                for kind, ((lo, hi), every) in self.rules.items():
+                    if not lo * total <= i < hi * total:
+                        row[kind], at[kind] = FULL, None
+                    elif at[kind] is not None and i - at[kind] < every:
+                        row[kind] = REUSE
+                    else:
+                        row[kind], at[kind] = COMPUTE, i
+                rows.append(row)
+            self._plans[total] = rows
+        return self._plans[total]
 
     def set_step(self, step: int, total: int) -> None:
         """The loop is at step (0-based) of total; step 0 starts a new sample and drops every cached output."""
         self.step, self.total = step, total
-        if step == 0:
+        self.state = self.plan(total)[step]
+        if step == 0 and not self.static:
             for _, wrapper in self.wrapped:
                 wrapper.out = None
 
-    def every(self, kind: str) -> int:
-        return self.rules[kind][1]
-
-    def in_range(self, kind: str) -> bool:
-        (lo, hi), _ = self.rules[kind]
-        return lo * self.total <= self.step < hi * self.total
+    def tally(self, state: dict, wrappers: list) -> None:
+        """Count a graph replay's forwards as the wrappers would have counted them."""
+        for w in wrappers:
+            if state[w.kind] == REUSE:
+                self.reused += 1
+            else:
+                self.computed += 1
 
 
 def parse_range(text: str, flag: str) -> Tuple[float, float]:

@@ -15,8 +15,14 @@ SAMPLERS = ("ddpm", "ddim", "dpm-solver")
 _ENGINES: dict = {}  # one engine (and its CUDA graph) per model and sampling setting, reused across batches
 
 
+def wants_graph(args: argparse.Namespace) -> bool:
+    """--compile or --cuda_graph (on / True) asks for the step as CUDA graphs."""
+    return getattr(args, "compile", False) or getattr(args, "cuda_graph", False) in (True, "on")
+
+
 def uses_engine(args: argparse.Namespace, cfg_group: Optional[dist.ProcessGroup] = None) -> bool:
-    return getattr(args, "mixed_precision", "fp32") != "fp32" or getattr(args, "compile", False) or cfg_group is not None or getattr(args, "attention_broadcast", False)
+    return (getattr(args, "mixed_precision", "fp32") != "fp32" or wants_graph(args) or cfg_group is not None
+            or getattr(args, "attention_broadcast", False))
 
 
 def broadcast_config(args: argparse.Namespace):
@@ -31,17 +37,17 @@ def broadcast_config(args: argparse.Namespace):
 def get_engine(args: argparse.Namespace, model: torch.nn.Module, device: torch.device, cfg_group: Optional[dist.ProcessGroup] = None) -> Engine:
     """The engine for these flags, built once (schedule constants on the device) and cached with its CUDA graph."""
     broadcast = broadcast_config(args)
+    graph = wants_graph(args) and device.type == "cuda" and cfg_group is None and not (dist.is_initialized() and dist.get_world_size() > 1)
     key = (id(model), args.sampler, args.num_sampling_steps, args.noise_schedule, args.cfg_scale, args.cfg_channels, getattr(args, "mixed_precision", "fp32"),
-           getattr(args, "compile", False), args.vae == "none", id(cfg_group), str(device), broadcast)
+           graph, args.vae == "none", id(cfg_group), str(device), broadcast)
     if key not in _ENGINES:
         schedule = make_schedule(args.sampler, args.num_sampling_steps, args.noise_schedule, device)
         guided = Guided(model, args.cfg_scale, None if args.cfg_channels == "all" else 3, PRECISIONS[getattr(args, "mixed_precision", "fp32")], cfg_group)
-        graph = getattr(args, "compile", False) and device.type == "cuda" and cfg_group is None and not (dist.is_initialized() and dist.get_world_size() > 1)
         if broadcast is not None:
             from opendit.sampling.broadcast import AttentionBroadcast
 
             broadcast = AttentionBroadcast(broadcast)
-        _ENGINES[key] = Engine(schedule, guided, clip=args.vae == "none", cuda_graph=graph and broadcast is None, broadcast=broadcast)
+        _ENGINES[key] = Engine(schedule, guided, clip=args.vae == "none", cuda_graph=graph, broadcast=broadcast)
     return _ENGINES[key]
 
 

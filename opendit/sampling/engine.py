@@ -1,6 +1,7 @@
 """The fast denoising loop: each sampler's schedule constants on the device once (one row per step), one step function
 (a single batched forward for the conditional and unconditional halves, the guidance combine, the sampler's update),
-no host syncs inside the loop, and on a GPU the whole step captured as one CUDA graph (--compile).
+no host syncs inside the loop, and on a GPU the whole step captured as one CUDA graph (--compile, --cuda_graph); under
+an attention broadcast one graph per compute/reuse pattern of the schedule, the step's pattern replayed.
 
 GaussianDiffusion.p_sample_loop / ddim_sample_loop and the diffusers DPM-Solver++(2M) loop are the references: in fp32
 the engine follows their arithmetic and, for DDPM, their random stream (tests/sampling/test_engine.py).
@@ -148,15 +149,17 @@ class Guided:
 
 
 class Engine:
-    """Runs a Schedule from noise: step(i) = guided forward + update; optionally one CUDA graph per step shape."""
+    """Runs a Schedule from noise: step(i) = guided forward + update; optionally the step as CUDA graphs (one, or with an
+    attention broadcast one per compute/reuse pattern of the schedule)."""
 
     def __init__(self, schedule: Schedule, guided: Guided, clip: bool, cuda_graph: bool = False, broadcast=None):
         self.s, self.guided, self.clip = schedule, guided, clip
         self.cuda_graph = cuda_graph
-        self.graph = None
-        self.broadcast = broadcast  # an AttentionBroadcast (broadcast.py) told each step's index; eager steps only
+        self.graphs: dict = {}  # pattern (None without a broadcast) -> (CUDAGraph, its outputs)
+        self.broadcast = broadcast  # an AttentionBroadcast (broadcast.py) told each step's index
+        self.kept: list = []  # the broadcast's wrappers while graphs read their cached outputs
         if broadcast is not None and cuda_graph:
-            raise ValueError("attention broadcast decides per step on the host: it cannot run inside a CUDA graph")
+            broadcast.static = True
 
     def step(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, noise: torch.Tensor, x0_prev: torch.Tensor) -> tuple:
         out = self.guided(x, t)
@@ -166,24 +169,53 @@ class Engine:
             return ddim_update(x, out, c, self.clip), x0_prev
         return dpm_update(x, out, c, x0_prev)
 
+    def patterns(self) -> list:
+        """The broadcast states of the schedule's steps, each distinct one once, in order of first use ([None] without)."""
+        if self.broadcast is None:
+            return [None]
+        seen = {}
+        for state in self.broadcast.plan(len(self.s.timesteps)):
+            seen.setdefault(tuple(state.values()), state)
+        return list(seen.values())
+
     def _capture(self, bufs: tuple) -> None:
-        """Warm up on a side stream (compiles, cuDNN plans), then record one step into a CUDA graph over static buffers."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.step(*bufs)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outs = self.step(*bufs)
+        """Warm up on a side stream (compiles, cuDNN plans, the broadcast's buffers), then record one step per pattern
+        into CUDA graphs over static buffers, sharing one memory pool (they replay one at a time)."""
+        patterns = self.patterns()
+        if self.broadcast is not None:
+            self.broadcast.attach(self.guided.model)
+            counts = self.broadcast.computed, self.broadcast.reused  # warm-up and capture are not sampling
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for state in patterns:  # in order of first use: a kind's buffers exist before a pattern reuses them
+                    self._set_state(state)
+                    for _ in range(2):
+                        self.step(*bufs)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graphs, pool = {}, torch.cuda.graph_pool_handle()
+            for state in patterns:
+                self._set_state(state)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    outs = self.step(*bufs)
+                self.graphs[None if state is None else tuple(state.values())] = (graph, outs)
+        finally:
+            if self.broadcast is not None:
+                self.kept = self.broadcast.detach()  # the graphs replay without the wrappers, reading their buffers
+                self.broadcast.computed, self.broadcast.reused = counts
+
+    def _set_state(self, state) -> None:
+        if state is not None:
+            self.broadcast.state = state
 
     def sample(self, z: torch.Tensor, cond: dict, uncond: Optional[dict] = None, progress: bool = False) -> torch.Tensor:
         """x_T = z (B, C, ...) -> x_0 under the conditions cond (and the null ones, uncond, for guidance). DDPM draws
         fresh noise for 2B rows per step under guidance and uses the first B, as the reference's doubled batch does."""
         changed = self.guided.set_condition(cond, uncond)
         noise_rows = 2 * len(z) if self.guided.guided else len(z)
-        if self.cuda_graph and (changed or self.graph is None or self.bufs[0].shape != z.shape):
+        if self.cuda_graph and (changed or not self.graphs or self.bufs[0].shape != z.shape):
             self.bufs = (z.float().clone(), self.s.timesteps[0].clone(), self.s.coefs[0].clone(), torch.zeros_like(z, dtype=torch.float32), torch.zeros_like(z, dtype=torch.float32))
             self._capture(self.bufs)
         if self.cuda_graph:
@@ -194,7 +226,7 @@ class Engine:
             x = z.float().clone()
             x0_prev = torch.zeros_like(x)
         noise = torch.zeros_like(x)
-        if self.broadcast is None:
+        if self.broadcast is None or self.cuda_graph:
             return self._loop(x, x0_prev, noise, noise_rows, progress)
         self.broadcast.attach(self.guided.model)
         try:
@@ -205,7 +237,8 @@ class Engine:
     def _loop(self, x: torch.Tensor, x0_prev: torch.Tensor, noise: torch.Tensor, noise_rows: int, progress: bool) -> torch.Tensor:
         if self.cuda_graph:
             _, t_buf, c_buf, n_buf, _ = self.bufs
-        steps = range(len(self.s.timesteps))
+        total = len(self.s.timesteps)
+        steps = range(total)
         if progress:
             from tqdm.auto import tqdm
 
@@ -214,14 +247,18 @@ class Engine:
             if self.s.kind == "ddpm":
                 noise = torch.randn((noise_rows, *x.shape[1:]), device=x.device)[: len(x)]
             if self.broadcast is not None:
-                self.broadcast.set_step(i, len(self.s.timesteps))
+                self.broadcast.set_step(i, total)
             if self.cuda_graph:
                 t_buf.copy_(self.s.timesteps[i])
                 c_buf.copy_(self.s.coefs[i])
                 n_buf.copy_(noise)
-                self.graph.replay()
-                x.copy_(self.outs[0])
-                x0_prev.copy_(self.outs[1])
+                state = None if self.broadcast is None else self.broadcast.state
+                graph, outs = self.graphs[None if state is None else tuple(state.values())]
+                graph.replay()
+                if state is not None:
+                    self.broadcast.tally(state, self.kept)
+                x.copy_(outs[0])
+                x0_prev.copy_(outs[1])
             else:
                 x, x0_prev = self.step(x, self.s.timesteps[i], self.s.coefs[i], noise, x0_prev)
         return x.clone() if self.cuda_graph else x

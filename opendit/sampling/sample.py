@@ -64,13 +64,14 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def add_speed_flags(parser: argparse.ArgumentParser) -> None:
-    """--mixed_precision, --enable_flashattn, --enable_modulate_kernel, --compile (sample.py and sample_ddp.py)."""
+    """--mixed_precision, --enable_flashattn, --enable_modulate_kernel, --compile, --cuda_graph (sample.py and sample_ddp.py)."""
     parser.add_argument("--mixed_precision", type=str, default=None, choices=list(PRECISIONS), help="autocast dtype (default: bf16 on a GPU, fp32 on the CPU)")
     parser.add_argument("--enable_flashattn", action="store_true", help="attention on the fused GPU kernels only (cuDNN/flash; bf16/fp16)")
     parser.add_argument("--enable_modulate_kernel", action="store_true", help="Triton fused LayerNorm + modulate (adaLN) in every block")
     parser.add_argument("--compile", action="store_true", help="GPU: torch.compile the model and capture each whole denoising step as one CUDA graph")
-    parser.add_argument("--compile_scope", type=str, default="auto", choices=["auto", "model", "blocks"],
-                        help="what --compile compiles: the whole model (faster, longer first call) or each block; auto: model on one process, blocks under sequence parallelism")
+    parser.add_argument("--cuda_graph", nargs="?", const="on", default="off", choices=["on", "off"],
+                        help="GPU, one process: capture each denoising step as a CUDA graph without compiling (--compile does it too); "
+                        "with --attention_broadcast one graph per compute/reuse pattern of the schedule")
 
 
 def add_broadcast_flags(parser: argparse.ArgumentParser) -> None:
@@ -88,8 +89,9 @@ def resolve_speed_flags(args: argparse.Namespace, device: torch.device) -> None:
     """Default precision by device; one-line errors for flags the device cannot run."""
     if args.mixed_precision is None:
         args.mixed_precision = "bf16" if device.type == "cuda" else "fp32"
-    if device.type != "cuda" and (args.enable_flashattn or args.compile or args.mixed_precision == "fp16"):
-        raise UsageError("--enable_flashattn, --compile and --mixed_precision fp16 need a CUDA GPU")
+    args.cuda_graph = getattr(args, "cuda_graph", "off") in (True, "on")
+    if device.type != "cuda" and (args.enable_flashattn or args.compile or args.cuda_graph or args.mixed_precision == "fp16"):
+        raise UsageError("--enable_flashattn, --compile, --cuda_graph and --mixed_precision fp16 need a CUDA GPU")
     if args.enable_flashattn and args.mixed_precision == "fp32":
         raise UsageError("--enable_flashattn needs --mixed_precision bf16 or fp16")
     if getattr(args, "attention_broadcast", False):
@@ -97,7 +99,7 @@ def resolve_speed_flags(args: argparse.Namespace, device: torch.device) -> None:
 
         config_from_args(args)  # one-line errors for bad ranges / periods
         if args.compile:  # measured: compiled blocks broken at each wrapper ran slower than eager (docs/benchmarks.md)
-            raise UsageError("--attention_broadcast runs eagerly (it decides per step on the host; compiled with it was slower): drop --compile or --attention_broadcast")
+            raise UsageError("--attention_broadcast does not run under --compile (compiled with it was slower): use --cuda_graph --enable_modulate_kernel for its fast path")
         if not args.use_video:
             raise UsageError("--attention_broadcast is for the video models (VDiT, Latte, vDiT)")
 

@@ -202,3 +202,81 @@ def test_broadcast_through_compiled_blocks(cls):
     stats = torch._dynamo.utils.counters
     assert stats["graph_break"] and 0 < stats["stats"]["unique_graphs"] <= 6  # broken at the wrapper, not recompiled per step
     torch._dynamo.reset()
+
+
+def test_plan_matches_the_eager_choices():
+    """The per-step plan (what CUDA graphs are captured for) is what the wrappers do: [2, 8) every 3 over 10 steps."""
+    from opendit.sampling.broadcast import COMPUTE, FULL, REUSE, AttentionBroadcast, BroadcastConfig
+
+    plan = AttentionBroadcast(BroadcastConfig(spatial_range=(0.2, 0.8), spatial_every=3)).plan(10)
+    assert [row["spatial"] for row in plan] == [FULL, FULL, COMPUTE, REUSE, REUSE, COMPUTE, REUSE, REUSE, FULL, FULL]
+    assert all(row["mlp"] == FULL for row in plan)  # the MLP range is empty by default
+
+
+@pytest.mark.parametrize("cls", [Latte, VDiT])
+def test_static_buffers_equal_plain_caching(cls):
+    """static=True (what CUDA graphs use: each cached output refilled in place, never dropped) gives the same samples and
+    counts as plain caching, over two samples from the same engine."""
+    model, z, y = _model(cls), torch.randn(2, 4, 4, 4, 4), torch.tensor([1, 5])
+    args = _args(attention_broadcast=True, broadcast_mlp_range="0.2,0.8", mixed_precision="bf16")
+    plain = [_run(args, model, z, y) for _ in range(2)]
+    counts = (_ENGINES[next(iter(_ENGINES))].broadcast.computed, _ENGINES[next(iter(_ENGINES))].broadcast.reused)
+    _ENGINES.clear()
+    _run(args, model, z[:1], y[:1])  # build the engine, then switch it to static buffers
+    engine = _ENGINES[next(iter(_ENGINES))]
+    engine.broadcast.static, engine.broadcast.computed, engine.broadcast.reused = True, 0, 0
+    static = [_run(args, model, z, y) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(plain, static))
+    assert (engine.broadcast.computed, engine.broadcast.reused) == counts
+
+
+def test_cuda_graph_flag_needs_a_gpu():
+    with pytest.raises(UsageError, match="--cuda_graph"):
+        resolve_speed_flags(_args(attention_broadcast=True, enable_flashattn=False, cuda_graph=True), torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cls", [Latte, VDiT])
+def test_broadcast_in_cuda_graphs_equals_eager(cls):
+    """--cuda_graph with --attention_broadcast: one graph per compute/reuse pattern, replayed by step, gives the eager
+    broadcast's samples and counts, twice from the same engine; no wrapper is left on the model."""
+    model = _model(cls).cuda()
+    z, y = torch.randn(2, 4, 4, 4, 4, device="cuda"), torch.tensor([1, 5], device="cuda")
+    args = _args(attention_broadcast=True, broadcast_mlp_range="0.2,0.8", broadcast_range_temporal="0.1,0.9", mixed_precision="bf16", num_sampling_steps=20)
+    eager = _run(args, model, z, y)
+    b = _ENGINES[next(iter(_ENGINES))].broadcast
+    counts = (b.computed, b.reused)
+    _ENGINES.clear()
+    graphed = [_run(_args(**{**vars(args), "cuda_graph": True}), model, z, y) for _ in range(2)]
+    engine = _ENGINES[next(iter(_ENGINES))]
+    assert engine.cuda_graph and len(engine.graphs) > 2
+    assert all(torch.allclose(g, eager, rtol=1e-3, atol=1e-3) for g in graphed) and torch.equal(graphed[0], graphed[1])
+    assert (engine.broadcast.computed, engine.broadcast.reused) == (2 * counts[0], 2 * counts[1])
+    assert all("forward" not in blk.attn.__dict__ and "forward" not in blk.mlp.__dict__ for blk in model.blocks)
+    off = _run(_args(**{**vars(args), "attention_broadcast": False, "cuda_graph": True}), model, z, y)
+    assert not torch.allclose(off, eager, rtol=1e-4, atol=1e-4)  # the broadcast really reused something
+
+
+def test_cuda_graph_flag_forms_and_cpu_refusal(tmp_path, capsys):
+    """--cuda_graph alone or 'on' turns it on, 'off' (the default) leaves it off; on the CPU it exits with one line
+    naming the flag and writes nothing; the broadcast's --compile refusal points to it."""
+    from opendit.sampling import sample as sample_cli
+
+    parse = lambda *a: sample_cli.get_parser().parse_args(["--ckpt", "x", *a]).cuda_graph  # noqa: E731
+    assert (parse(), parse("--cuda_graph"), parse("--cuda_graph", "on"), parse("--cuda_graph", "off")) == ("off", "on", "on", "off")
+    args = _args(enable_flashattn=False, cuda_graph="off")
+    resolve_speed_flags(args, torch.device("cpu"))
+    assert args.cuda_graph is False
+    with pytest.raises(UsageError, match="--cuda_graph --enable_modulate_kernel"):
+        resolve_speed_flags(_args(attention_broadcast=True, enable_flashattn=False, compile=True), torch.device("cuda"))
+    from opendit.training import train as train_cli
+
+    train_cli.main(["--model", "DiT-S/2", "--depth", "1", "--hidden_size", "32", "--num_heads", "2", "--image_size", "16", "--vae", "none", "--num_classes", "4",
+                    "--dataset_size", "4", "--batch_size", "2", "--max_steps", "1", "--mixed_precision", "fp32", "--num_workers", "0", "--outputs", str(tmp_path / "o")])
+    experiment = os.path.join(tmp_path / "o", os.listdir(tmp_path / "o")[0])
+    with pytest.raises(SystemExit) as e:
+        sample_cli.main(["--ckpt", experiment, "--device", "cpu", "--cuda_graph", "--output", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--cuda_graph" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "s")

@@ -1,0 +1,70 @@
+"""Float8 GEMMs against bf16 at DiT-XL/2's block shapes, one GPU, as a markdown table.
+
+    python bench/float8.py [--rows 4096,32768]
+
+For each of a block's four GEMMs (qkv, proj, fc1, fc2; width 1152) and each token count M (4096: 8 images + CFG at 256
+px; 32768: sample_ddp.py's batch 64 + CFG): bf16 F.linear with bias, torch._scaled_mm in float8 e4m3 with per-row /
+per-channel scales (what Float8Linear runs), with one scale per tensor, each with and without fast accumulation; then
+the activation's quantization alone (compiled), per row and per tensor. Microseconds per call from CUDA events.
+"""
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+E4M3 = torch.float8_e4m3fn
+SHAPES = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}  # (K, N)
+
+
+def timed_us(fn, iters: int = 50) -> float:
+    for _ in range(5):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / iters
+
+
+def quantize_row(x):
+    scale = x.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / 448
+    return (x.float() / scale).clamp(-448, 448).to(E4M3), scale
+
+
+def quantize_tensor(x):
+    scale = x.abs().amax().float().clamp(min=1e-12) / 448
+    return (x.float() / scale).clamp(-448, 448).to(E4M3), scale
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=str, default="4096,32768")
+    opts = parser.parse_args()
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}\n")
+    print("| GEMM | M | bf16 us | fp8 row us | fp8 row fast-acc us | fp8 tensor us | fp8 tensor fast-acc us | quantize row us | quantize tensor us | best fp8 / bf16 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    q_row, q_tensor = torch.compile(quantize_row), torch.compile(quantize_tensor)
+    for M in [int(m) for m in opts.rows.split(",")]:
+        for name, (K, N) in SHAPES.items():
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+            b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+            xr, sxr = quantize_row(x)
+            wr, swr = quantize_row(w)
+            xt, sxt = quantize_tensor(x)
+            wt, swt = quantize_tensor(w)
+            swr = swr.t().contiguous()
+            times = [timed_us(lambda: F.linear(x, w, b))]
+            for fast in (False, True):
+                times.append(timed_us(lambda: torch._scaled_mm(xr, wr.t(), scale_a=sxr, scale_b=swr, out_dtype=torch.bfloat16, bias=b, use_fast_accum=fast)))
+            for fast in (False, True):
+                times.append(timed_us(lambda: torch._scaled_mm(xt, wt.t(), scale_a=sxt, scale_b=swt, out_dtype=torch.bfloat16, bias=b, use_fast_accum=fast)))
+            times += [timed_us(lambda: q_row(x)), timed_us(lambda: q_tensor(x))]
+            print(f"| {name} | {M} | " + " | ".join(f"{t:.1f}" for t in times) + f" | {min(times[1:5]) / times[0]:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
