@@ -64,11 +64,13 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def add_speed_flags(parser: argparse.ArgumentParser) -> None:
-    """--mixed_precision, --enable_flashattn, --enable_modulate_kernel, --compile, --cuda_graph (sample.py and sample_ddp.py)."""
+    """--mixed_precision, --enable_flashattn, --enable_modulate_kernel, --compile, --compile_scope, --cuda_graph (sample.py and sample_ddp.py)."""
     parser.add_argument("--mixed_precision", type=str, default=None, choices=list(PRECISIONS), help="autocast dtype (default: bf16 on a GPU, fp32 on the CPU)")
     parser.add_argument("--enable_flashattn", action="store_true", help="attention on the fused GPU kernels only (cuDNN/flash; bf16/fp16)")
     parser.add_argument("--enable_modulate_kernel", action="store_true", help="Triton fused LayerNorm + modulate (adaLN) in every block")
     parser.add_argument("--compile", action="store_true", help="GPU: torch.compile the model and capture each whole denoising step as one CUDA graph")
+    parser.add_argument("--compile_scope", type=str, default="auto", choices=["auto", "model", "blocks"],
+                        help="what --compile compiles: the whole model (faster, longer first call) or each block; auto: model on one process, blocks under sequence parallelism")
     parser.add_argument("--cuda_graph", nargs="?", const="on", default="off", choices=["on", "off"],
                         help="GPU, one process: capture each denoising step as a CUDA graph without compiling (--compile does it too); "
                         "with --attention_broadcast one graph per compute/reuse pattern of the schedule")
