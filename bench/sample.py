@@ -193,7 +193,7 @@ def broadcast_rows(opts, device) -> None:
             base = None
             for label, b in BROADCASTS.items():
                 if mode == "whole model + CUDA graph" and b:
-                    break  # the broadcast decides per step: no graph (the full-attention row is the fastest full path)
+                    break  # sample.py refuses --compile with the broadcast: this mode times full attention, the fastest full path
                 compile = mode in ("compile per block", "whole model + CUDA graph")
                 args = flags("bf16", not opts.tiny, mode.startswith("fused"), compile, sampler="ddim", num_sampling_steps=steps, use_video=True, gelu_epilogue=True,
                              compile_scope="model" if mode.startswith("whole") else "blocks", cuda_graph=mode.endswith("CUDA graphs"), **broadcast_flags(b))

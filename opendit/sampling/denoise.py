@@ -15,9 +15,14 @@ SAMPLERS = ("ddpm", "ddim", "dpm-solver")
 _ENGINES: dict = {}  # one engine (and its CUDA graph) per model and sampling setting, reused across batches
 
 
+def cuda_graph_on(args: argparse.Namespace) -> bool:
+    """--cuda_graph as parsed ("on" / "off") or as resolve_speed_flags leaves it (True / False)."""
+    return getattr(args, "cuda_graph", False) in (True, "on")
+
+
 def wants_graph(args: argparse.Namespace) -> bool:
-    """--compile or --cuda_graph (on / True) asks for the step as CUDA graphs."""
-    return getattr(args, "compile", False) or getattr(args, "cuda_graph", False) in (True, "on")
+    """--compile or --cuda_graph asks for the step as CUDA graphs."""
+    return getattr(args, "compile", False) or cuda_graph_on(args)
 
 
 def uses_engine(args: argparse.Namespace, cfg_group: Optional[dist.ProcessGroup] = None) -> bool:

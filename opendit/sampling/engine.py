@@ -148,6 +148,11 @@ class Guided:
         return torch.cat([eps, cond[:, g:]], dim=1)
 
 
+def graph_key(state: Optional[dict]) -> Optional[tuple]:
+    """A step's broadcast state (kind -> full / compute / reuse) as the key of its CUDA graph; None without a broadcast."""
+    return None if state is None else tuple(state.values())
+
+
 class Engine:
     """Runs a Schedule from noise: step(i) = guided forward + update; optionally the step as CUDA graphs (one, or with an
     attention broadcast one per compute/reuse pattern of the schedule)."""
@@ -175,7 +180,7 @@ class Engine:
             return [None]
         seen = {}
         for state in self.broadcast.plan(len(self.s.timesteps)):
-            seen.setdefault(tuple(state.values()), state)
+            seen.setdefault(graph_key(state), state)
         return list(seen.values())
 
     def _capture(self, bufs: tuple) -> None:
@@ -200,7 +205,7 @@ class Engine:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     outs = self.step(*bufs)
-                self.graphs[None if state is None else tuple(state.values())] = (graph, outs)
+                self.graphs[graph_key(state)] = (graph, outs)
         finally:
             if self.broadcast is not None:
                 self.kept = self.broadcast.detach()  # the graphs replay without the wrappers, reading their buffers
@@ -253,7 +258,7 @@ class Engine:
                 c_buf.copy_(self.s.coefs[i])
                 n_buf.copy_(noise)
                 state = None if self.broadcast is None else self.broadcast.state
-                graph, outs = self.graphs[None if state is None else tuple(state.values())]
+                graph, outs = self.graphs[graph_key(state)]
                 graph.replay()
                 if state is not None:
                     self.broadcast.tally(state, self.kept)

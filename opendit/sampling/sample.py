@@ -18,7 +18,7 @@ from opendit.sampling.conditions import (
     prompt_directions,
     read_prompts,
 )
-from opendit.sampling.denoise import SAMPLERS, denoise
+from opendit.sampling.denoise import SAMPLERS, cuda_graph_on, denoise
 from opendit.sampling.fidelity import check_fidelity
 from opendit.sampling.layout import SamplingLayout, build_layout
 
@@ -91,7 +91,7 @@ def resolve_speed_flags(args: argparse.Namespace, device: torch.device) -> None:
     """Default precision by device; one-line errors for flags the device cannot run."""
     if args.mixed_precision is None:
         args.mixed_precision = "bf16" if device.type == "cuda" else "fp32"
-    args.cuda_graph = getattr(args, "cuda_graph", "off") in (True, "on")
+    args.cuda_graph = cuda_graph_on(args)
     if device.type != "cuda" and (args.enable_flashattn or args.compile or args.cuda_graph or args.mixed_precision == "fp16"):
         raise UsageError("--enable_flashattn, --compile, --cuda_graph and --mixed_precision fp16 need a CUDA GPU")
     if args.enable_flashattn and args.mixed_precision == "fp32":
