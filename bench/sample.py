@@ -7,10 +7,12 @@
    + fused attention (--enable_flashattn), + fused adaLN kernels (--enable_modulate_kernel), + --compile (per-block
    torch.compile and the whole step as one CUDA graph); then the whole model compiled (sample.py's default scope on
    one process), + the bf16 weights stored once, + each MLP's GELU in its fc1 GEMM's epilogue (both what sample.py
-   does in bf16 on a GPU), + a bf16 residual stream (a probe); the fast path with float8 block GEMMs
-   (opendit.kernels.float8, not a flag: measured slower), and bf16 eager with them; and sample.py's --cuda_graph
-   without compiling (fused attention and adaLN kernels, bf16 weights, GELU epilogue).
-   Then DDIM-50 and DPM-Solver-20, eager bf16 and the fastest path.
+   does in bf16 on a GPU), + a bf16 residual stream (a probe); the fast path with --float8 (qkv and MLP GEMMs in
+   float8 e4m3, fc1's GELU and fc2's row quantization one Triton pass), with fast accumulation, with attention's proj
+   in float8 too, and bf16 eager with --float8; and sample.py's --cuda_graph without compiling (fused attention and
+   adaLN kernels, bf16 weights, GELU epilogue).
+   Then DDIM-50 and DPM-Solver-20, eager bf16 and the fastest path; and the drift of the --float8 rows: PSNR of their
+   DDIM-50 latents against the bf16 fast path's and the fp32 loop's from the same noise.
 2. sample_ddp.py throughput: images/s per GPU at each batch (cfg 1.5, 250 DDPM steps, from 25 timed steps).
 3. Outside the loop: importing sample.py, building the model on the GPU, loading a safetensors checkpoint, writing
    8 PNGs, and the first call's compile + capture. The SD VAE decode is not measured (no diffusers on the host).
@@ -29,6 +31,7 @@
 A loop's time is its second call (the first one compiles and captures). Default sections: loop,outside.
 """
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -54,13 +57,16 @@ VARIANTS = {  # name -> (precision, flash attention, fused kernels, compile, ext
     "+ bf16 weights stored once": ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True))),
     "+ GELU in the fc1 GEMM's epilogue (sample.py's fast path)": ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("gelu_epilogue", True))),
     "+ bf16 residual stream (probe, not a flag)": ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("gelu_epilogue", True), ("bf16_residual", True))),
-    "fast path + float8 block GEMMs": ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("gelu_epilogue", True), ("fp8_linear", True))),
-    "bf16 eager + fused attention + float8 block GEMMs": ("bf16", True, False, False, (("cast", True), ("gelu_epilogue", True), ("fp8_linear", True))),
+    "fast path + --float8 (qkv / MLP GEMMs in float8, GELU + row quantize one Triton pass)": ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("float8", True))),
+    "fast path + --float8, fast accumulation": ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("float8", True), ("fast_accum", True))),
+    "fast path + --float8, attention's proj in float8 too": ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("float8", True), ("float8_proj", True))),
+    "bf16 eager + fused attention + --float8": ("bf16", True, False, False, (("cast", True), ("float8", True))),
     "fused attention + fused adaLN + bf16 weights + GELU epilogue, CUDA graph, not compiled (--cuda_graph)":
         ("bf16", True, True, False, (("cast", True), ("gelu_epilogue", True), ("cuda_graph", True))),
 }
 FAST = "+ GELU in the fc1 GEMM's epilogue (sample.py's fast path)"
-FP8 = "fast path + float8 block GEMMs"
+FP8 = "fast path + --float8 (qkv / MLP GEMMs in float8, GELU + row quantize one Triton pass)"
+FP8_FAST = "fast path + --float8, fast accumulation"
 
 
 def flags(precision, flash, kernels, compile, extra=(), **kw) -> argparse.Namespace:
@@ -77,10 +83,10 @@ def build(args, model_name: str, size: int, device) -> torch.nn.Module:
         for p in model.parameters():
             p.normal_(0, 0.02)  # adaLN-Zero init would zero every block
     model.kernels.low_precision_residual = getattr(args, "bf16_residual", False)
+    if getattr(args, "float8", False):  # as sample.py: quantized from the fp32 weights, then the rest cast to bf16
+        to_float8(model, fast_accum=getattr(args, "fast_accum", False), skip=() if getattr(args, "float8_proj", False) else ("proj",))
     if getattr(args, "cast", False):
         cast_matmul_weights(model, torch.bfloat16)
-    if getattr(args, "fp8_linear", False):
-        to_float8(model)
     return speed_up(args, model.eval())
 
 
@@ -213,7 +219,34 @@ def broadcast_rows(opts, device) -> None:
                 torch.cuda.empty_cache()
 
 
-PROFILES = {"fast": FAST, "fp8": FP8, "fp8-eager": "bf16 eager + fused attention + float8 block GEMMs"}
+def drift_rows(models: dict, fast: tuple, n: int, latent: tuple, device) -> None:
+    """PSNR of DDIM-50 latents (cfg 4, the same noise and labels) of each float8 variant against the bf16 fast path
+    and, when it ran, the fp32 reference loop (random weights: a measure of numerical drift, not of image quality)."""
+    fp32 = VARIANTS["fp32 + TF32 (reference loop, sample.py before)"]
+    refs = {name: v for name, v in (("bf16 fast path", fast), ("fp32", fp32)) if v in models}
+    tests = {name: v for name, v in VARIANTS.items() if ("float8", True) in v[4] and v in models}
+    if not tests or not refs:
+        return
+    z = torch.randn(n, *latent, generator=torch.Generator().manual_seed(3)).to(device)
+    y = torch.arange(n, device=device) * 7
+    out = {}
+    for name, v in {**refs, **tests}.items():
+        args = flags(*v, sampler="ddim", num_sampling_steps=50)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out[name] = denoise(args, models[v], z, y).float()
+        _ENGINES.clear()
+    print(f"\n## Drift of --float8, DDIM-50, {n} images + CFG from the same noise: PSNR of the latents (dB, peak-to-peak of the reference)\n")
+    print("| variant | " + " | ".join(f"vs {r}" for r in refs) + " |\n|---|" + "---:|" * len(refs))
+    for name in ({"bf16 fast path": fast} if "fp32" in refs else {}) | tests:
+        cells = []
+        for r in refs:
+            peak = (out[r].amax() - out[r].amin()).item()
+            cells.append("-" if r == name else f"{10 * math.log10(peak ** 2 / (out[name] - out[r]).square().mean().clamp_min(1e-20).item()):.1f}")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
+PROFILES = {"fast": FAST, "fp8": FP8, "fp8-fast": FP8_FAST, "fp8-eager": "bf16 eager + fused attention + --float8"}
 
 
 def profile_rows(opts, model_name: str, size: int, latent: tuple, device) -> None:
@@ -274,7 +307,7 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = True
     model_name, size = ("DiT-S/2", 64) if opts.tiny else ("DiT-XL/2", 256)
     latent = (4, size // 8, size // 8)
-    variants = {k: v for k, v in VARIANTS.items() if not opts.tiny or not (v[1] or v[2] or v[3] or ("fp8_linear", True) in v[4])}
+    variants = {k: v for k, v in VARIANTS.items() if not opts.tiny or not (v[1] or v[2] or v[3] or ("float8", True) in v[4])}
     if opts.rows:  # always with bf16 eager (the baseline of the ddp rows)
         keep = {int(i) for i in opts.rows.split(",")} | {1}
         variants = {k: v for i, (k, v) in enumerate(variants.items()) if i in keep}
@@ -312,10 +345,13 @@ def main():
                     continue
                 print(f"| {sampler}-{steps} | {'full fast path' if v[3] else 'bf16 eager'} | {second:.2f} |", flush=True)
 
+        drift_rows(models, fast, opts.images, latent, device)
+
         print("\n## sample_ddp.py throughput per GPU (cfg 1.5, 250 DDPM steps; 25 timed steps x 10)\n")
-        ddp = [VARIANTS["bf16 autocast, engine (eager)"], fast] + ([VARIANTS[FP8]] if VARIANTS[FP8] in models else [])
-        print("| batch | bf16 eager img/s | full fast path img/s | speed-up |" + (" + float8 GEMMs img/s | speed-up |" if len(ddp) > 2 else ""))
-        print("|---|---:|---:|---:|" + ("---:|---:|" if len(ddp) > 2 else ""))
+        fp8 = [VARIANTS[k] for k in (FP8, FP8_FAST) if VARIANTS[k] in models]
+        ddp = [VARIANTS["bf16 autocast, engine (eager)"], fast] + fp8
+        print("| batch | bf16 eager img/s | full fast path img/s | speed-up |" + "".join(f" {k} img/s | speed-up |" for k in ("--float8", "--float8 fast accum")[:len(fp8)]))
+        print("|---|---:|---:|---:|" + "---:|---:|" * len(fp8))
         for batch in [int(b) for b in opts.ddp_batches.split(",")]:
             rates = []
             for v in ddp:

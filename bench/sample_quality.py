@@ -4,7 +4,8 @@
 
 1. Image model: `make demo`'s recipe (DiT-S/2, depth 4, width 128, 16 px, 2000 steps). The demo's sampler (DDPM-100,
    cfg 4) in fp32 (the reference loop), bf16 (the engine, bf16 weights as sample.py stores them) and, on a GPU,
-   bf16 + --compile (the whole step as one CUDA graph), and bf16 + --cuda_graph with the fused kernels (not compiled):
+   bf16 + --compile (the whole step as one CUDA graph), bf16 + --cuda_graph with the fused kernels (not compiled) and,
+   on a GPU with float8 GEMMs, bf16 + --compile --float8 (fp32 and fast accumulation):
    the shapes checker's class fidelity of each; and DDIM-50 from the same noise: PSNR of each against fp32.
 2. Video model: `make demo-video`'s recipe (VDiT-S/2x2x2, 4 frames at 16 px, Min-SNR-5, 3000 steps). The demo's
    sampler with full attention and with each --attention_broadcast setting of bench/sample.py (BROADCASTS), in the
@@ -94,13 +95,18 @@ def image_rows(opts, device, checker) -> None:
     if device.type == "cuda":
         variants["bf16 + --compile (whole step, one CUDA graph)"] = ["--mixed_precision", "bf16", "--compile"]
         variants["bf16 + --cuda_graph + fused kernels (no compile)"] = ["--mixed_precision", "bf16", "--cuda_graph", "--enable_modulate_kernel", "--enable_flashattn"]
+        if torch.cuda.get_device_capability(device) >= (8, 9):
+            variants["bf16 + --compile --float8 (float8 qkv / MLP GEMMs)"] = ["--mixed_precision", "bf16", "--compile", "--float8"]
+            variants["bf16 + --compile --float8, fast accumulation"] = ["--mixed_precision", "bf16", "--compile", "--float8"]
     rows = {}
     for name, flags in variants.items():
+        sample_cli.FLOAT8_FAST_ACCUM = name.endswith("fast accumulation")  # what --float8 builds with
         model, args = load(exp, device, flags)
         args.sampler, args.num_sampling_steps = "ddpm", 100
         fidelity = checker.score(run(args, model, z, y)[0], y.cpu())
         args.sampler, args.num_sampling_steps = "ddim", 50
         rows[name] = (fidelity, *run(args, model, z, y)[:2])
+    sample_cli.FLOAT8_FAST_ACCUM = False
     print(f"\n## Image model, the demo's recipe, {len(y)} samples from the same noise, {device.type}\n")
     print("| precision | class fidelity (DDPM-100, cfg 4) | DDIM-50 PSNR vs fp32 (dB) | DDIM-50 loop seconds |\n|---|---:|---:|---:|")
     ref = rows["fp32 (reference loop)"][1]

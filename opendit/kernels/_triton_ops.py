@@ -1,4 +1,4 @@
-"""Triton kernels and launchers for fused adaLN (LayerNorm + modulate) and gate + residual.
+"""Triton kernels and launchers for fused adaLN (LayerNorm + modulate), gate + residual, and GELU + float8 row quantization.
 
 Imported lazily by `opendit.kernels.fused_adaln`; importing this module requires triton.
 All math is fp32 in registers; only the final stores round to the output dtype.
@@ -326,3 +326,49 @@ def gate_res_bwd(dout, gate, y, config=None):
     heuristic = _heuristic(block_c, 2048, 16)
     _launch(_gate_res_bwd_kernel, _gate_res_bwd_tuned, (T, B, n_cblocks), args, block_c, config, heuristic)
     return dy, dgate_p.sum(1)
+
+
+# ----------------------------------------------------------------------------- GELU + float8 row quantization
+
+E4M3_MAX = tl.constexpr(448.0)  # torch.finfo(torch.float8_e4m3fn).max
+
+
+@triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _gelu_quantize_kernel(
+    H, Q, SCALE,  # h, q: (M, K); scale: (M,) fp32
+    M, K,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_K)
+    mask = (rows < M)[:, None] & (cols < K)[None, :]
+    offs = rows[:, None] * K + cols[None, :]
+    h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
+    # tanh GELU: 0.5 h (1 + tanh(z)) = h * sigmoid(2z), z = sqrt(2/pi) (h + 0.044715 h^3)
+    g = h / (1.0 + tl.exp(tl.minimum(-1.5957691216057308 * (h + 0.044715 * h * h * h), 80.0)))
+    amax = tl.reduce(tl.abs(g), 1, _max)  # (BLOCK_M,)
+    scale = tl.maximum(amax, 1e-12) / E4M3_MAX
+    q = tl.minimum(tl.maximum(g / scale[:, None], -E4M3_MAX), E4M3_MAX)
+    tl.store(Q + offs, q.to(Q.dtype.element_ty), mask=mask)
+    tl.store(SCALE + rows, scale, mask=rows < M)
+
+
+def gelu_quantize(h: torch.Tensor, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """h: (M, K) contiguous -> (tanh-GELU(h) / scale in float8 e4m3 (M, K), scale (M, 1) fp32), each row's absolute
+    maximum mapped to 448. One pass: each program holds whole rows in registers. Under the interpreter the kernel
+    stores fp32 and torch rounds to e4m3 (the interpreter's own float8 conversion does not round to nearest)."""
+    M, K = h.shape
+    scale = torch.empty(M, 1, device=h.device, dtype=torch.float32)
+    q = torch.empty(M, K, device=h.device, dtype=torch.float32 if INTERPRET else torch.float8_e4m3fn)
+    if M == 0:
+        return q.to(torch.float8_e4m3fn), scale
+    block_k = triton.next_power_of_2(K)
+    block_m = 2 if INTERPRET else max(1, 4096 // block_k)
+    num_warps = num_warps or (1 if INTERPRET else max(1, min(16, block_m * block_k // (32 * 16))))
+    _gelu_quantize_kernel[(triton.cdiv(M, block_m),)](h, q, scale, M, K, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps)
+    return q.to(torch.float8_e4m3fn), scale

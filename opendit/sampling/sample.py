@@ -24,6 +24,7 @@ from opendit.sampling.layout import SamplingLayout, build_layout
 
 # Flags that fall back to the checkpoint's training config when not given, then to these defaults.
 MODEL_DEFAULTS = dict(model="DiT-XL/2", vae="ema", image_size=256, num_classes=1000, num_frames=16, noise_schedule="linear")
+FLOAT8_FAST_ACCUM = True  # --float8: the scaled GEMMs with fast accumulation (measured faster at the same quality: docs/benchmarks.md)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -64,13 +65,15 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def add_speed_flags(parser: argparse.ArgumentParser) -> None:
-    """--mixed_precision, --enable_flashattn, --enable_modulate_kernel, --compile, --compile_scope, --cuda_graph (sample.py and sample_ddp.py)."""
+    """--mixed_precision, --enable_flashattn, --enable_modulate_kernel, --compile, --compile_scope, --float8, --cuda_graph (sample.py and sample_ddp.py)."""
     parser.add_argument("--mixed_precision", type=str, default=None, choices=list(PRECISIONS), help="autocast dtype (default: bf16 on a GPU, fp32 on the CPU)")
     parser.add_argument("--enable_flashattn", action="store_true", help="attention on the fused GPU kernels only (cuDNN/flash; bf16/fp16)")
     parser.add_argument("--enable_modulate_kernel", action="store_true", help="Triton fused LayerNorm + modulate (adaLN) in every block")
     parser.add_argument("--compile", action="store_true", help="GPU: torch.compile the model and capture each whole denoising step as one CUDA graph")
     parser.add_argument("--compile_scope", type=str, default="auto", choices=["auto", "model", "blocks"],
                         help="what --compile compiles: the whole model (faster, longer first call) or each block; auto: model on one process, blocks under sequence parallelism")
+    parser.add_argument("--float8", action="store_true", help="GPU of compute capability 8.9+ (Ada, Hopper), bf16: the blocks' qkv and MLP GEMMs in float8 e4m3 "
+                        "(weights per channel, activations per row; fc1's GELU and the row quantization in one Triton pass)")
     parser.add_argument("--cuda_graph", nargs="?", const="on", default="off", choices=["on", "off"],
                         help="GPU, one process: capture each denoising step as a CUDA graph without compiling (--compile does it too); "
                         "with --attention_broadcast one graph per compute/reuse pattern of the schedule")
@@ -96,6 +99,15 @@ def resolve_speed_flags(args: argparse.Namespace, device: torch.device) -> None:
         raise UsageError("--enable_flashattn, --compile, --cuda_graph and --mixed_precision fp16 need a CUDA GPU")
     if args.enable_flashattn and args.mixed_precision == "fp32":
         raise UsageError("--enable_flashattn needs --mixed_precision bf16 or fp16")
+    if getattr(args, "float8", False):
+        from opendit.kernels.float8 import float8_supported
+
+        if not float8_supported(device):
+            raise UsageError("--float8 needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell)")
+        if args.mixed_precision != "bf16":
+            raise UsageError("--float8 needs --mixed_precision bf16")
+        if getattr(args, "sequence_parallel_size", 1) > 1:
+            raise UsageError("--float8 does not run with --sequence_parallel_size > 1 (the parallel attention slices qkv's bf16 weight)")
     if getattr(args, "attention_broadcast", False):
         from opendit.sampling.broadcast import config_from_args
 
@@ -166,6 +178,10 @@ def build_sampling_model(args: argparse.Namespace, config: dict, state_dict: dic
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
         raise UsageError(f"--ckpt {args.ckpt}: weights do not fit {args.model} at --image_size {args.image_size} ({str(e).splitlines()[1].strip()})") from None
+    if getattr(args, "float8", False):  # quantized from the fp32 weights, before the bf16 cast
+        from opendit.kernels.float8 import to_float8
+
+        to_float8(model, fast_accum=FLOAT8_FAST_ACCUM)
     return cast_matmul_weights(model.eval(), PRECISIONS[getattr(args, "mixed_precision", None) or "fp32"])
 
 

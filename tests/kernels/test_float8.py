@@ -1,10 +1,12 @@
-"""Float8 linear layers: the scaled GEMM equals float64 maths on the rounded operands, the rounding is e4m3's, and
-to_float8 swaps exactly the blocks' GEMMs."""
+"""Float8 GEMMs: the scaled GEMM equals float64 maths on the rounded operands, the rounding is e4m3's, the Triton
+GELU + row-quantize kernel equals a float64 reference, and to_float8 swaps exactly the blocks' GEMMs."""
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from opendit.kernels.float8 import E4M3_MAX, Float8Linear, quantize_rows, to_float8
+from opendit.kernels import fused_adaln
+from opendit.kernels.float8 import E4M3, E4M3_MAX, Float8Linear, Float8Mlp, gelu_quantize_rows, quantize_rows, to_float8
 from opendit.models import DiT, Latte
 from opendit.models.blocks import KernelChoice, Mlp
 
@@ -50,12 +52,65 @@ def test_linear_equals_float64_on_the_rounded_operands(device):
     assert 0.005 < rel < 0.06, rel  # e4m3's rounding of both operands, no more
 
 
+def _e4m3_neighbours(v: torch.Tensor) -> torch.Tensor:
+    """For float64 values already in e4m3's range: the two nearest e4m3 values (below, above), as float64."""
+    q = v.to(E4M3).double()
+    step = torch.where(v.abs() >= 2**-6, 2.0 ** (torch.floor(torch.log2(v.abs().clamp(min=2**-6))) - 3), torch.full_like(v, 2.0**-9))
+    below = torch.where(q <= v, q, q - step)
+    return below, torch.where(q >= v, q, q + step)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+@pytest.mark.parametrize("shape", [(7, 300), (5, 4608), (3, 256)])
+def test_gelu_quantize_kernel_equals_float64(device, shape):
+    """The Triton pass (the interpreter on the CPU) against float64: same row scales, each value one of the two e4m3
+    neighbours of GELU(h) / scale, and nearly always the nearest (fp32 vs float64 ties aside)."""
+    assert fused_adaln.is_available(device)  # the kernel runs, not the PyTorch fallback
+    torch.manual_seed(0)
+    h = (torch.randn(*shape, dtype=torch.float64) * torch.logspace(-2, 2, shape[0], dtype=torch.float64)[:, None]).to(torch.bfloat16).to(device)
+    h[1] = 0  # an all-zero row: zero out, no NaN
+    h[2, :3] = torch.tensor([-40.0, 60.0, -0.5])  # far tails of the GELU
+    q, scale = gelu_quantize_rows(h)
+    g = F.gelu(h.double().cpu(), approximate="tanh")  # (M, K) float64
+    ref_scale = g.abs().amax(1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
+    assert q.dtype == E4M3 and q.shape == h.shape and scale.dtype == torch.float32 and scale.shape == (shape[0], 1)
+    assert torch.allclose(scale.double().cpu(), ref_scale, rtol=1e-6, atol=0)
+    assert torch.equal(q[1].float().cpu(), torch.zeros(shape[1]))
+    exact = (g / scale.double().cpu()).clamp(-E4M3_MAX, E4M3_MAX)
+    below, above = _e4m3_neighbours(exact)
+    got = q.double().cpu()
+    assert ((got == below) | (got == above)).all()
+    assert (got == exact.to(E4M3).double()).double().mean() > 0.999
+
+
+def test_float8_mlp_equals_float64_on_the_rounded_operands():
+    torch.manual_seed(0)
+    mlp = Mlp(64, 256)
+    f8 = Float8Mlp(mlp)
+    x = torch.randn(2, 9, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        y = f8(x)
+        h = f8.fc1(x).reshape(-1, 256)  # bf16 pre-activation, as the layer makes it
+        g_q, g_scale = quantize_rows(F.gelu(h.double(), approximate="tanh"))
+        w2 = f8.fc2.weight_q.double() * f8.fc2.weight_scale.double().t()
+        ref = ((g_q.double() * g_scale.double()) @ w2.t() + f8.fc2.bias.double()).view(2, 9, 64)
+        exact = mlp.double()(x.double())
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 9, 64)
+    assert torch.allclose(y.double(), ref, rtol=2**-7, atol=2**-6 * ref.abs().max().item())
+    rel = ((y.double() - exact).norm() / exact.norm()).item()
+    assert 0.005 < rel < 0.08, rel
+
+
 def test_to_float8_swaps_the_block_gemms_only():
     model = DiT(depth=2, hidden_size=64, num_heads=2, input_size=8, num_classes=10).eval()
-    assert to_float8(model) == 2 * 4
+    assert to_float8(model) == 2 * 3
     for block in model.blocks:
-        assert all(isinstance(m, Float8Linear) for m in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2))
+        assert isinstance(block.attn.qkv, Float8Linear) and isinstance(block.mlp, Float8Mlp)
+        assert all(isinstance(m, Float8Linear) for m in (block.mlp.fc1, block.mlp.fc2))
+        assert type(block.attn.proj) is nn.Linear  # skipped by default: no faster in float8 at sampling sizes
         assert type(block.adaLN_modulation[1]) is nn.Linear
+    model = DiT(depth=1, hidden_size=64, num_heads=2, input_size=8, num_classes=10).eval()
+    assert to_float8(model, fast_accum=True, skip=()) == 4 and model.blocks[0].attn.proj.fast_accum
     assert type(model.final_layer.linear) is nn.Linear and type(model.t_embedder.mlp[0]) is nn.Linear
 
 
@@ -63,6 +118,7 @@ def test_to_float8_keeps_sizes_the_gemm_cannot_take():
     model = DiT(depth=1, hidden_size=40, num_heads=2, input_size=8, num_classes=10)  # 40 is not a multiple of 16
     assert to_float8(model) == 0
     block = model.blocks[0]
+    assert type(block.mlp) is Mlp
     assert all(type(m) is nn.Linear for m in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2))
 
 
@@ -94,16 +150,17 @@ def test_mlp_epilogue_switch_leaves_float8_fc1_alone():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not FLOAT8_GPU, reason="needs a CUDA GPU with float8 GEMMs (compute capability 8.9+)")
-def test_compiled_model_with_epilogue_switch_on_matches_eager():
-    """On the GPU with sample.py's switches (GELU epilogue on, whole model compiled): fc1 stays a float8 GEMM and the
-    compiled forward matches the eager one."""
+@pytest.mark.parametrize("fast_accum", [False, True])
+def test_compiled_model_with_epilogue_switch_on_matches_eager(fast_accum):
+    """On the GPU with sample.py's switches (GELU epilogue on, whole model compiled): the MLPs stay float8 (the Triton
+    GELU + quantize pass inside the compiled graph) and the compiled forward matches the eager one."""
     torch.manual_seed(0)
     model = DiT(depth=2, hidden_size=128, num_heads=2, input_size=8, num_classes=10).cuda().eval()
     model.kernels.gelu_epilogue = True
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(0.05 * torch.randn_like(p))
-    to_float8(model)
+    to_float8(model, fast_accum=fast_accum)
     x, t, y = torch.randn(4, 4, 8, 8, device="cuda"), torch.tensor([1, 10, 100, 999], device="cuda"), torch.tensor([0, 1, 2, 3], device="cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         eager = model(x, t, y).float()

@@ -280,3 +280,23 @@ def test_cuda_graph_flag_forms_and_cpu_refusal(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--cuda_graph" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "s")
+
+
+@pytest.mark.parametrize("cls", [Latte, VDiT])
+def test_broadcast_over_float8_blocks(cls):
+    """--float8's blocks (float8 qkv, Float8Mlp) under the broadcast with MLPs: every step computed equals no broadcast
+    bit for bit, every 3 steps reuses outputs, and the float8 modules are back in place afterwards."""
+    from opendit.kernels.float8 import Float8Linear, Float8Mlp, to_float8
+
+    model, z, y = _model(cls), torch.randn(2, 4, 4, 4, 4), torch.tensor([1, 5])
+    assert to_float8(model) == 3 * len(model.blocks)
+    off = _run(_args(mixed_precision="bf16"), model, z, y)
+    every = _run(_args(mixed_precision="bf16", attention_broadcast=True, broadcast_every=1, broadcast_every_temporal=1, broadcast_range="0,1",
+                       broadcast_range_temporal="0,1", broadcast_mlp_range="0,1", broadcast_mlp_every=1), model, z, y)
+    assert torch.equal(off, every)
+    on = _run(_args(mixed_precision="bf16", attention_broadcast=True, broadcast_every=3, broadcast_mlp_range="0.2,0.9", broadcast_mlp_every=3), model, z, y)
+    engine = [e for e in _ENGINES.values() if e.broadcast is not None and e.broadcast.config.mlp_every == 3][0]
+    assert engine.broadcast.reused > 0
+    assert all(type(b.mlp) is Float8Mlp and type(b.attn.qkv) is Float8Linear for b in model.blocks)
+    rel = ((on - off).norm() / off.norm()).item()
+    assert on.isfinite().all() and 0 < rel < 0.2, rel
