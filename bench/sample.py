@@ -8,9 +8,9 @@
    torch.compile and the whole step as one CUDA graph); then the whole model compiled (sample.py's default scope on
    one process), + the bf16 weights stored once, + each MLP's GELU in its fc1 GEMM's epilogue (both what sample.py
    does in bf16 on a GPU), + a bf16 residual stream (a probe); the fast path with --float8 (qkv and MLP GEMMs in
-   float8 e4m3, fc1's GELU and fc2's row quantization one Triton pass), with fast accumulation, with attention's proj
-   in float8 too, and bf16 eager with --float8; and sample.py's --cuda_graph without compiling (fused attention and
-   adaLN kernels, bf16 weights, GELU epilogue).
+   float8 e4m3, fc1's GELU and fc2's row quantization one Triton pass) with fp32 accumulation, with fast accumulation
+   (what the flag does), with fp32 accumulation and attention's proj in float8 too, and bf16 eager with --float8; and
+   sample.py's --cuda_graph without compiling (fused attention and adaLN kernels, bf16 weights, GELU epilogue).
    Then DDIM-50 and DPM-Solver-20, eager bf16 and the fastest path; and the drift of the --float8 rows: PSNR of their
    DDIM-50 latents against the bf16 fast path's and the fp32 loop's from the same noise.
 2. sample_ddp.py throughput: images/s per GPU at each batch (cfg 1.5, 250 DDPM steps, from 25 timed steps).
@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from opendit.kernels.float8 import to_float8  # noqa: E402
 from opendit.models import DiT_models  # noqa: E402
 from opendit.sampling.denoise import _ENGINES, denoise  # noqa: E402
-from opendit.sampling.sample import add_broadcast_flags, cast_matmul_weights, speed_up  # noqa: E402
+from opendit.sampling.sample import FLOAT8_FAST_ACCUM, add_broadcast_flags, cast_matmul_weights, speed_up  # noqa: E402
 
 VARIANTS = {  # name -> (precision, flash attention, fused kernels, compile, extra: compile_scope / cast / bf16_residual)
     "fp32 + TF32 (reference loop, sample.py before)": ("fp32", False, False, False, ()),
@@ -57,16 +57,17 @@ VARIANTS = {  # name -> (precision, flash attention, fused kernels, compile, ext
     "+ bf16 weights stored once": ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True))),
     "+ GELU in the fc1 GEMM's epilogue (sample.py's fast path)": ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("gelu_epilogue", True))),
     "+ bf16 residual stream (probe, not a flag)": ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("gelu_epilogue", True), ("bf16_residual", True))),
-    "fast path + --float8 (qkv / MLP GEMMs in float8, GELU + row quantize one Triton pass)": ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("float8", True))),
-    "fast path + --float8, fast accumulation": ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("float8", True), ("fast_accum", True))),
-    "fast path + --float8, attention's proj in float8 too": ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("float8", True), ("float8_proj", True))),
+    "fast path + --float8, fp32 accumulation": ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("float8", True), ("fast_accum", False))),
+    "fast path + --float8 (qkv / MLP GEMMs in float8 with fast accumulation, GELU + row quantize one Triton pass)":
+        ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("float8", True))),
+    "fast path + --float8, fp32 accumulation, attention's proj in float8 too": ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("float8", True), ("fast_accum", False), ("float8_proj", True))),
     "bf16 eager + fused attention + --float8": ("bf16", True, False, False, (("cast", True), ("float8", True))),
     "fused attention + fused adaLN + bf16 weights + GELU epilogue, CUDA graph, not compiled (--cuda_graph)":
         ("bf16", True, True, False, (("cast", True), ("gelu_epilogue", True), ("cuda_graph", True))),
 }
 FAST = "+ GELU in the fc1 GEMM's epilogue (sample.py's fast path)"
-FP8 = "fast path + --float8 (qkv / MLP GEMMs in float8, GELU + row quantize one Triton pass)"
-FP8_FAST = "fast path + --float8, fast accumulation"
+FP8 = "fast path + --float8, fp32 accumulation"
+FP8_FAST = "fast path + --float8 (qkv / MLP GEMMs in float8 with fast accumulation, GELU + row quantize one Triton pass)"
 
 
 def flags(precision, flash, kernels, compile, extra=(), **kw) -> argparse.Namespace:
@@ -84,7 +85,7 @@ def build(args, model_name: str, size: int, device) -> torch.nn.Module:
             p.normal_(0, 0.02)  # adaLN-Zero init would zero every block
     model.kernels.low_precision_residual = getattr(args, "bf16_residual", False)
     if getattr(args, "float8", False):  # as sample.py: quantized from the fp32 weights, then the rest cast to bf16
-        to_float8(model, fast_accum=getattr(args, "fast_accum", False), skip=() if getattr(args, "float8_proj", False) else ("proj",))
+        to_float8(model, fast_accum=getattr(args, "fast_accum", FLOAT8_FAST_ACCUM), skip=() if getattr(args, "float8_proj", False) else ("proj",))
     if getattr(args, "cast", False):
         cast_matmul_weights(model, torch.bfloat16)
     return speed_up(args, model.eval())
@@ -348,9 +349,9 @@ def main():
         drift_rows(models, fast, opts.images, latent, device)
 
         print("\n## sample_ddp.py throughput per GPU (cfg 1.5, 250 DDPM steps; 25 timed steps x 10)\n")
-        fp8 = [VARIANTS[k] for k in (FP8, FP8_FAST) if VARIANTS[k] in models]
-        ddp = [VARIANTS["bf16 autocast, engine (eager)"], fast] + fp8
-        print("| batch | bf16 eager img/s | full fast path img/s | speed-up |" + "".join(f" {k} img/s | speed-up |" for k in ("--float8", "--float8 fast accum")[:len(fp8)]))
+        fp8 = {label: VARIANTS[k] for k, label in ((FP8, "--float8, fp32 accum"), (FP8_FAST, "--float8 (fast accum)")) if VARIANTS[k] in models}
+        ddp = [VARIANTS["bf16 autocast, engine (eager)"], fast, *fp8.values()]
+        print("| batch | bf16 eager img/s | full fast path img/s | speed-up |" + "".join(f" {label} img/s | speed-up |" for label in fp8))
         print("|---|---:|---:|---:|" + "---:|---:|" * len(fp8))
         for batch in [int(b) for b in opts.ddp_batches.split(",")]:
             rates = []

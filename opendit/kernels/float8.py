@@ -99,10 +99,10 @@ def to_float8(model: nn.Module, fast_accum: bool = False, skip: tuple = ("proj",
     faster at sampling sizes) and sizes the scaled GEMM cannot take. -> how many GEMMs were swapped."""
     swapped = 0
     for block in model.blocks:
-        for name, module in list(block.named_modules()):
+        for name, module in list(block.named_modules())[1:]:  # the block's submodules, parents before children
             parent_name, _, child = name.rpartition(".")
-            parent = block.get_submodule(parent_name) if parent_name else block
-            if isinstance(parent, (Float8Mlp, Float8Linear)) or not name:
+            parent = block.get_submodule(parent_name)
+            if isinstance(parent, Float8Mlp):  # an MLP swapped a moment ago: its fc1 / fc2 are float8 already
                 continue
             if _is_tanh_gelu_mlp(module):
                 setattr(parent, child, Float8Mlp(module, fast_accum))

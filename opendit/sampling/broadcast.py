@@ -70,7 +70,6 @@ class AttentionBroadcast:
         self.config, self.static = config, static
         c = config
         self.rules = {SPATIAL: (c.spatial_range, c.spatial_every), TEMPORAL: (c.temporal_range, c.temporal_every), MLP: (c.mlp_range, c.mlp_every)}
-        self.step, self.total = 0, 1
         self.state = {kind: FULL for kind in self.rules}  # this step's state per kind
         self.computed = self.reused = 0  # wrapped forwards run / skipped, for tests and the bench
         self.wrapped: list = []
@@ -121,7 +120,6 @@ class AttentionBroadcast:
 
     def set_step(self, step: int, total: int) -> None:
         """The loop is at step (0-based) of total; step 0 starts a new sample and drops every cached output."""
-        self.step, self.total = step, total
         self.state = self.plan(total)[step]
         if step == 0 and not self.static:
             for _, wrapper in self.wrapped:
