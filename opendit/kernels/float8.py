@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fused_adaln import _op, _ops, is_available
+from . import fused_adaln
+from .fused_adaln import _launcher, _op, _ops, is_available
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
@@ -30,7 +31,7 @@ if _ops is not None:
     def _gelu_quantize_fake(h):
         return h.new_empty(h.shape, dtype=E4M3), h.new_empty(h.shape[0], 1, dtype=torch.float32)
 
-    _GELU_QUANTIZE = _op("gelu_quantize", _gelu_quantize, _gelu_quantize_fake)  # torch.compile keeps the kernel in its graph
+    fused_adaln._COMPILED["gelu_quantize"] = _op("gelu_quantize", _gelu_quantize, _gelu_quantize_fake)  # torch.compile keeps the kernel in its graph
 
 
 def gelu_quantize_rows(h: torch.Tensor) -> tuple:
@@ -38,7 +39,7 @@ def gelu_quantize_rows(h: torch.Tensor) -> tuple:
     if not is_available(h) or h.shape[-1] > _ops.MAX_BLOCK_C or h.dtype == torch.float64:
         return gelu_quantize_rows_ref(h)
     h = h.contiguous()
-    return _GELU_QUANTIZE(h) if torch.compiler.is_compiling() else _ops.gelu_quantize(h)
+    return _launcher("gelu_quantize")(h)
 
 
 class Float8Linear(nn.Module):
