@@ -6,8 +6,9 @@ For each of a block's four GEMMs (qkv, proj, fc1, fc2; width 1152) and each toke
 px; 32768: sample_ddp.py's batch 64 + CFG): bf16 F.linear with bias, torch._scaled_mm in float8 e4m3 with per-row /
 per-channel scales (what Float8Linear runs), with one scale per tensor, each with and without fast accumulation; then
 the activation's quantization alone (compiled), per row and per tensor. Then fc2's input: fc1's output (M, 4608) through
-tanh-GELU and quantized per row, as the Triton pass of opendit.kernels.float8 (at several warp counts), as torch.compile
-makes it, and eagerly; with the bytes it moves over the time (GB/s). Microseconds per call from CUDA events.
+tanh-GELU and quantized per row, as the Triton pass of opendit.kernels.float8 (at each config it autotunes over, and
+autotuned), as torch.compile makes it, and eagerly, each timed inside a CUDA graph (GPU time, no launch cost); with the
+bytes it moves over the time (GB/s). Microseconds per call from CUDA events.
 """
 import argparse
 import os
@@ -36,6 +37,17 @@ def timed_us(fn, iters: int = 50) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1000 / iters
+
+
+def graphed_us(fn, iters: int = 20) -> float:
+    """Microseconds per call of fn captured iters times in one CUDA graph: the GPU's time, without Python's launch cost."""
+    for _ in range(3):
+        fn()  # compile / autotune outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    return timed_us(graph.replay, iters=10) / iters
 
 
 def quantize_row(x):
@@ -89,12 +101,19 @@ def gelu_quantize_rows(opts) -> None:
     ref = torch.compile(gelu_quantize_rows_ref)
     for M in [int(m) for m in opts.rows.split(",")]:
         h = torch.randn(M, 4608, device="cuda", dtype=torch.bfloat16)
-        ways = {f"Triton, {w} warps": (lambda w=w, h=h: _triton_ops.gelu_quantize(h, num_warps=w)) for w in (4, 8, 16, 32)}
-        ways["Triton, default warps"] = lambda h=h: _triton_ops.gelu_quantize(h)
+        ways = {}
+        for c in _triton_ops.GELU_CONFIGS:
+            name = f"Triton, {c['BLOCK_M']} row(s) x {c['num_warps']} warps a program"
+            ways[name] = lambda c=c, h=h: _triton_ops.gelu_quantize(h, config=c)
+        ways["Triton, autotuned (the launcher's default)"] = lambda h=h: _triton_ops.gelu_quantize(h)
         ways["torch.compile of the reference"] = lambda h=h: ref(h)
         ways["eager reference"] = lambda h=h: gelu_quantize_rows_ref(h)
         for name, fn in ways.items():
-            us = timed_us(fn)
+            try:
+                us = graphed_us(fn)
+            except Exception as e:  # report and go on
+                print(f"| {name} | {M} | failed: {type(e).__name__}: {str(e)[:150]} | |", flush=True)
+                continue
             print(f"| {name} | {M} | {us:.1f} | {h.numel() * 3 / us / 1e3:.0f} |", flush=True)
 
 

@@ -1,11 +1,12 @@
 """Float8 GEMMs: the scaled GEMM equals float64 maths on the rounded operands, the rounding is e4m3's, the Triton
-GELU + row-quantize kernel equals a float64 reference, and to_float8 swaps exactly the blocks' GEMMs."""
+GELU + row-quantize kernel (two column tiles a row) equals a float64 reference, and to_float8 swaps exactly the blocks'
+GEMMs."""
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from opendit.kernels import fused_adaln
+from opendit.kernels import _triton_ops, fused_adaln
 from opendit.kernels.float8 import E4M3, E4M3_MAX, Float8Linear, Float8Mlp, gelu_quantize_rows, quantize_rows, to_float8
 from opendit.models import DiT, Latte
 from opendit.models.blocks import KernelChoice, Mlp
@@ -70,6 +71,7 @@ def test_gelu_quantize_kernel_equals_float64(device, shape):
     h = (torch.randn(*shape, dtype=torch.float64) * torch.logspace(-2, 2, shape[0], dtype=torch.float64)[:, None]).to(torch.bfloat16).to(device)
     h[1] = 0  # an all-zero row: zero out, no NaN
     h[2, :3] = torch.tensor([-40.0, 60.0, -0.5])  # far tails of the GELU
+    h[0, -1] = 90.0  # a row's maximum in the last column: in the tail tile
     q, scale = gelu_quantize_rows(h)
     g = F.gelu(h.double().cpu(), approximate="tanh")  # (M, K) float64
     ref_scale = g.abs().amax(1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
@@ -81,6 +83,25 @@ def test_gelu_quantize_kernel_equals_float64(device, shape):
     got = q.double().cpu()
     assert ((got == below) | (got == above)).all()
     assert (got == exact.to(E4M3).double()).double().mean() > 0.999
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+@pytest.mark.parametrize("config", _triton_ops.GELU_CONFIGS)
+def test_gelu_quantize_configs_agree(device, config):
+    """Every config the launcher may autotune to gives the same bits (per-element maths; a max does not depend on order)."""
+    torch.manual_seed(0)
+    h = torch.randn(11, 4608, device=device).to(torch.bfloat16) * 3
+    q, scale = _triton_ops.gelu_quantize(h, config=config)
+    q_ref, scale_ref = gelu_quantize_rows(h)
+    assert torch.equal(scale, scale_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+def test_gelu_quantize_tiles_cover_the_row():
+    assert _triton_ops.gelu_quantize_tiles(4608) == (4096, 512)
+    assert _triton_ops.gelu_quantize_tiles(3072) == (2048, 1024)
+    assert _triton_ops.gelu_quantize_tiles(300) == (256, 64)
+    assert _triton_ops.gelu_quantize_tiles(4096) == (2048, 2048)
+    assert _triton_ops.gelu_quantize_tiles(256) == (128, 128)
 
 
 def test_float8_mlp_equals_float64_on_the_rounded_operands():
