@@ -387,8 +387,8 @@ def _gelu_quantize_kernel(
 def gelu_quantize_tiles(K: int) -> tuple[int, int]:
     """(BLOCK_K, BLOCK_T): the largest power of two below K and a power-of-two tail covering the rest (4608 = 4096 + 512,
     where one tile would have 8192 lanes; 4096 = 2048 + 2048)."""
-    block_k = triton.next_power_of_2(K) // 2
-    return block_k, max(1, triton.next_power_of_2(K - block_k))
+    block_k = max(1, triton.next_power_of_2(K) // 2)
+    return block_k, triton.next_power_of_2(max(1, K - block_k))
 
 
 _gelu_quantize_tuned = triton.autotune([triton.Config({k: v for k, v in c.items() if k != "num_warps"}, num_warps=c["num_warps"], num_stages=1) for c in GELU_CONFIGS],

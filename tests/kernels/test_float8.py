@@ -102,6 +102,7 @@ def test_gelu_quantize_tiles_cover_the_row():
     assert _triton_ops.gelu_quantize_tiles(300) == (256, 64)
     assert _triton_ops.gelu_quantize_tiles(4096) == (2048, 2048)
     assert _triton_ops.gelu_quantize_tiles(256) == (128, 128)
+    assert _triton_ops.gelu_quantize_tiles(1) == (1, 1)
 
 
 def test_float8_mlp_equals_float64_on_the_rounded_operands():
