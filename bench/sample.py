@@ -224,7 +224,7 @@ def drift_rows(models: dict, fast: tuple, n: int, latent: tuple, device) -> None
     """PSNR of DDIM-50 latents (cfg 4, the same noise and labels) of each float8 variant against the bf16 fast path
     and, when it ran, the fp32 reference loop (random weights: a measure of numerical drift, not of image quality)."""
     fp32 = VARIANTS["fp32 + TF32 (reference loop, sample.py before)"]
-    refs = {name: v for name, v in (("bf16 fast path", fast), ("fp32", fp32)) if v in models and ("float8", True) not in v[4]}  # fast: a float8 row when --rows left the bf16 one out
+    refs = {name: v for name, v in (("bf16 fast path", fast), ("fp32", fp32)) if v in models}
     tests = {name: v for name, v in VARIANTS.items() if ("float8", True) in v[4] and v in models}
     if not tests or not refs:
         return
@@ -329,15 +329,14 @@ def main():
             print(f"| {name} | {second:.2f} | {first:.2f} |", flush=True)
             models[v] = model
             _ENGINES.clear()
-        fast = VARIANTS[FAST]
-        fast = fast if fast in models else max(models, key=lambda v: sum(v[1:4]))  # sample.py's fast path, or the most on
+        eager = VARIANTS["bf16 autocast, engine (eager)"]
+        bf16 = [v for v in models if v[0] == "bf16" and ("float8", True) not in v[4]]  # bf16 eager always ran
+        fast = VARIANTS[FAST] if VARIANTS[FAST] in models else max(bf16, key=lambda v: sum(v[1:4]))  # sample.py's bf16 fast path, or the most on
 
         print(f"\n## Other samplers, {opts.images} images + CFG\n")
         print("| sampler | variant | seconds |\n|---|---|---:|")
         for sampler, steps in (("ddim", 50), ("dpm-solver", 20)):
-            for v in (VARIANTS["bf16 autocast, engine (eager)"], fast):
-                if v not in models:
-                    continue
+            for v in dict.fromkeys((eager, fast)):
                 args = flags(*v, sampler=sampler, num_sampling_steps=steps)
                 try:
                     _, second = timed_loop(args, models[v], opts.images, latent, device)
@@ -350,20 +349,21 @@ def main():
 
         print("\n## sample_ddp.py throughput per GPU (cfg 1.5, 250 DDPM steps; 25 timed steps x 10)\n")
         fp8 = {label: VARIANTS[k] for k, label in ((FP8, "--float8, fp32 accum"), (FP8_FAST, "--float8 (fast accum)")) if VARIANTS[k] in models}
-        ddp = [VARIANTS["bf16 autocast, engine (eager)"], fast, *fp8.values()]
+        ddp = [eager, fast, *fp8.values()]
         print("| batch | bf16 eager img/s | full fast path img/s | speed-up |" + "".join(f" {label} img/s | speed-up |" for label in fp8))
         print("|---|---:|---:|---:|" + "---:|---:|" * len(fp8))
         for batch in [int(b) for b in opts.ddp_batches.split(",")]:
-            rates = []
-            for v in ddp:
+            rate = {}
+            for v in dict.fromkeys(ddp):  # each variant once (fast is eager when nothing faster ran)
                 args = flags(*v, cfg_scale=1.5, num_sampling_steps=25)
                 try:
                     _, second = timed_loop(args, models[v], batch, latent, device)
                 except Exception as e:
                     print(f"batch {batch} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
                     second = float("nan")
-                rates.append(batch / (second * 10))
+                rate[v] = batch / (second * 10)
                 _ENGINES.clear()
+            rates = [rate[v] for v in ddp]
             print(f"| {batch} | {rates[0]:.1f} | " + " | ".join(f"{r:.1f} | {r / rates[0]:.2f}x" for r in rates[1:]) + " |", flush=True)
 
     if "outside" in sections:
