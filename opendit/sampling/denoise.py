@@ -39,10 +39,22 @@ def broadcast_config(args: argparse.Namespace):
     return config_from_args(args)
 
 
+def step_has_collectives(args: argparse.Namespace, cfg_group: Optional[dist.ProcessGroup] = None) -> bool:
+    """Whether a denoising step talks to other ranks: --cfg_parallel (the halves' all-gather) or sequence parallelism
+    (the attention's collectives). Data-parallel ranks (sample_ddp.py, sample.py's dp groups) step alone."""
+    return cfg_group is not None or getattr(args, "sequence_parallel_size", 1) > 1
+
+
+def graph_on(args: argparse.Namespace, device: torch.device, cfg_group: Optional[dist.ProcessGroup] = None) -> bool:
+    """--compile / --cuda_graph capture the step on a CUDA device when it has no collectives, on any number of ranks
+    (steps with collectives run eagerly: their capture is not measured on several GPUs yet)."""
+    return wants_graph(args) and device.type == "cuda" and not step_has_collectives(args, cfg_group)
+
+
 def get_engine(args: argparse.Namespace, model: torch.nn.Module, device: torch.device, cfg_group: Optional[dist.ProcessGroup] = None) -> Engine:
     """The engine for these flags, built once (schedule constants on the device) and cached with its CUDA graph."""
     broadcast = broadcast_config(args)
-    graph = wants_graph(args) and device.type == "cuda" and cfg_group is None and not (dist.is_initialized() and dist.get_world_size() > 1)
+    graph = graph_on(args, device, cfg_group)
     key = (id(model), args.sampler, args.num_sampling_steps, args.noise_schedule, args.cfg_scale, args.cfg_channels, getattr(args, "mixed_precision", "fp32"),
            graph, args.vae == "none", id(cfg_group), str(device), broadcast)
     if key not in _ENGINES:

@@ -200,10 +200,13 @@ class Engine:
                         self.step(*bufs)
             torch.cuda.current_stream().wait_stream(stream)
             self.graphs, pool = {}, torch.cuda.graph_pool_handle()
+            # with a process group up, its watchdog thread polls NCCL events during the capture: only this thread's
+            # calls may invalidate it (as before for this thread; torch < 2.7 did not shield the watchdog's queries)
+            mode = "thread_local" if dist.is_initialized() else "global"
             for state in patterns:
                 self._set_state(state)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
                     outs = self.step(*bufs)
                 self.graphs[graph_key(state)] = (graph, outs)
         finally:

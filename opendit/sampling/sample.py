@@ -18,7 +18,7 @@ from opendit.sampling.conditions import (
     prompt_directions,
     read_prompts,
 )
-from opendit.sampling.denoise import SAMPLERS, cuda_graph_on, denoise
+from opendit.sampling.denoise import SAMPLERS, cuda_graph_on, denoise, wants_graph
 from opendit.sampling.fidelity import check_fidelity
 from opendit.sampling.layout import SamplingLayout, build_layout
 
@@ -69,13 +69,15 @@ def add_speed_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mixed_precision", type=str, default=None, choices=list(PRECISIONS), help="autocast dtype (default: bf16 on a GPU, fp32 on the CPU)")
     parser.add_argument("--enable_flashattn", action="store_true", help="attention on the fused GPU kernels only (cuDNN/flash; bf16/fp16)")
     parser.add_argument("--enable_modulate_kernel", action="store_true", help="Triton fused LayerNorm + modulate (adaLN) in every block")
-    parser.add_argument("--compile", action="store_true", help="GPU: torch.compile the model and capture each whole denoising step as one CUDA graph")
+    parser.add_argument("--compile", action="store_true", help="GPU: torch.compile the model and capture each whole denoising step as one CUDA graph "
+                        "(not under --cfg_parallel or sequence parallelism: compiled only)")
     parser.add_argument("--compile_scope", type=str, default="auto", choices=["auto", "model", "blocks"],
                         help="what --compile compiles: the whole model (faster, longer first call) or each block; auto: model on one process, blocks under sequence parallelism")
     parser.add_argument("--float8", action="store_true", help="GPU of compute capability 8.9+ (Ada, Hopper), bf16: the blocks' qkv and MLP GEMMs in float8 e4m3 "
                         "(weights per channel, activations per row; fc1's GELU and the row quantization in one Triton pass)")
     parser.add_argument("--cuda_graph", nargs="?", const="on", default="off", choices=["on", "off"],
-                        help="GPU, one process: capture each denoising step as a CUDA graph without compiling (--compile does it too); "
+                        help="GPU: capture each denoising step as a CUDA graph without compiling (--compile does it too; on every data-parallel rank, "
+                        "not under --cfg_parallel or sequence parallelism); "
                         "with --attention_broadcast one graph per compute/reuse pattern of the schedule")
 
 
@@ -222,6 +224,8 @@ def sample(args: argparse.Namespace) -> dict:
     info, layout = setup_parallel(args)
     device = info.device if info else torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     resolve_speed_flags(args, device)
+    if wants_graph(args) and (layout.cfg > 1 or layout.sp > 1) and layout.rank == 0:
+        print("note: --compile / --cuda_graph: steps with --cfg_parallel or sequence parallelism run without CUDA graphs (their collectives are not captured)")
 
     vae = load_vae(args.vae, device)
     text_encoder = load_text_encoder(args.text_encoder, device) if text_dim else None
