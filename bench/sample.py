@@ -10,7 +10,9 @@
    does in bf16 on a GPU), + a bf16 residual stream (a probe); the fast path with --float8 (qkv and MLP GEMMs in
    float8 e4m3, fc1's GELU and fc2's row quantization one Triton pass) with fp32 accumulation, with fast accumulation
    (what the flag does), with fp32 accumulation and attention's proj in float8 too, and bf16 eager with --float8; and
-   sample.py's --cuda_graph without compiling (fused attention and adaLN kernels, bf16 weights, GELU epilogue).
+   sample.py's --cuda_graph without compiling (fused attention and adaLN kernels, bf16 weights, GELU epilogue); and
+   the fast path and --float8 with each step computing its adaLN modulations (the engine before it precomputed them
+   for the schedule's steps at once, opendit/sampling/engine.py).
    Then DDIM-50 and DPM-Solver-20, eager bf16 and the fastest path; and the drift of the --float8 rows: PSNR of their
    DDIM-50 latents against the bf16 fast path's and the fp32 loop's from the same noise.
 2. sample_ddp.py throughput: images/s per GPU at each batch (cfg 1.5, 250 DDPM steps, from 25 timed steps).
@@ -44,6 +46,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from opendit.kernels.float8 import to_float8  # noqa: E402
 from opendit.models import DiT_models  # noqa: E402
+from opendit.sampling import engine as engine_module  # noqa: E402
 from opendit.sampling.denoise import _ENGINES, denoise  # noqa: E402
 from opendit.sampling.sample import FLOAT8_FAST_ACCUM, add_broadcast_flags, cast_matmul_weights, speed_up  # noqa: E402
 
@@ -64,6 +67,10 @@ VARIANTS = {  # name -> (precision, flash attention, fused kernels, compile, ext
     "bf16 eager + fused attention + --float8": ("bf16", True, False, False, (("cast", True), ("float8", True))),
     "fused attention + fused adaLN + bf16 weights + GELU epilogue, CUDA graph, not compiled (--cuda_graph)":
         ("bf16", True, True, False, (("cast", True), ("gelu_epilogue", True), ("cuda_graph", True))),
+    "the fast path with each step's adaLN modulations computed in its forward (before the precomputed table)":
+        ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("gelu_epilogue", True), ("modulation_table", False))),
+    "fast path + --float8 (fast accumulation), adaLN modulations in each step's forward (before the table)":
+        ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("float8", True), ("modulation_table", False))),
 }
 FAST = "+ GELU in the fc1 GEMM's epilogue (sample.py's fast path)"
 FP8 = "fast path + --float8, fp32 accumulation"
@@ -99,15 +106,21 @@ def sync():
 def timed_loop(args, model, n: int, latent: tuple, device) -> tuple:
     """(first call seconds, second call seconds) of denoise on n images."""
     times = []
-    for _ in range(2):
-        z = torch.randn(n, *latent, device=device)
-        y = torch.randint(0, 1000, (n,), device=device)
-        sync()
-        start = time.perf_counter()
-        with torch.no_grad():
-            denoise(args, model, z, y)
-        sync()
-        times.append(time.perf_counter() - start)
+    budget = engine_module.modulation_budget
+    if not getattr(args, "modulation_table", True):  # the engine before the table: every step computes its modulations
+        engine_module.modulation_budget = lambda device: 0
+    try:
+        for _ in range(2):
+            z = torch.randn(n, *latent, device=device)
+            y = torch.randint(0, 1000, (n,), device=device)
+            sync()
+            start = time.perf_counter()
+            with torch.no_grad():
+                denoise(args, model, z, y)
+            sync()
+            times.append(time.perf_counter() - start)
+    finally:
+        engine_module.modulation_budget = budget
     return times[0], times[1]
 
 

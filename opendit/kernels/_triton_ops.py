@@ -1,6 +1,6 @@
 """Triton kernels and launchers for fused adaLN (LayerNorm + modulate), gate + residual, and GELU + float8 row quantization.
 
-Imported lazily by `opendit.kernels.fused_adaln`; importing this module requires triton.
+Imported by `opendit.kernels.fused_adaln`, which the models import only where the kernels run; this module requires triton.
 All math is fp32 in registers; only the final stores round to the output dtype.
 Every program works on rows of a single sample (grid axis 1 = sample), so per-sample shift/scale/gate rows are
 loaded once per program and the backward's sums over N are per-program partials (B, T, C), summed by torch.

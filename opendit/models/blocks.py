@@ -5,7 +5,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from opendit.kernels import fused_layernorm_modulate, gate_residual
 from opendit.models.attention import Attention
 
 
@@ -17,6 +16,8 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 def norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, fused: bool) -> torch.Tensor:
     """modulate(norm(x), shift, scale); fused=True runs it as one Triton kernel (statistics and maths in fp32)."""
     if fused:
+        from opendit.kernels import fused_layernorm_modulate  # imports triton: only where the kernels are asked for
+
         return fused_layernorm_modulate(x, shift, scale, eps=norm.eps)
     return modulate(norm(x), shift, scale)
 
@@ -24,6 +25,8 @@ def norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scal
 def add_gated(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, fused: bool) -> torch.Tensor:
     """x + gate * y with an (N, D) gate broadcast over the tokens; fused=True runs it as one Triton kernel."""
     if fused:
+        from opendit.kernels import gate_residual
+
         return gate_residual(x, gate, y)
     return x + gate.unsqueeze(1) * y
 
@@ -72,8 +75,10 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), self.kernels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+    def forward(self, x: torch.Tensor, c: Optional[torch.Tensor], mod: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (N, T, D); c: (N, D); mod: adaLN_modulation(c) (N, 6D) computed beforehand, used in place of c."""
+        mod = self.adaLN_modulation(c) if mod is None else mod
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
         fused = self.kernels.fused_adaln
         x = add_gated(x, gate_msa, self.attn(norm_modulate(self.norm1, x, shift_msa, scale_msa, fused)), fused)
         x = add_gated(x, gate_mlp, self.mlp(norm_modulate(self.norm2, x, shift_mlp, scale_mlp, fused)), fused)
@@ -90,7 +95,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
         self.kernels = kernels or KernelChoice()
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+    def forward(self, x: torch.Tensor, c: Optional[torch.Tensor], mod: Optional[torch.Tensor] = None) -> torch.Tensor:
+        shift, scale = (self.adaLN_modulation(c) if mod is None else mod).chunk(2, dim=1)
         x = norm_modulate(self.norm_final, x, shift, scale, self.kernels.fused_adaln)
         return self.linear(x)  # (N, T, patch_numel * out_channels)

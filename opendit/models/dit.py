@@ -3,7 +3,7 @@
 Parameter names, shapes, initialisation and maths follow Meta's DiT, so its official checkpoints load with
 strict=True and give the same outputs. The file holds no distributed code: parallelism is applied from outside.
 """
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -135,20 +135,44 @@ class DiT(nn.Module):
             c = c + self.text_embedder(text.to(self.text_embedder.weight.dtype))  # (N, D)
         return c
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None):
+    def modulation_widths(self) -> List[int]:
+        """The widths of every block's adaLN output (6D) and the final layer's (2D), in order."""
+        return [block.adaLN_modulation[-1].out_features for block in self.blocks] + [self.final_layer.adaLN_modulation[-1].out_features]
+
+    def modulations(self, c: torch.Tensor) -> torch.Tensor:
+        """Every block's and the final layer's adaLN_modulation(c), side by side: (N, D) -> (N, depth * 6D + 2D).
+        forward(..., modulation=) takes them in place of t, y and text (sampling computes a schedule's at once)."""
+        layers = [block.adaLN_modulation for block in self.blocks] + [self.final_layer.adaLN_modulation]
+        widths, out, start = self.modulation_widths(), None, 0
+        for layer, width in zip(layers, widths):
+            mod = layer(c)  # (N, width), in the autocast dtype under autocast
+            out = mod.new_empty(len(c), sum(widths)) if out is None else out  # filled in place: no concatenated copy
+            out[:, start : start + width] = mod
+            start += width
+        return out
+
+    def conditioning(self, t, y, text, modulation: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], List[Optional[torch.Tensor]]]:
+        """(c, one adaLN output or None per block and the final layer): c from t, y, text, or modulation's views."""
+        if modulation is None:
+            return self.condition(t, y, text), [None] * (len(self.blocks) + 1)  # (N, D)
+        return None, list(modulation.split(self.modulation_widths(), dim=1))  # (N, 6D) per block, (N, 2D)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None,
+                modulation: Optional[torch.Tensor] = None):
         """
         x: (N, C, H, W) latents (VDiT: (N, C, T, H, W)); t: (N,) timesteps; y: (N,) class labels;
-        text: (N, text_dim) pooled prompt embeddings (models built with text_dim > 0).
+        text: (N, text_dim) pooled prompt embeddings (models built with text_dim > 0);
+        modulation: (N, depth * 6D + 2D) = self.modulations(c) computed beforehand, used in place of t, y and text.
         Returns (N, out_channels, ...) in fp32: eps, then the learned-sigma interpolation when learn_sigma.
         """
         shape = x.shape
         x = self.embed(x.to(self.x_embedder.proj.weight.dtype))  # (N, T, D)
         if self.kernels.low_precision_residual and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))  # the residual stream in bf16: half the bytes per add
-        c = self.condition(t, y, text)  # (N, D)
-        for block in self.blocks:
-            x = block(x, c)  # (N, T, D); sequence parallelism (applied from outside) splits T at the first block
-        x = self.final_layer(x, c)  # (N, T, patch_numel * out_channels), gathered again under sequence parallelism
+        c, mods = self.conditioning(t, y, text, modulation)
+        for block, mod in zip(self.blocks, mods):
+            x = block(x, c, mod)  # (N, T, D); sequence parallelism (applied from outside) splits T at the first block
+        x = self.final_layer(x, c, mods[-1])  # (N, T, patch_numel * out_channels), gathered again under sequence parallelism
         return self.unpatchify(x, shape).float()  # (N, out_channels, ...)
 
     def forward_with_cfg(

@@ -25,8 +25,9 @@ class LatteBlock(DiTBlock):
 
     kind: str = SPATIAL
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: (N, t, s, D), possibly a shard of frames or positions; c: (N, D); pos: a table added to x first."""
+    def forward(self, x: torch.Tensor, c: Optional[torch.Tensor], pos: Optional[torch.Tensor] = None, mod: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (N, t, s, D), possibly a shard of frames or positions; c: (N, D); pos: a table added to x first; mod:
+        adaLN_modulation(c) (N, 6D) computed beforehand, used in place of c."""
         if pos is not None:
             x = x + pos.to(x.dtype)  # (1, t, 1, D): the temporal table, before the first temporal block
         N, t, s, D = x.shape
@@ -35,7 +36,7 @@ class LatteBlock(DiTBlock):
         else:
             rows = x.transpose(1, 2).reshape(N * s, t, D)  # (N*s, t, D): one position's track through time per row
         # The modulation is computed once per sample and repeated for its rows (the same as repeating c, cheaper).
-        mod = self.adaLN_modulation(c).repeat_interleave(len(rows) // N, dim=0)  # (rows, 6D)
+        mod = (self.adaLN_modulation(c) if mod is None else mod).repeat_interleave(len(rows) // N, dim=0)  # (rows, 6D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
         fused = self.kernels.fused_adaln
         rows = add_gated(rows, gate_msa, self.attn(norm_modulate(self.norm1, rows, shift_msa, scale_msa, fused)), fused)
@@ -81,15 +82,16 @@ class Latte(VDiT):
         x = self.x_embedder(x).reshape(N, t, s, self.hidden_size)  # (N, t, s, D)
         return x + self.pos_embed_spatial.unsqueeze(1).to(x.dtype)  # (1, 1, s, D) on every frame
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None,
+                modulation: Optional[torch.Tensor] = None):
         """Same contract as DiT.forward: (N, C, T, H, W) latents -> (N, out_channels, T, H, W) in fp32."""
         shape = x.shape
         x = self.embed(x.to(self.x_embedder.proj.weight.dtype))  # (N, t, s, D)
-        c = self.condition(t, y, text)  # (N, D)
+        c, mods = self.conditioning(t, y, text, modulation)
         temporal_pos = self.pos_embed_temporal.unsqueeze(2)  # (1, t, 1, D)
-        for i, block in enumerate(self.blocks):
-            x = block(x, c, temporal_pos if i == self.first_temporal else None)  # (N, t, s, D)
-        x = self.final_layer(x.flatten(1, 2), c)  # (N, t*s, patch_numel * out_channels), tokens ordered (t, h, w)
+        for i, (block, mod) in enumerate(zip(self.blocks, mods)):
+            x = block(x, c, temporal_pos if i == self.first_temporal else None, mod)  # (N, t, s, D)
+        x = self.final_layer(x.flatten(1, 2), c, mods[-1])  # (N, t*s, patch_numel * out_channels), tokens ordered (t, h, w)
         return self.unpatchify(x, shape).float()  # (N, out_channels, T, H, W)
 
 

@@ -23,6 +23,8 @@ BLOCKS_PER_UNIT = 7
 
 def enable_fused_adaln(model: nn.Module) -> None:
     """Run every block's (and the final layer's) LayerNorm + modulate, and gate + residual, as Triton kernels."""
+    import opendit.kernels  # noqa: F401  (triton loads here, not inside a traced forward)
+
     model.kernels.fused_adaln = True
 
 

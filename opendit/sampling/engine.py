@@ -96,14 +96,27 @@ def dpm_update(x, out, c, x0_prev):
     return c[2] * x + c[3] * x0 + c[4] * (x0 - x0_prev), x0
 
 
+def modulation_budget(device: torch.device) -> int:
+    """Bytes of precomputed adaLN outputs held at a time: 4 GiB, at most a tenth of the GPU's memory."""
+    if device.type == "cuda":
+        return min(4 << 30, torch.cuda.get_device_properties(device).total_memory // 10)
+    return 1 << 30
+
+
 class Guided:
     """The model's output for the conditional half under classifier-free guidance, from one batched forward of the
-    conditional + unconditional rows (or, with a cfg group of two ranks, each rank one half plus an all-gather)."""
+    conditional + unconditional rows (or, with a cfg group of two ranks, each rank one half plus an all-gather).
+
+    A DiT-family model's adaLN modulations depend only on (t, y, text), all known before the loop: they are computed
+    for a chunk of the schedule's steps at once (one large GEMM per block instead of one weight-bound GEMM per block
+    and step) and each step's rows are copied into a static buffer the model reads (forward's modulation=)."""
 
     def __init__(self, model: torch.nn.Module, cfg_scale: float, cfg_channels: Optional[int], amp_dtype: torch.dtype = torch.float32,
                  cfg_group: Optional[dist.ProcessGroup] = None):
         self.model, self.cfg_scale, self.cfg_channels, self.cfg_group = model, cfg_scale, cfg_channels, cfg_group
         self.amp_dtype, self.guided, self.kwargs = amp_dtype, cfg_scale > 1.0, None
+        self.timesteps, self.chunk, self.n = None, 0, 0  # the schedule's timesteps, steps per precomputed table (0: off), rows
+        self.table, self.table_start, self.mod = None, 0, None  # (chunk, rows, F) modulations from step table_start; the step's (rows, F)
 
     def set_condition(self, cond: dict, uncond: Optional[dict]) -> bool:
         """The conditions of the next batch (labels y, pooled prompts text; uncond: the null ones). Copied into the
@@ -127,10 +140,48 @@ class Guided:
     def rows(self) -> int:
         return 2 if self.guided and self.cfg_group is None else 1
 
+    def prepare_modulation(self, timesteps: torch.Tensor, batch: int) -> bool:
+        """Precompute the modulations of the schedule's first steps for the current conditions (a batch of `batch`
+        samples), when the model takes them and a step's fit the budget; True when the static buffer is new (a
+        captured graph must be recaptured to read it)."""
+        model = self.model
+        if not hasattr(model, "modulations"):
+            return False
+        self.n = batch * self.rows  # the forward's rows (the conditions' length)
+        per_step = self.n * sum(model.modulation_widths()) * (2 if self.amp_dtype != torch.float32 else 4)
+        self.timesteps, self.chunk = timesteps, min(len(timesteps), modulation_budget(timesteps.device) // per_step)
+        if self.chunk == 0:
+            return False
+        self.fill(0)
+        new = self.mod is None or self.mod.shape != self.table.shape[1:] or self.mod.dtype != self.table.dtype
+        if new:
+            self.mod = torch.empty_like(self.table[0])
+        self.mod.copy_(self.table[0])
+        return new
+
+    @torch.no_grad()
+    def fill(self, start: int) -> None:
+        """self.table = the modulations of steps start .. start + chunk - 1 for the current conditions: (k, n, F)."""
+        ts, n = self.timesteps[start : start + self.chunk], self.n  # (k,)
+        y, text = (None if self.kwargs.get(k) is None else self.kwargs[k].repeat(len(ts), *[1] * (self.kwargs[k].dim() - 1)) for k in ("y", "text"))
+        with torch.autocast(ts.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
+            c = self.model.condition(ts.repeat_interleave(n), y, text)  # (k * n, D), step-major as y / text repeat
+            self.table = self.model.modulations(c).view(len(ts), n, -1)  # (k, n, F)
+        self.table_start = start
+
+    def set_step(self, i: int) -> None:
+        """Step i's modulations into the static buffer (refilling the table at the end of its chunk)."""
+        if self.chunk == 0:
+            return
+        if not self.table_start <= i < self.table_start + len(self.table):
+            self.fill(i)
+        self.mod.copy_(self.table[i - self.table_start])
+
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         xx = torch.cat([x] * self.rows) if self.rows > 1 else x
+        extra = {"modulation": self.mod} if self.chunk else {}
         with torch.autocast(x.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
-            out = self.model(xx, t.expand(len(xx)), **self.kwargs)
+            out = self.model(xx, t.expand(len(xx)), **self.kwargs, **extra)
         return out.float()
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -222,6 +273,7 @@ class Engine:
         """x_T = z (B, C, ...) -> x_0 under the conditions cond (and the null ones, uncond, for guidance). DDPM draws
         fresh noise for 2B rows per step under guidance and uses the first B, as the reference's doubled batch does."""
         changed = self.guided.set_condition(cond, uncond)
+        changed = self.guided.prepare_modulation(self.s.timesteps, len(z)) or changed
         noise_rows = 2 * len(z) if self.guided.guided else len(z)
         if self.cuda_graph and (changed or not self.graphs or self.bufs[0].shape != z.shape):
             self.bufs = (z.float().clone(), self.s.timesteps[0].clone(), self.s.coefs[0].clone(), torch.zeros_like(z, dtype=torch.float32), torch.zeros_like(z, dtype=torch.float32))
@@ -256,6 +308,7 @@ class Engine:
                 noise = torch.randn((noise_rows, *x.shape[1:]), device=x.device)[: len(x)]
             if self.broadcast is not None:
                 self.broadcast.set_step(i, total)
+            self.guided.set_step(i)
             if self.cuda_graph:
                 t_buf.copy_(self.s.timesteps[i])
                 c_buf.copy_(self.s.coefs[i])

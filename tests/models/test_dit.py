@@ -206,3 +206,25 @@ def test_low_precision_residual_only_changes_rounding_under_autocast():
     assert not torch.equal(out, ref_bf16)  # the flag did take effect
     assert (out - ref).norm() / ref.norm() < 3e-2
     assert (out - ref).norm() < 2 * (ref_bf16 - ref).norm() + 1e-3
+
+
+@pytest.mark.parametrize("name,shape", [("DiT-S/2", (2, 4, 8, 8)), ("VDiT-S/1x2x2", (2, 4, 2, 8, 8)), ("Latte-S/1x2x2", (2, 4, 2, 8, 8))])
+def test_precomputed_modulation_replaces_the_conditions(name, shape):
+    """forward(..., modulation=modulations(condition(t, y, text))) is forward(t, y, text) exactly; every block's and
+    the final layer's adaLN output sits side by side (depth * 6D + 2D), and t, y, text are then not read."""
+    kwargs = dict(input_size=8, in_channels=4, num_classes=10, depth=2, hidden_size=64, num_heads=4, text_dim=16)
+    if name != "DiT-S/2":
+        kwargs["num_frames"] = 2
+    torch.manual_seed(0)
+    model = DiT_models[name](**kwargs).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.1 * torch.randn_like(p))  # adaLN-Zero would make every modulation zero
+    x, t, y, text = torch.randn(shape), torch.tensor([10, 900]), torch.tensor([1, 10]), torch.randn(2, 16)
+    with torch.no_grad():
+        ref = model(x, t, y, text)
+        mods = model.modulations(model.condition(t, y, text))
+        assert model.modulation_widths() == [6 * 64, 6 * 64, 2 * 64] and mods.shape == (2, 2 * 6 * 64 + 2 * 64)
+        assert torch.equal(mods[:, 6 * 64 : 12 * 64], model.blocks[1].adaLN_modulation(model.condition(t, y, text)))
+        out = model(x, torch.zeros_like(t), None, None, modulation=mods)
+    assert torch.equal(out, ref)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from opendit.parallel import parallelize
+from opendit.sampling import engine
 from opendit.sampling.denoise import _ENGINES, denoise
 from opendit.sampling.layout import build_layout
 
@@ -33,7 +34,10 @@ def _check(rank, world_size, sp, model, z, y, refs):
 
 
 @pytest.mark.parametrize("world_size,sp", [(2, 1), (4, 2), (4, 1)])  # cfg 2; cfg 2 x sp 2; dp 2 x cfg 2
-def test_cfg_parallel_matches_one_process(spawn, tiny_models, world_size, sp):
+def test_cfg_parallel_matches_one_process(spawn, tiny_models, monkeypatch, world_size, sp):
+    # per-step modulations (no precomputed table, whose GEMM over a different number of rows rounds differently and
+    # the samplers amplify it past these tolerances; tests/sampling/test_engine.py covers the table); forked ranks inherit it
+    monkeypatch.setattr(engine, "modulation_budget", lambda device: 0)
     model, sample_shape = tiny_models["DiT"]
     model = model.float().eval()
     gen = torch.Generator().manual_seed(4)

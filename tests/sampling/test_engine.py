@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from opendit.models import DiT
-from opendit.sampling.denoise import denoise
+from opendit.sampling import engine as engine_module
+from opendit.sampling.denoise import _ENGINES, denoise, get_engine
 
 
 def _model(std: float = 0.1):
@@ -22,6 +23,13 @@ def _args(**kw):
     return argparse.Namespace(**{**base, **kw})
 
 
+@pytest.fixture
+def per_step_modulation(monkeypatch):
+    """The engine's adaLN modulations computed in each step's forward, as the reference loops do (no precomputed
+    table: its GEMM over many steps' rows rounds differently, which the samplers amplify past these tolerances)."""
+    monkeypatch.setattr(engine_module, "modulation_budget", lambda device: 0)
+
+
 def _run(args, model, z, y):
     torch.manual_seed(7)
     with torch.no_grad():
@@ -30,7 +38,7 @@ def _run(args, model, z, y):
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver"])
 @pytest.mark.parametrize("cfg_scale,cfg_channels,vae", [(4.0, "3", "ema"), (1.0, "3", "none"), (2.5, "all", "none")])
-def test_engine_matches_reference_fp32(sampler, cfg_scale, cfg_channels, vae):
+def test_engine_matches_reference_fp32(per_step_modulation, sampler, cfg_scale, cfg_channels, vae):
     model, z, y = _model(), torch.randn(3, 4, 8, 8), torch.tensor([1, 5, 9])
     args = _args(sampler=sampler, cfg_scale=cfg_scale, cfg_channels=cfg_channels, vae=vae)
     ref = _run(args, model, z, y)  # fp32 without --compile: the reference loop
@@ -88,3 +96,53 @@ def test_bf16_weights_cast_once_equal_autocast(cls, shape, kw):
             torch.manual_seed(7)
             out = denoise(args, cast, z, y, text, null)
         assert torch.equal(out, ref), sampler
+
+
+def _engine_sample(args, model, z, y):
+    _ENGINES.clear()
+    engine = get_engine(args, model, z.device)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        out = engine.sample(z, dict(y=y, text=None), dict(y=torch.full_like(y, 10), text=None))
+    return out, engine.guided
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver"])
+def test_precomputed_modulations_follow_the_per_step_engine(monkeypatch, sampler):
+    """The engine computes the steps' adaLN modulations before the loop (one GEMM per block over many steps' rows)
+    and hands each step its rows: the per-step engine's samples up to that GEMM's rounding, amplified by the
+    sampler; in chunks of two steps (a small budget) the table is refilled as the loop goes, with the same result."""
+    model, z, y = _model(), torch.randn(3, 4, 8, 8), torch.tensor([1, 5, 9])
+    args = _args(sampler=sampler)
+    table, guided = _engine_sample(args, model, z, y)
+    assert guided.chunk == 6 and guided.table.shape == (6, 6, 2 * 6 * 64 + 2 * 64)  # 6 steps of 3 + 3 rows
+    per_step_bytes = 6 * (2 * 6 * 64 + 2 * 64) * 4
+    monkeypatch.setattr(engine_module, "modulation_budget", lambda device: 2 * per_step_bytes)
+    chunked, guided = _engine_sample(args, model, z, y)
+    assert guided.chunk == 2 and guided.table_start == 4 and len(guided.table) == 2
+    monkeypatch.setattr(engine_module, "modulation_budget", lambda device: 0)
+    per_step, guided = _engine_sample(args, model, z, y)
+    assert guided.chunk == 0 and per_step.isfinite().all() and per_step.std() > 0.1
+    for out in (table, chunked):
+        assert (out - per_step).norm() / per_step.norm() < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compile", [False, True])
+def test_precomputed_modulations_in_cuda_graphs(monkeypatch, compile):
+    """bf16 with the step captured as a CUDA graph (compiled or not): the graph reads each step's modulations from
+    the static buffer the loop refills (chunks of two steps here), following the per-step engine to bf16 rounding."""
+    model = _model().cuda()
+    if compile:
+        model.compile()
+    z, y = torch.randn(3, 4, 8, 8, device="cuda"), torch.tensor([1, 5, 9], device="cuda")
+    args = _args(sampler="ddim", mixed_precision="bf16", cuda_graph=True, compile=compile)
+    monkeypatch.setattr(engine_module, "modulation_budget", lambda device: 2 * 6 * (2 * 6 * 64 + 2 * 64) * 2)
+    table, guided = _engine_sample(args, model, z, y)
+    again, _ = _engine_sample(args, model, z, y)
+    assert guided.chunk == 2 and guided.table_start == 4 and next(iter(_ENGINES.values())).graphs
+    monkeypatch.setattr(engine_module, "modulation_budget", lambda device: 0)
+    per_step, guided = _engine_sample(args, model, z, y)
+    assert guided.chunk == 0 and per_step.isfinite().all() and torch.equal(table, again)
+    assert (table - per_step).norm() / per_step.norm() < 2e-2
