@@ -163,7 +163,7 @@ class Guided:
     def fill(self, start: int) -> None:
         """self.table = the modulations of steps start .. start + chunk - 1 for the current conditions: (k, n, F)."""
         ts, n = self.timesteps[start : start + self.chunk], self.n  # (k,)
-        y, text = (None if self.kwargs.get(k) is None else self.kwargs[k].repeat(len(ts), *[1] * (self.kwargs[k].dim() - 1)) for k in ("y", "text"))
+        y, text = (None if v is None else v.repeat(len(ts), *[1] * (v.dim() - 1)) for v in (self.kwargs.get("y"), self.kwargs.get("text")))  # (k * n, ...)
         with torch.autocast(ts.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
             c = self.model.condition(ts.repeat_interleave(n), y, text)  # (k * n, D), step-major as y / text repeat
             self.table = self.model.modulations(c).view(len(ts), n, -1)  # (k, n, F)

@@ -146,3 +146,23 @@ def test_precomputed_modulations_in_cuda_graphs(monkeypatch, compile):
     per_step, guided = _engine_sample(args, model, z, y)
     assert guided.chunk == 0 and per_step.isfinite().all() and torch.equal(table, again)
     assert (table - per_step).norm() / per_step.norm() < 2e-2
+
+
+def test_precomputed_modulations_of_a_text_model(monkeypatch):
+    """Pooled-prompt conditioning (no class labels): the table repeats each row's prompt embedding for every step."""
+    torch.manual_seed(0)
+    model = DiT(depth=2, hidden_size=64, num_heads=4, in_channels=4, num_classes=0, text_dim=16, input_size=8, patch_size=2).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.1 * torch.randn_like(p))
+    z, text, null = torch.randn(2, 4, 8, 8), torch.randn(2, 16), torch.randn(1, 16)
+    args, outs, chunks = _args(sampler="ddim", num_classes=0), [], []
+    for budget in (engine_module.modulation_budget, lambda device: 0):
+        monkeypatch.setattr(engine_module, "modulation_budget", budget)
+        _ENGINES.clear()
+        engine = get_engine(args, model, z.device)
+        with torch.no_grad():
+            outs.append(engine.sample(z, dict(y=None, text=text), dict(y=None, text=null.expand_as(text))))
+        chunks.append(engine.guided.chunk)
+    assert chunks == [6, 0] and outs[1].std() > 0.1
+    assert (outs[0] - outs[1]).norm() / outs[1].norm() < 1e-5
