@@ -83,20 +83,27 @@ def layouts(names: list, rank: int, world: int, device_type: str) -> dict:
 
 
 def timed_batch(args, model, layout: SamplingLayout, z, y) -> tuple:
-    """(first, second) call seconds of this rank's share of the batch, the slowest rank's; and its latents (the second call)."""
+    """(first, second) call seconds of this rank's share of the batch, the slowest rank's; and its latents (the second
+    call). A failure on any rank raises on every rank after the same collectives (no rank is left waiting)."""
     mine = layout.share(len(z)) if layout is not None else range(0)
     times, out = [], None
     for _ in range(2):
         dist.barrier()
-        start = time.perf_counter()
+        start, error = time.perf_counter(), None
         if layout is not None and len(mine):
             torch.manual_seed(1)  # DDPM's per-step noise: the same stream on every rank of a cfg / sp group
-            with torch.no_grad():
-                out = denoise(args, model, z[mine.start : mine.stop], y[mine.start : mine.stop], cfg_group=layout.cfg_group)
+            try:
+                with torch.no_grad():
+                    out = denoise(args, model, z[mine.start : mine.stop], y[mine.start : mine.stop], cfg_group=layout.cfg_group)
+            except Exception as e:  # e.g. out of memory on this rank: reported below, after the shared all-reduce
+                error = e
         sync(z.device)
-        elapsed = torch.tensor(time.perf_counter() - start if layout is not None else 0.0, dtype=torch.float64, device=z.device)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        times.append(elapsed.item())
+        elapsed = time.perf_counter() - start if layout is not None else 0.0
+        stats = torch.tensor([elapsed, float(error is not None)], dtype=torch.float64, device=z.device)
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        if stats[1].item():
+            raise RuntimeError(f"{type(error).__name__}: {error}" if error is not None else "failed on another rank")
+        times.append(stats[0].item())
     return times[0], times[1], out
 
 
