@@ -11,8 +11,9 @@
    float8 e4m3, fc1's GELU and fc2's row quantization one Triton pass) with fp32 accumulation, with fast accumulation
    (what the flag does), with fp32 accumulation and attention's proj in float8 too, and bf16 eager with --float8; and
    sample.py's --cuda_graph without compiling (fused attention and adaLN kernels, bf16 weights, GELU epilogue); and
-   the fast path and --float8 with each step computing its adaLN modulations (the engine before it precomputed them
-   for the schedule's steps at once, opendit/sampling/engine.py).
+   the fast path with each step computing its adaLN modulations (the engine before it precomputed them for the
+   schedule's steps at once, opendit/sampling/engine.py), the fast path with the step's tail (guidance + update) eager
+   (before --compile compiled it), and --float8 with both as before.
    Then DDIM-50 and DPM-Solver-20, eager bf16 and the fastest path; and the drift of the --float8 rows: PSNR of their
    DDIM-50 latents against the bf16 fast path's and the fp32 loop's from the same noise.
 2. sample_ddp.py throughput: images/s per GPU at each batch (cfg 1.5, 250 DDPM steps, from 25 timed steps).
@@ -69,8 +70,10 @@ VARIANTS = {  # name -> (precision, flash attention, fused kernels, compile, ext
         ("bf16", True, True, False, (("cast", True), ("gelu_epilogue", True), ("cuda_graph", True))),
     "the fast path with each step's adaLN modulations computed in its forward (before the precomputed table)":
         ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("gelu_epilogue", True), ("modulation_table", False))),
-    "fast path + --float8 (fast accumulation), adaLN modulations in each step's forward (before the table)":
-        ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("float8", True), ("modulation_table", False))),
+    "the fast path with the step's guidance and update eager (before the compiled tail)":
+        ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("gelu_epilogue", True), ("compiled_tail", False))),
+    "fast path + --float8 (fast accumulation) as in the sixth round (per-step modulations, eager tail)":
+        ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("float8", True), ("modulation_table", False), ("compiled_tail", False))),
 }
 FAST = "+ GELU in the fc1 GEMM's epilogue (sample.py's fast path)"
 FP8 = "fast path + --float8, fp32 accumulation"

@@ -55,8 +55,9 @@ def get_engine(args: argparse.Namespace, model: torch.nn.Module, device: torch.d
     """The engine for these flags, built once (schedule constants on the device) and cached with its CUDA graph."""
     broadcast = broadcast_config(args)
     graph = graph_on(args, device, cfg_group)
+    compile_tail = getattr(args, "compile", False) and getattr(args, "compiled_tail", True)  # compiled_tail=False: bench/sample.py's "before" row
     key = (id(model), args.sampler, args.num_sampling_steps, args.noise_schedule, args.cfg_scale, args.cfg_channels, getattr(args, "mixed_precision", "fp32"),
-           graph, args.vae == "none", id(cfg_group), str(device), broadcast)
+           graph, args.vae == "none", id(cfg_group), str(device), broadcast, compile_tail)
     if key not in _ENGINES:
         schedule = make_schedule(args.sampler, args.num_sampling_steps, args.noise_schedule, device)
         guided = Guided(model, args.cfg_scale, None if args.cfg_channels == "all" else 3, PRECISIONS[getattr(args, "mixed_precision", "fp32")], cfg_group)
@@ -64,7 +65,7 @@ def get_engine(args: argparse.Namespace, model: torch.nn.Module, device: torch.d
             from opendit.sampling.broadcast import AttentionBroadcast
 
             broadcast = AttentionBroadcast(broadcast)
-        _ENGINES[key] = Engine(schedule, guided, clip=args.vae == "none", cuda_graph=graph, broadcast=broadcast)
+        _ENGINES[key] = Engine(schedule, guided, clip=args.vae == "none", cuda_graph=graph, broadcast=broadcast, compile_tail=compile_tail)
     return _ENGINES[key]
 
 

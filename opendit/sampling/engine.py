@@ -184,19 +184,28 @@ class Guided:
             out = self.model(xx, t.expand(len(xx)), **self.kwargs, **extra)
         return out.float()
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def halves(self, x: torch.Tensor, t: torch.Tensor) -> tuple:
+        """The model's (conditional, unconditional) outputs for x (B, C, ...); (output, None) without guidance."""
         out = self.forward(x, t)  # (rows * B, C_out, ...)
         if not self.guided:
-            return out
+            return out, None
         if self.cfg_group is not None:
             halves = [torch.empty_like(out) for _ in range(2)]
             dist.all_gather(halves, out.contiguous(), group=self.cfg_group)
-            cond, uncond = halves
-        else:
-            cond, uncond = out.chunk(2)
-        g = self.cfg_channels or x.shape[1]
-        eps = uncond[:, :g] + self.cfg_scale * (cond[:, :g] - uncond[:, :g])
-        return torch.cat([eps, cond[:, g:]], dim=1)
+            return halves[0], halves[1]
+        return out.chunk(2)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return guide(*self.halves(x, t), self.cfg_scale, self.cfg_channels or x.shape[1])
+
+
+def guide(cond: torch.Tensor, uncond: Optional[torch.Tensor], cfg_scale: float, g: int) -> torch.Tensor:
+    """Classifier-free guidance: eps = uncond + s (cond - uncond) on the first g channels, the rest (the learned
+    sigma) from the conditional rows; cond itself without guidance (uncond None)."""
+    if uncond is None:
+        return cond
+    eps = uncond[:, :g] + cfg_scale * (cond[:, :g] - uncond[:, :g])
+    return torch.cat([eps, cond[:, g:]], dim=1)
 
 
 def graph_key(state: Optional[dict]) -> Optional[tuple]:
@@ -208,9 +217,12 @@ class Engine:
     """Runs a Schedule from noise: step(i) = guided forward + update; optionally the step as CUDA graphs (one, or with an
     attention broadcast one per compute/reuse pattern of the schedule)."""
 
-    def __init__(self, schedule: Schedule, guided: Guided, clip: bool, cuda_graph: bool = False, broadcast=None):
+    def __init__(self, schedule: Schedule, guided: Guided, clip: bool, cuda_graph: bool = False, broadcast=None, compile_tail: bool = False):
         self.s, self.guided, self.clip = schedule, guided, clip
         self.cuda_graph = cuda_graph
+        # compile_tail (--compile): the guidance combine and the sampler's update, ~20 small elementwise kernels a
+        # step eagerly, as one compiled (fused) function
+        self.tail = torch.compile(self._tail, dynamic=False) if compile_tail else self._tail
         self.graphs: dict = {}  # pattern (None without a broadcast) -> (CUDAGraph, its outputs)
         self.broadcast = broadcast  # an AttentionBroadcast (broadcast.py) told each step's index
         self.kept: list = []  # the broadcast's wrappers while graphs read their cached outputs
@@ -218,7 +230,12 @@ class Engine:
             broadcast.static = True
 
     def step(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, noise: torch.Tensor, x0_prev: torch.Tensor) -> tuple:
-        out = self.guided(x, t)
+        cond, uncond = self.guided.halves(x, t)
+        return self.tail(x, cond, uncond, c, noise, x0_prev)
+
+    def _tail(self, x, cond, uncond, c, noise, x0_prev) -> tuple:
+        """Guidance, then the sampler's update: -> (x', x0 for DPM-Solver's next step)."""
+        out = guide(cond, uncond, self.guided.cfg_scale, self.guided.cfg_channels or x.shape[1])
         if self.s.kind == "ddpm":
             return ddpm_update(x, out, c, noise, self.clip), x0_prev
         if self.s.kind == "ddim":
