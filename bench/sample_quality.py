@@ -3,7 +3,8 @@
     python bench/sample_quality.py [--workdir /tmp/opendit-quality] [--per_class 16] [--skip_image] [--skip_video]
 
 1. Image model: `make demo`'s recipe (DiT-S/2, depth 4, width 128, 16 px, 2000 steps). The demo's sampler (DDPM-100,
-   cfg 4) in fp32 (the reference loop), bf16 (the engine, bf16 weights as sample.py stores them) and, on a GPU,
+   cfg 4) in fp32 (the reference loop), bf16 (the engine, bf16 weights as sample.py stores them), bf16 with
+   --bf16_residual (the residual stream in bf16 too) and, on a GPU,
    bf16 + --compile (the whole step as one CUDA graph), bf16 + --cuda_graph with the fused kernels (not compiled) and,
    on a GPU with float8 GEMMs, bf16 + --compile --float8 (fp32 and fast accumulation):
    the shapes checker's class fidelity of each; and DDIM-50 from the same noise: PSNR of each against fp32.
@@ -91,7 +92,8 @@ def image_rows(opts, device, checker) -> None:
     exp = trained(opts.workdir, "image", {**IMAGE_FLAGS, "max_steps": opts.train_steps or IMAGE_FLAGS["max_steps"]}, False, opts.workers)
     y = torch.arange(8).repeat_interleave(opts.per_class).to(device)
     z = torch.randn(len(y), 3, 16, 16, generator=torch.Generator().manual_seed(1)).to(device)
-    variants = {"fp32 (reference loop)": ["--mixed_precision", "fp32"], "bf16 (engine, bf16 weights)": ["--mixed_precision", "bf16"]}
+    variants = {"fp32 (reference loop)": ["--mixed_precision", "fp32"], "bf16 (engine, bf16 weights)": ["--mixed_precision", "bf16"],
+                "bf16 + --bf16_residual": ["--mixed_precision", "bf16", "--bf16_residual"]}
     if device.type == "cuda":
         variants["bf16 + --compile (whole step, one CUDA graph)"] = ["--mixed_precision", "bf16", "--compile"]
         variants["bf16 + --cuda_graph + fused kernels (no compile)"] = ["--mixed_precision", "bf16", "--cuda_graph", "--enable_modulate_kernel", "--enable_flashattn"]

@@ -65,7 +65,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def add_speed_flags(parser: argparse.ArgumentParser) -> None:
-    """--mixed_precision, --enable_flashattn, --enable_modulate_kernel, --compile, --compile_scope, --float8, --cuda_graph (sample.py and sample_ddp.py)."""
+    """--mixed_precision, --enable_flashattn, --enable_modulate_kernel, --compile, --compile_scope, --float8, --bf16_residual, --cuda_graph (sample.py and sample_ddp.py)."""
     parser.add_argument("--mixed_precision", type=str, default=None, choices=list(PRECISIONS), help="autocast dtype (default: bf16 on a GPU, fp32 on the CPU)")
     parser.add_argument("--enable_flashattn", action="store_true", help="attention on the fused GPU kernels only (cuDNN/flash; bf16/fp16)")
     parser.add_argument("--enable_modulate_kernel", action="store_true", help="Triton fused LayerNorm + modulate (adaLN) in every block")
@@ -75,6 +75,8 @@ def add_speed_flags(parser: argparse.ArgumentParser) -> None:
                         help="what --compile compiles: the whole model (faster, longer first call) or each block; auto: model on one process, blocks under sequence parallelism")
     parser.add_argument("--float8", action="store_true", help="GPU of compute capability 8.9+ (Ada, Hopper), bf16: the blocks' qkv and MLP GEMMs in float8 e4m3 "
                         "(weights per channel, activations per row; fc1's GELU and the row quantization in one Triton pass)")
+    parser.add_argument("--bf16_residual", action="store_true", help="DiT / VDiT under bf16/fp16: carry the residual stream in that dtype, as train.py's flag "
+                        "(less memory traffic; changes rounding)")
     parser.add_argument("--cuda_graph", nargs="?", const="on", default="off", choices=["on", "off"],
                         help="GPU: capture each denoising step as a CUDA graph without compiling (--compile does it too; on every data-parallel rank, "
                         "not under --cfg_parallel or sequence parallelism); "
@@ -110,6 +112,11 @@ def resolve_speed_flags(args: argparse.Namespace, device: torch.device) -> None:
             raise UsageError("--float8 needs --mixed_precision bf16")
         if getattr(args, "sequence_parallel_size", 1) > 1:
             raise UsageError("--float8 does not run with --sequence_parallel_size > 1 (the parallel attention slices qkv's bf16 weight)")
+    if getattr(args, "bf16_residual", False):
+        if args.mixed_precision == "fp32":
+            raise UsageError("--bf16_residual needs --mixed_precision bf16 or fp16")
+        if (getattr(args, "model", None) or "").startswith("Latte"):
+            raise UsageError(f"--bf16_residual: {args.model} keeps its residual stream in fp32 (DiT and VDiT only)")
     if getattr(args, "attention_broadcast", False):
         from opendit.sampling.broadcast import config_from_args
 
@@ -130,7 +137,8 @@ def speed_up(args: argparse.Namespace, model: torch.nn.Module, mesh=None) -> tor
     # keep the reference path)
     model.kernels.gelu_epilogue = getattr(args, "gelu_epilogue", True) and getattr(args, "mixed_precision", "fp32") in ("bf16", "fp16")
     return parallelize(model, mesh, plugin=None, fused_adaln=args.enable_modulate_kernel, flash_attention=args.enable_flashattn, compile=args.compile and scope,
-                       sequence_parallel_type=getattr(args, "sequence_parallel_type", None), sequence_parallel_overlap=False)  # plain collectives: faster on NVLink
+                       sequence_parallel_type=getattr(args, "sequence_parallel_type", None), sequence_parallel_overlap=False,  # plain collectives: faster on NVLink
+                       low_precision_residual=getattr(args, "bf16_residual", False))
 
 
 def resolve_model_flags(args: argparse.Namespace, train_config: Optional[dict]) -> None:
