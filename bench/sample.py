@@ -13,7 +13,7 @@
    sample.py's --cuda_graph without compiling (fused attention and adaLN kernels, bf16 weights, GELU epilogue); and
    the fast path with each step computing its adaLN modulations (the engine before it precomputed them for the
    schedule's steps at once, opendit/sampling/engine.py), the fast path with the step's tail (guidance + update) eager
-   (before --compile compiled it), and --float8 with both as before.
+   (before --compile compiled it), --float8 with both as before, and --float8 with --bf16_residual.
    Then DDIM-50 and DPM-Solver-20, eager bf16 and the fastest path; and the drift of the --float8 rows: PSNR of their
    DDIM-50 latents against the bf16 fast path's and the fp32 loop's from the same noise.
 2. sample_ddp.py throughput: images/s per GPU at each batch (cfg 1.5, 250 DDPM steps, from 25 timed steps).
@@ -60,7 +60,7 @@ VARIANTS = {  # name -> (precision, flash attention, fused kernels, compile, ext
     "compile the whole model instead (no fused adaLN)": ("bf16", True, False, True, (("compile_scope", "model"),)),
     "+ bf16 weights stored once": ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True))),
     "+ GELU in the fc1 GEMM's epilogue (sample.py's fast path)": ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("gelu_epilogue", True))),
-    "+ bf16 residual stream (probe, not a flag)": ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("gelu_epilogue", True), ("bf16_residual", True))),
+    "+ bf16 residual stream (--bf16_residual)": ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("gelu_epilogue", True), ("bf16_residual", True))),
     "fast path + --float8, fp32 accumulation": ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("float8", True), ("fast_accum", False))),
     "fast path + --float8 (qkv / MLP GEMMs in float8 with fast accumulation, GELU + row quantize one Triton pass)":
         ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("float8", True))),
@@ -74,6 +74,7 @@ VARIANTS = {  # name -> (precision, flash attention, fused kernels, compile, ext
         ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("gelu_epilogue", True), ("compiled_tail", False))),
     "fast path + --float8 (fast accumulation) as in the sixth round (per-step modulations, eager tail)":
         ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("float8", True), ("modulation_table", False), ("compiled_tail", False))),
+    "fast path + --float8 --bf16_residual": ("bf16", True, False, True, (("compile_scope", "model"), ("cast", True), ("float8", True), ("bf16_residual", True))),
 }
 FAST = "+ GELU in the fc1 GEMM's epilogue (sample.py's fast path)"
 FP8 = "fast path + --float8, fp32 accumulation"
