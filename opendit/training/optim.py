@@ -45,6 +45,19 @@ def clip_grad_norm(params: list, max_norm: float) -> torch.Tensor:
     return total
 
 
+@torch.no_grad()
+def grad_norm_and_divisor(params: list, max_norm: float) -> tuple:
+    """(the global gradient norm, max(1, norm / max_norm)) without touching the gradients: fused AdamW divides them
+    by the second (its grad_scale), which clips as clip_grad_norm does with one pass over the gradients less. FSDP2
+    (DTensor) gradients: the local shards' squares, one all-reduce."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.stack(torch._foreach_norm([local_shard(g) for g in grads], 2.0)).square().sum()
+    if isinstance(grads[0], DTensor):
+        dist.all_reduce(total, group=grads[0].device_mesh.get_group())
+    total = total.sqrt()
+    return total, torch.clamp((total + 1e-6) / max_norm, min=1.0)  # 1 / clip_grad_norm's coefficient
+
+
 def clip_and_check(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list, grad_clip: float) -> torch.Tensor:
     """Unscale (fp16) and clip the gradients; returns the global gradient norm (a device tensor, no sync)."""
     scaler.unscale_(optimizer)

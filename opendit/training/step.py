@@ -1,4 +1,5 @@
 """One training step: noise and timesteps, the diffusion loss, backward, clipping, AdamW, the LR schedule and the EMA."""
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -9,7 +10,7 @@ from opendit.diffusion import create_diffusion
 from opendit.parallel.mesh import ParallelMesh
 from opendit.training.ema import ShardedEMA
 from opendit.training.guard import DivergenceGuard, any_rank
-from opendit.training.optim import ShardedAdamW, clip_and_check, lr_factor
+from opendit.training.optim import ShardedAdamW, clip_and_check, grad_norm_and_divisor, lr_factor
 
 
 @dataclass
@@ -43,6 +44,7 @@ class TrainStep:
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.skipped_steps = 0
         self.on_device_skip = all(group.get("fused") for group in self.optimizer.param_groups)  # see guard.py
+        self.clip_divisor = None  # fused AdamW (bf16 / fp32): the step's max(1, |g| / grad_clip), which AdamW divides by
 
     def __call__(self, x: torch.Tensor, model_kwargs: dict) -> StepResult:
         t, noise = self.draw(x)
@@ -61,7 +63,10 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         loss = loss_dict["loss"].mean()
         self.scaler.scale(self.mesh.gradient_loss(loss)).backward()
-        grad_norm = clip_and_check(self.optimizer, self.scaler, self.params, self.grad_clip)
+        if self.on_device_skip and not self.scaler.is_enabled():  # fused AdamW clips: it divides the gradients by the divisor
+            grad_norm, self.clip_divisor = grad_norm_and_divisor(self.params, self.grad_clip if self.grad_clip > 0 else math.inf)
+        else:
+            grad_norm, self.clip_divisor = clip_and_check(self.optimizer, self.scaler, self.params, self.grad_clip), None
         bad = any_rank(~torch.isfinite(loss.detach()))  # the same decision on every rank (guard.py)
         if not self.scaler.is_enabled():  # fp16: GradScaler skips overflowing gradients itself
             bad = bad | ~torch.isfinite(grad_norm)
@@ -88,9 +93,9 @@ class TrainStep:
                 self.ema.update(self.ema_decay)
             return skipped
         if self.on_device_skip:  # no host sync: the fused kernel skips on found_inf, the EMA weight is zeroed
-            self.optimizer.found_inf = bad.float()
+            self.optimizer.found_inf, self.optimizer.grad_scale = bad.float(), self.clip_divisor
             self.optimizer.step()
-            self.optimizer.found_inf = None
+            self.optimizer.found_inf = self.optimizer.grad_scale = None
             self.ema.update(self.ema_decay, keep=bad)
         elif not bad.item():  # CPU: reading the flag is free
             self.optimizer.step()

@@ -1,4 +1,5 @@
-"""The CUDA-graph training step: the same losses, weights and EMA as the eager TrainStep; refused where it cannot run."""
+"""The CUDA-graph training step: the same losses, weights and EMA as the eager TrainStep; refused where it cannot run.
+And the eager TrainStep with fused AdamW, which clips by dividing the gradients, as the in-place clipping path."""
 import argparse
 from functools import partial
 
@@ -102,3 +103,21 @@ def test_eager_step_split_keeps_the_schedule():
     assert lrs == [lr_factor("cosine", 2, 8, i) * 1e-3 for i in range(4)]
     assert torch.isfinite(losses).all()
     assert any(not torch.equal(p, e) for p, e in zip(params, ema))
+
+
+def test_fused_adamw_clips_by_dividing_the_gradients():
+    """With fused AdamW (the GPU's, here the CPU's) TrainStep leaves the gradients as they are and hands fused AdamW
+    max(1, |g| / clip) to divide them by (one pass over the gradients less): the weights, EMA and norms of the in-place
+    clipping path to fp32 rounding, with the clip engaged."""
+    device = torch.device("cpu")
+    clipped = tiny_step(device)  # foreach AdamW on the CPU: clip_grad_norm_ scales the gradients in place
+    fused = tiny_step(device)
+    fused.optimizer = ShardedAdamW(fused.params, lr=1e-3, fused=True)
+    fused.scheduler = type(clipped.scheduler)(fused.optimizer, clipped.scheduler.lr_lambdas[0])
+    fused.on_device_skip = True
+    clipped.grad_clip = fused.grad_clip = 0.01  # below every step's gradient norm: each step is clipped
+    a, b = run(clipped), run(fused)
+    assert fused.clip_divisor > 1 and fused.optimizer.grad_scale is None  # the divisor path ran (and clipped), and was cleared
+    torch.testing.assert_close(b[0], a[0], rtol=1e-5, atol=1e-6)
+    for x, y in zip(b[2] + b[3], a[2] + a[3]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
