@@ -48,7 +48,7 @@ def clip_grad_norm(params: list, max_norm: float) -> torch.Tensor:
 @torch.no_grad()
 def grad_norm_and_divisor(params: list, max_norm: float) -> tuple:
     """(the global gradient norm, max(1, norm / max_norm)) without touching the gradients: fused AdamW divides them
-    by the second (its grad_scale), which clips as clip_grad_norm does with one pass over the gradients less. FSDP2
+    by the second (its grad_scale) as it reads them, which clips as clip_grad_norm does with one read of them less. FSDP2
     (DTensor) gradients: the local shards' squares, one all-reduce."""
     grads = [p.grad for p in params if p.grad is not None]
     total = torch.stack(torch._foreach_norm([local_shard(g) for g in grads], 2.0)).square().sum()
