@@ -51,6 +51,8 @@ def grad_norm_and_divisor(params: list, max_norm: float) -> tuple:
     by the second (its grad_scale) as it reads them, which clips as clip_grad_norm does with one read of them less. FSDP2
     (DTensor) gradients: the local shards' squares, one all-reduce."""
     grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(()), torch.ones(())
     total = torch.stack(torch._foreach_norm([local_shard(g) for g in grads], 2.0)).square().sum()
     if isinstance(grads[0], DTensor):
         dist.all_reduce(total, group=grads[0].device_mesh.get_group())
