@@ -104,8 +104,8 @@ def modulation_budget(device: torch.device) -> int:
 
 
 class Guided:
-    """The model's output for the conditional half under classifier-free guidance, from one batched forward of the
-    conditional + unconditional rows (or, with a cfg group of two ranks, each rank one half plus an all-gather).
+    """The model's conditional and unconditional outputs (guide() combines them), from one batched forward of both
+    halves' rows (or, with a cfg group of two ranks, each rank one half plus an all-gather).
 
     A DiT-family model's adaLN modulations depend only on (t, y, text), all known before the loop: they are computed
     for a chunk of the schedule's steps at once (one large GEMM per block instead of one weight-bound GEMM per block
@@ -194,9 +194,6 @@ class Guided:
             dist.all_gather(halves, out.contiguous(), group=self.cfg_group)
             return halves[0], halves[1]
         return out.chunk(2)
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return guide(*self.halves(x, t), self.cfg_scale, self.cfg_channels or x.shape[1])
 
 
 def guide(cond: torch.Tensor, uncond: Optional[torch.Tensor], cfg_scale: float, g: int) -> torch.Tensor:

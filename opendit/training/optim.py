@@ -30,34 +30,36 @@ def lr_factor(schedule: str, warmup_steps: int, max_steps: int, step: int) -> fl
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def global_grad_norm(grads: list) -> torch.Tensor:
+    """The 2-norm of all gradients; FSDP2 (DTensor) gradients: the local shards' squares, one all-reduce (the DTensor
+    path dispatches every tensor separately and cost tens of ms per step)."""
+    total = torch.stack(torch._foreach_norm([local_shard(g) for g in grads], 2.0)).square().sum()  # this rank's |g|^2
+    if isinstance(grads[0], DTensor):
+        dist.all_reduce(total, group=grads[0].device_mesh.get_group())
+    return total.sqrt()
+
+
 @torch.no_grad()
 def clip_grad_norm(params: list, max_norm: float) -> torch.Tensor:
-    """clip_grad_norm_ that, for FSDP2 (DTensor) gradients, works on the local shards with one all-reduce of the
-    squared norm (the DTensor path dispatches every tensor separately and cost tens of ms per step)."""
+    """clip_grad_norm_ that, for FSDP2 (DTensor) gradients, works on the local shards (global_grad_norm)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads or not isinstance(grads[0], DTensor):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    local = [local_shard(g) for g in grads]
-    total = torch.stack(torch._foreach_norm(local, 2.0)).square().sum()  # sum over this rank's shards of |g|^2
-    dist.all_reduce(total, group=grads[0].device_mesh.get_group())
-    total = total.sqrt()
-    torch._foreach_mul_(local, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    total = global_grad_norm(grads)
+    torch._foreach_mul_([local_shard(g) for g in grads], torch.clamp(max_norm / (total + 1e-6), max=1.0))
     return total
 
 
 @torch.no_grad()
-def grad_norm_and_divisor(params: list, max_norm: float) -> tuple:
-    """(the global gradient norm, max(1, norm / max_norm)) without touching the gradients: fused AdamW divides them
-    by the second (its grad_scale) as it reads them, which clips as clip_grad_norm does with one read of them less. FSDP2
-    (DTensor) gradients: the local shards' squares, one all-reduce."""
+def grad_norm_and_divisor(params: list, grad_clip: float) -> tuple:
+    """(the global gradient norm, max(1, norm / grad_clip)) without touching the gradients (grad_clip <= 0: no
+    clipping): fused AdamW divides them by the second (its grad_scale) as it reads them, which clips as clip_grad_norm
+    does with one read of them less."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(()), torch.ones(())
-    total = torch.stack(torch._foreach_norm([local_shard(g) for g in grads], 2.0)).square().sum()
-    if isinstance(grads[0], DTensor):
-        dist.all_reduce(total, group=grads[0].device_mesh.get_group())
-    total = total.sqrt()
-    return total, torch.clamp((total + 1e-6) / max_norm, min=1.0)  # 1 / clip_grad_norm's coefficient
+    total = global_grad_norm(grads)
+    return total, torch.clamp((total + 1e-6) / (grad_clip if grad_clip > 0 else math.inf), min=1.0)  # 1 / clip_grad_norm's coefficient
 
 
 def clip_and_check(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list, grad_clip: float) -> torch.Tensor:

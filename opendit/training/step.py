@@ -1,5 +1,4 @@
 """One training step: noise and timesteps, the diffusion loss, backward, clipping, AdamW, the LR schedule and the EMA."""
-import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -64,7 +63,7 @@ class TrainStep:
         loss = loss_dict["loss"].mean()
         self.scaler.scale(self.mesh.gradient_loss(loss)).backward()
         if self.on_device_skip and not self.scaler.is_enabled():  # fused AdamW clips: it divides the gradients by the divisor
-            grad_norm, self.clip_divisor = grad_norm_and_divisor(self.params, self.grad_clip if self.grad_clip > 0 else math.inf)
+            grad_norm, self.clip_divisor = grad_norm_and_divisor(self.params, self.grad_clip)
         else:
             grad_norm, self.clip_divisor = clip_and_check(self.optimizer, self.scaler, self.params, self.grad_clip), None
         bad = any_rank(~torch.isfinite(loss.detach()))  # the same decision on every rank (guard.py)
