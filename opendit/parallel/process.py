@@ -1,7 +1,11 @@
 """Process-group setup for torchrun (NCCL on GPU, gloo on CPU) and small rank helpers."""
+import atexit
+import faulthandler
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -61,3 +65,26 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_script(main: Callable[[], object]) -> None:
+    """A script's main. Under torchrun (WORLD_SIZE > 1) the process then ends by os._exit, after the process group is
+    destroyed and Python's exit handlers ran (logs and metrics flushed): the interpreter's own teardown is skipped,
+    where a rank that finished before its peers could die of SIGABRT in C++ threads ("terminate called without an
+    active exception") and fail a run that had written everything. A rank that crashes prints its Python stack."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        main()
+        return
+    faulthandler.enable(all_threads=True)
+    try:
+        main()
+        status = 0
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    cleanup()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
