@@ -34,7 +34,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from opendit.models import DiT, DiT_models  # noqa: E402
-from opendit.parallel.process import setup_distributed  # noqa: E402
+from opendit.parallel.process import run_script, setup_distributed  # noqa: E402
 from opendit.sampling.denoise import _ENGINES, denoise, get_engine  # noqa: E402
 from opendit.sampling.layout import SamplingLayout, build_layout  # noqa: E402
 from opendit.sampling.sample import cast_matmul_weights, speed_up  # noqa: E402
@@ -203,4 +203,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -25,9 +25,14 @@ class DistInfo:
         return self.rank == 0
 
 
+def launched_world_size() -> int:
+    """torchrun's WORLD_SIZE: the number of processes launched together (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup_distributed(device: str = "auto") -> DistInfo:
     """Initialise the default process group when launched by torchrun (WORLD_SIZE > 1); pick the device."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
@@ -72,7 +77,7 @@ def run_script(main: Callable[[], object]) -> None:
     destroyed and Python's exit handlers ran (logs and metrics flushed): the interpreter's own teardown is skipped,
     where a rank that finished before its peers could die of SIGABRT in C++ threads ("terminate called without an
     active exception") and fail a run that had written everything. A rank that crashes prints its Python stack."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched_world_size() <= 1:
         main()
         return
     faulthandler.enable(all_threads=True)

@@ -172,10 +172,10 @@ def resolve_text_flags(args: argparse.Namespace, state_dict: dict, prompts: list
 
 def setup_parallel(args: argparse.Namespace):
     """Join torchrun's process group when there is one (or sp / cfg parallelism asks for it). -> (DistInfo or None, layout)"""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and args.sequence_parallel_size == 1 and not args.cfg_parallel:
-        return None, SamplingLayout()
-    from opendit.parallel.process import setup_distributed
+    from opendit.parallel.process import launched_world_size, setup_distributed
 
+    if launched_world_size() == 1 and args.sequence_parallel_size == 1 and not args.cfg_parallel:
+        return None, SamplingLayout()
     info = setup_distributed(args.device)
     return info, build_layout(info.rank, info.world_size, args.sequence_parallel_size, args.cfg_parallel, info.device.type)
 
