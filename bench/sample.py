@@ -18,7 +18,7 @@
    DDIM-50 latents against the bf16 fast path's and the fp32 loop's from the same noise.
 2. sample_ddp.py throughput: images/s per GPU at each batch (cfg 1.5, 250 DDPM steps, from 25 timed steps).
 3. Outside the loop: importing sample.py, building the model on the GPU, loading a safetensors checkpoint, writing
-   8 PNGs, and the first call's compile + capture. The SD VAE decode is not measured (no diffusers on the host).
+   8 PNGs, and the first call's compile + capture. The VAE and the whole run: bench/sample_wall.py.
 4. whole: the full fast path with the whole model compiled (--compile_scope model, sample.py's default on one
    process) instead of each block, with and without the fused adaLN kernels, and DDIM-50 / DPM-Solver-20 with it.
 5. broadcast: --attention_broadcast on Latte-XL/1x2x2 and VDiT-XL/1x2x2 at 16 frames x 256 px (latent 16x32x32),
@@ -369,7 +369,7 @@ def main():
         ddp = [eager, fast, *fp8.values()]
         print("| batch | bf16 eager img/s | full fast path img/s | speed-up |" + "".join(f" {label} img/s | speed-up |" for label in fp8))
         print("|---|---:|---:|---:|" + "---:|---:|" * len(fp8))
-        for batch in [int(b) for b in opts.ddp_batches.split(",")]:
+        for batch in [int(b) for b in opts.ddp_batches.split(",") if b]:  # --ddp_batches "": none
             rate = {}
             for v in dict.fromkeys(ddp):  # each variant once (fast is eager when nothing faster ran)
                 args = flags(*v, cfg_scale=1.5, num_sampling_steps=25)

@@ -6,7 +6,7 @@
    cfg 4) in fp32 (the reference loop), bf16 (the engine, bf16 weights as sample.py stores them), bf16 with
    --bf16_residual (the residual stream in bf16 too) and, on a GPU,
    bf16 + --compile (the whole step as one CUDA graph), bf16 + --cuda_graph with the fused kernels (not compiled) and,
-   on a GPU with float8 GEMMs, bf16 + --compile --float8 (fp32 and fast accumulation):
+   on a GPU with float8 GEMMs, bf16 + --compile --float8 (fp32 and fast accumulation, and with --bf16_residual):
    the shapes checker's class fidelity of each; and DDIM-50 from the same noise: PSNR of each against fp32.
 2. Video model: `make demo-video`'s recipe (VDiT-S/2x2x2, 4 frames at 16 px, Min-SNR-5, 3000 steps). The demo's
    sampler with full attention and with each --attention_broadcast setting of bench/sample.py (BROADCASTS), in the
@@ -100,6 +100,9 @@ def image_rows(opts, device, checker) -> None:
         if torch.cuda.get_device_capability(device) >= (8, 9):
             variants["bf16 + --compile --float8, fp32 accumulation"] = ["--mixed_precision", "bf16", "--compile", "--float8"]
             variants["bf16 + --compile --float8 (fast accumulation, as the flag)"] = ["--mixed_precision", "bf16", "--compile", "--float8"]
+            variants["bf16 + --compile --float8 --bf16_residual"] = ["--mixed_precision", "bf16", "--compile", "--float8", "--bf16_residual"]
+    if opts.rows:  # the fp32 reference always runs
+        variants = {k: v for k, v in variants.items() if k.startswith("fp32") or any(part in k for part in opts.rows.split(","))}
     rows, fast_accum = {}, sample_cli.FLOAT8_FAST_ACCUM
     for name, flags in variants.items():
         sample_cli.FLOAT8_FAST_ACCUM = fast_accum and not name.endswith("fp32 accumulation")  # what --float8 builds with
@@ -149,6 +152,7 @@ def main():
     parser.add_argument("--per_class", type=int, default=16, help="samples (clips) per class")
     parser.add_argument("--workers", type=int, default=1, help="data loader workers while training")
     parser.add_argument("--train_steps", type=int, default=None, help="override the demo recipes' training steps (a smoke run)")
+    parser.add_argument("--rows", type=str, default="", help="image rows to run: comma-separated parts of their names (default: all)")
     parser.add_argument("--skip_image", action="store_true")
     parser.add_argument("--skip_video", action="store_true")
     opts = parser.parse_args()

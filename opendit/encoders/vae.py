@@ -9,6 +9,7 @@ import os
 import torch
 from torch import nn
 
+from .autoencoder_kl import CONFIG_NAME, WEIGHTS_NAMES, AutoencoderKL, KLConfig
 from .hub import HUB_ID, load_local_or_hub
 
 HUB_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
@@ -46,13 +47,7 @@ class VAE(nn.Module):
     @classmethod
     def from_config(cls, config: dict, chunk_size: int = 16) -> "VAE":
         """Build a randomly initialised ``AutoencoderKL`` from a config dict (no download)."""
-        from diffusers import AutoencoderKL
-
-        config = dict(config)
-        n = len(config.get("block_out_channels", (64,)))
-        config.setdefault("down_block_types", ("DownEncoderBlock2D",) * n)
-        config.setdefault("up_block_types", ("UpDecoderBlock2D",) * n)
-        return cls(AutoencoderKL.from_config(config), chunk_size=chunk_size)
+        return cls(AutoencoderKL(KLConfig.from_dict(config)), chunk_size=chunk_size)
 
     def train(self, mode: bool = True) -> "VAE":
         """Stay in eval mode: the VAE is always frozen."""
@@ -84,8 +79,7 @@ class VAE(nn.Module):
 
     def _moments(self, x: torch.Tensor) -> torch.Tensor:
         """Posterior mean and log-variance, concatenated on channels."""
-        dist = self.model.encode(x).latent_dist
-        return torch.cat([dist.mean, dist.logvar], dim=1)
+        return self.model.encode(x)
 
     @torch.no_grad()
     def posterior(self, x: torch.Tensor) -> tuple:
@@ -112,7 +106,7 @@ class VAE(nn.Module):
         if self.is_identity:
             return z
         z = self._prepare(z) / self.scaling_factor + self.shift_factor
-        return self._frames(z, lambda c: self.model.decode(c).sample)
+        return self._frames(z, self.model.decode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Same as :meth:`encode`."""
@@ -124,17 +118,30 @@ def tiny_vae(chunk_size: int = 16, **overrides) -> VAE:
     return VAE.from_config({**TINY_CONFIG, **overrides}, chunk_size=chunk_size)
 
 
-def _load_autoencoder(path: str, label: str):
-    """``AutoencoderKL.from_pretrained`` with the local cache tried first and one-line errors."""
-    from diffusers import AutoencoderKL
+def _download(repo: str, local_only: bool) -> str:
+    """The hub snapshot folder holding repo's config.json and weights (the local cache only if local_only)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
 
-    kwargs = {}
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        if os.path.isfile(os.path.join(path, "vae", "config.json")):
-            kwargs["subfolder"] = "vae"  # a full diffusers pipeline folder
+    folder = os.path.dirname(hf_hub_download(repo, CONFIG_NAME, local_files_only=local_only))
+    for name in WEIGHTS_NAMES:
+        try:
+            hf_hub_download(repo, name, local_files_only=local_only)
+            return folder
+        except EntryNotFoundError:
+            continue
+    raise OSError(f"no {' or '.join(WEIGHTS_NAMES)} in {repo}")
+
+
+def _load_autoencoder(path: str, label: str) -> AutoencoderKL:
+    """The AutoencoderKL of a local folder (or its vae/ subfolder) or a hub id, the local cache first; one-line errors."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        if os.path.isfile(os.path.join(path, "vae", CONFIG_NAME)):
+            path = os.path.join(path, "vae")  # a full diffusers pipeline folder
         else:
             raise ValueError(f"--vae {label}: no config.json in this folder (expected a diffusers AutoencoderKL)")
-    return load_local_or_hub(lambda local_only: AutoencoderKL.from_pretrained(path, local_files_only=local_only, **kwargs), path, f"--vae {label}", "a diffusers AutoencoderKL")
+    local = os.path.isdir(path)
+    return load_local_or_hub(lambda local_only: AutoencoderKL.from_pretrained(path if local else _download(path, local_only)), path, f"--vae {label}", "an AutoencoderKL")
 
 
 def build_vae(name: str, device="cpu", dtype: torch.dtype = torch.float32, chunk_size: int = 16) -> VAE:

@@ -1,5 +1,6 @@
-"""run_script: under torchrun a finished rank leaves by os._exit after the exit handlers, so a crash in the
-interpreter's teardown (gloo's C++ threads on a rank whose peers still run) cannot fail a run that wrote everything."""
+"""run_script: a finished script leaves by os._exit after the exit handlers, so the interpreter's teardown (slow, and
+under torchrun a crash in gloo's C++ threads on a rank whose peers still run) cannot delay or fail a run that wrote
+everything."""
 import os
 import subprocess
 import sys
@@ -27,26 +28,30 @@ def main():
         sys.exit(int(sys.argv[2]))
 
 
-run_script(main)
+if sys.argv[3] == "run_script":
+    run_script(main)
+else:  # the control: a plain script, whose teardown runs (and aborts)
+    main()
 """
 
 
-def run(tmp_path, world_size: int, status: str) -> subprocess.CompletedProcess:
+def run(tmp_path, world_size: int, status: str, how: str = "run_script") -> subprocess.CompletedProcess:
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, PYTHONPATH=ROOT, WORLD_SIZE=str(world_size))
-    return subprocess.run([sys.executable, str(script), str(tmp_path / "handlers"), status], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run([sys.executable, str(script), str(tmp_path / "handlers"), status, how], capture_output=True, text=True, env=env, timeout=120)
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
 @pytest.mark.parametrize("status", ["return", "0", "2"])
-def test_torchrun_worker_skips_teardown_after_exit_handlers(tmp_path, status):
-    result = run(tmp_path, world_size=2, status=status)
+def test_script_skips_teardown_after_exit_handlers(tmp_path, status, world_size):
+    result = run(tmp_path, world_size, status)
     assert result.returncode == (0 if status == "return" else int(status)), result.stderr
     assert (tmp_path / "handlers").read_text() == "exit handlers ran"
     assert result.stdout == "output before the exit\n"
 
 
-def test_single_process_keeps_the_normal_exit(tmp_path):
-    """Without torchrun nothing changes: here the teardown runs (and the planted destructor aborts)."""
-    result = run(tmp_path, world_size=1, status="return")
+def test_plain_script_dies_in_the_teardown(tmp_path):
+    """The control: without run_script the teardown runs and the planted destructor aborts."""
+    result = run(tmp_path, world_size=1, status="return", how="plain")
     assert result.returncode == -6 and (tmp_path / "handlers").read_text() == "exit handlers ran"
