@@ -3,13 +3,13 @@
     python bench/sample_wall.py [--variants eager,fast,float8] [--runs 2] [--steps 250] [--tiny]
 
 Writes a random DiT-XL/2 checkpoint (model.safetensors, fp32) and a random VAE folder with sd-vae-ft-ema's
-architecture (opendit.encoders.autoencoder_kl, in diffusers' format), then runs sample.py on them as a user would (8 of DiT's
-classes, cfg 4, 250 DDPM steps) in a fresh interpreter, --runs times per variant, each variant with its own empty
-inductor cache (run 1 compiles cold, later runs hit the cache). A run's parts are timed inside it by wrapping sample.py's
-calls: interpreter start, imports (torch and sample.py's), creating the CUDA context (which the VAE's .to(device)
-would do first), checkpoint read, VAE build + weights, model build (the
-weights loaded, --compile's wrapping), the denoising call (its first call: compile + capture + the loop), VAE decode,
-writing the PNGs, and the exit. "outside" is the wall clock less the denoising call; the loop alone is bench/sample.py's.
+architecture (in diffusers' format), then runs sample.py on them as a user would (8 of DiT's classes, cfg 4, 250 DDPM
+steps) in a fresh interpreter, --runs times per variant, each variant with its own empty inductor cache (run 1
+compiles cold, later runs hit the cache). A run's parts are timed inside it by wrapping sample.py's calls: interpreter
+start, imports (torch and sample.py's), creating the CUDA context (which the VAE's .to(device) would do first),
+checkpoint read, VAE build + weights, model build (the weights loaded, --compile's wrapping), the denoising call (its
+first call: compile + capture + the loop), VAE decode, writing the PNGs, and the exit (after run_script's os._exit,
+as sample.py ends). "outside" is the wall clock less the denoising call; the loop alone is bench/sample.py's.
 --tiny: DiT-S/2 at 64 with a tiny VAE on the CPU, 5 steps (a smoke check of the script).
 """
 import argparse
@@ -72,6 +72,7 @@ def child(report: str, launched: float, argv: list) -> None:
     sample.denoise = timed("denoise", sample.denoise, sync=True)
     media.save_image = timed("write files", media.save_image)
     media.save_image_grid = timed("write files", media.save_image_grid)
+
     def main():
         sample.main(argv)
         with open(report, "w") as f:

@@ -233,9 +233,14 @@ class AutoencoderKL(nn.Module):
         state_dict = read_weights(folder)
         with torch.device("meta"):
             model = cls(config)
-        missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
         if missing or unexpected:
             raise ValueError(f"weights do not fit config.json ({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})")
+        for k, shape in expected.items():
+            if tuple(state_dict[k].shape) != shape:
+                raise ValueError(f"weights do not fit config.json ({k}: {tuple(state_dict[k].shape)} in the file, {shape} by the config)")
+        model.load_state_dict(state_dict, assign=True)
         return model
 
     def save_pretrained(self, folder: str) -> None:
