@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .hub import one_line
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}  # diffusers < 0.14 files
@@ -266,7 +268,7 @@ def read_weights(folder: str) -> dict:
         else:
             state_dict = torch.load(paths[0], map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: safetensors raises its own error type
-        raise ValueError(f"{paths[0]}: unreadable ({(str(e).strip().splitlines() or [type(e).__name__])[0][:120]})") from None
+        raise ValueError(f"{paths[0]}: unreadable ({one_line(e)})") from None
     renamed = {}
     for key, value in state_dict.items():
         *path, name, kind = key.split(".")
