@@ -1,6 +1,9 @@
 """GPU benchmark of the fused Triton kernels vs eager PyTorch and torch.compile, as markdown tables.
 
-    python bench/kernels.py [--shapes 256x256x1152,32x256x1152] [--dtype bf16] [--ops adaln,gate]
+    python bench/kernels.py [--shapes 256x256x1152,32x256x1152] [--dtype bf16] [--ops adaln,gate,gelu]
+
+gelu is fc1's bias + tanh GELU (training), C being the MLP's hidden width (3072 for DiT-B, 4608 for DiT-XL); its
+section also times the backward at several programs per SM (the rows each program sums the bias gradient over).
 
 GPU time: the kernels' device time summed by torch.profiler, per call, cycling over enough input sets that they do
 not fit in L2 (no launch gaps, no cache reuse). fwd+bwd is `torch.autograd.grad(f(*inputs), inputs, dout)`.
@@ -30,7 +33,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated BxNxC")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--ops", default="adaln,gate", help="comma-separated subset of adaln,gate")
+    p.add_argument("--ops", default="adaln,gate", help="comma-separated subset of adaln,gate,gelu")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     return p.parse_args()
 
@@ -93,6 +96,34 @@ def gate_bytes(B, N, C, s):
     return fwd, 2 * fwd
 
 
+def gelu_case(B, N, C, dtype):
+    """fc1's output without its bias (B, N, C) and the bias (C,) in fp32, as the model holds it -> (names, inputs)."""
+    h = torch.randn(B, N, C, device="cuda", dtype=dtype, requires_grad=True)
+    return ("h", "bias"), (h, torch.randn(C, device="cuda", requires_grad=True))
+
+
+def gelu_bytes(B, N, C, s):
+    """(fwd, fwd+bwd) bytes: fwd reads h, writes out; bwd reads dout, h, writes dh (the bias is negligible)."""
+    return 2 * s * B * N * C, 5 * s * B * N * C
+
+
+def gelu_sweep(shapes, dtype) -> None:
+    """The backward alone at several programs per SM (its default: GELU_BWD_PROGRAMS_PER_SM)."""
+    from opendit.kernels import _triton_ops as ops
+
+    print("| B x N x C | programs per SM | rows per program | bwd µs | GB/s |\n|---|---:|---:|---:|---:|")
+    for B, N, C in shapes:
+        rows, s = B * N, torch.empty((), dtype=dtype).element_size()
+        sets = [(torch.randn(rows, C, device="cuda", dtype=dtype), torch.randn(rows, C, device="cuda", dtype=dtype)) for _ in range(3)]
+        bias = torch.randn(C, device="cuda")
+        n_cblocks = ops.triton.cdiv(C, ops._gate_block_c(C))
+        for per_sm in (2, 4, 8, 16, 32):
+            rp = ops.bwd_rows_per_program(n_cblocks, rows, torch.device("cuda", 0), per_sm)
+            t = gpu_time_us([lambda d=d, h=h: ops.bias_gelu_bwd(d, h, bias, rows_per_prog=rp) for d, h in sets])
+            print(f"| {B}x{N}x{C} | {per_sm} | {rp} | {t:.1f} | {3 * s * rows * C / t / 1e3:.0f} |")
+    print(flush=True)
+
+
 def main() -> None:
     args = parse_args()
     if not torch.cuda.is_available():
@@ -100,6 +131,7 @@ def main() -> None:
     import triton
 
     from opendit.kernels import fused_adaln as fa
+    from opendit.kernels import fused_gelu as fg
 
     torch._dynamo.config.cache_size_limit = 64
     warnings.filterwarnings("ignore", message=".*Profiler clears events.*")
@@ -108,6 +140,7 @@ def main() -> None:
     ops = {
         "adaln": ("LayerNorm + modulate", adaln_case, adaln_bytes, fa.fused_layernorm_modulate, fa.layernorm_modulate_ref),
         "gate": ("gate + residual", gate_case, gate_bytes, fa.gate_residual, fa.gate_residual_ref),
+        "gelu": ("bias + GELU", gelu_case, gelu_bytes, fg.bias_gelu, fg.bias_gelu_ref),
     }
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 64 << 20)
@@ -170,6 +203,8 @@ def main() -> None:
         print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
         print("\n".join(rows))
         print("\nCorrectness:\n" + "\n".join(checks) + "\n", flush=True)
+        if op == "gelu":
+            gelu_sweep(shapes, dtype)
 
 
 if __name__ == "__main__":

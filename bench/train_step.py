@@ -11,7 +11,7 @@ the same run. Variants are cumulative where the name says so:
     fp32      all speed-ups off, fp32 with TF32 matmuls (what train.py does with --mixed_precision fp32)
     bf16      bf16 autocast (fp32 master weights)
     flash     bf16 + fused attention (--enable_flashattn: cuDNN/flash SDPA)
-    kernels   bf16 + flash + Triton LayerNorm+modulate and gate+residual (--enable_modulate_kernel)
+    kernels   bf16 + flash + Triton LayerNorm+modulate, gate+residual and bias+GELU (--enable_modulate_kernel)
     compile   bf16 + flash + torch.compile of each block (inductor fuses the norms itself)
     all       bf16 + flash + kernels + compile
     diffusers diffusers' DiTTransformer2DModel of the same size, bf16 autocast (an external peer)
@@ -31,6 +31,9 @@ A "+modifier" changes one thing of the variant before it (several may follow, e.
     +muladd-ema  TrainStep's EMA as the former foreach multiply + add (default: one foreach lerp)
     +no-rpr      torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False (PyTorch's default: True)
     +attn-cudnn, +attn-flash, +attn-efficient  attention through that SDPA backend only
+    +kernels     our Triton kernels (custom ops) inside the compiled blocks, as --enable_modulate_kernel
+    +aggressive  inductor's aggressive_fusion (fuses nodes without shared reads too)
+    +no-gelu     with kernels: leave fc1's bias + GELU to PyTorch / inductor (the kernels' default: our Triton pass)
 
 The "compile s" column is the warm-up's time beyond its steps at the steady rate (compile, autotune, capture);
 a graph that inductor has already compiled in this process or on this machine loads from its cache (less time).
@@ -82,6 +85,8 @@ class Variant:
     ema_lerp: bool = True  # TrainStep's EMA as one foreach lerp (False: the former mul + add)
     reduced_precision_reduction: bool = True  # torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
     coordinate_descent: bool = False  # torch._inductor.config.coordinate_descent_tuning
+    aggressive_fusion: bool = False  # torch._inductor.config.aggressive_fusion
+    fused_gelu: bool = True  # with kernels: fc1's bias + GELU as our Triton kernel too (KernelChoice.fused_gelu)
 
 
 VARIANTS = {
@@ -108,6 +113,9 @@ MODIFIERS = {  # "+name" after a variant: one change to it
     "attn-cudnn": dict(attention="cudnn"),
     "attn-flash": dict(attention="flash"),
     "attn-efficient": dict(attention="efficient"),
+    "kernels": dict(kernels=True),
+    "aggressive": dict(aggressive_fusion=True),
+    "no-gelu": dict(fused_gelu=False),
 }
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
@@ -205,6 +213,7 @@ def build(name: str, args: argparse.Namespace, device: torch.device) -> nn.Modul
                 module.attention_fn = forced_attention(v.attention)
     if v.bf16_residual:
         model.kernels.low_precision_residual = True
+    model.kernels.fused_gelu = v.kernels and v.fused_gelu
     if v.compile == "blocks":
         compile_blocks(model, v.compile_mode)
     elif v.compile == "model":
@@ -256,7 +265,7 @@ def knobs(v: Variant):
     before = matmul.allow_bf16_reduced_precision_reduction
     matmul.allow_bf16_reduced_precision_reduction = v.reduced_precision_reduction
     try:
-        with inductor_config.patch(coordinate_descent_tuning=v.coordinate_descent):
+        with inductor_config.patch(coordinate_descent_tuning=v.coordinate_descent, aggressive_fusion=v.aggressive_fusion):
             yield
     finally:
         matmul.allow_bf16_reduced_precision_reduction = before
@@ -339,9 +348,12 @@ def profile(step, x, y) -> None:
             step(x, y)
         torch.cuda.synchronize()
     events = prof.key_averages()
-    print(events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.self_device_time_total for e in kernels)
+    print("| kernel (top 40 by GPU time) | calls per step | us per call | ms per step | share |\n|---|---:|---:|---:|---:|")
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:40]:
+        us = e.self_device_time_total
+        print(f"| {e.key[:110]} | {e.count / 3:.0f} | {us / e.count:.1f} | {us / 3e3:.2f} | {100 * us / total:.1f}% |")
     shares = {}
     for e in kernels:
         name = e.key.lower()

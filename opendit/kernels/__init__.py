@@ -1,4 +1,4 @@
-"""Fused Triton kernels (adaLN LayerNorm + modulate, gate + residual) with PyTorch fallbacks."""
+"""Fused Triton kernels (adaLN LayerNorm + modulate, gate + residual, bias + GELU) with PyTorch fallbacks."""
 
 from .fused_adaln import (
     FusedAdaLNFunction,
@@ -9,8 +9,12 @@ from .fused_adaln import (
     is_available,
     layernorm_modulate_ref,
 )
+from .fused_gelu import BiasGeluFunction, bias_gelu, bias_gelu_ref
 
 __all__ = [
+    "BiasGeluFunction",
+    "bias_gelu",
+    "bias_gelu_ref",
     "FusedAdaLNFunction",
     "GateResidualFunction",
     "fused_layernorm_modulate",

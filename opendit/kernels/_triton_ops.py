@@ -74,18 +74,18 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _num_programs_target(device: torch.device) -> int:
-    """How many programs a backward launch should have: 2 per SM (measured best on H200; bounds the partials)."""
+def _num_programs_target(device: torch.device, per_sm: int = 2) -> int:
+    """How many programs a backward launch should have: per_sm per SM (2: measured best for the adaLN kernels on H200)."""
     if device.type != "cuda":
         return 4
-    return 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return per_sm * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def bwd_rows_per_program(B: int, N: int, device: torch.device) -> int:
+def bwd_rows_per_program(B: int, N: int, device: torch.device, per_sm: int = 2) -> int:
     """Rows of one sample handled by one backward program (a multiple of _BWD_ROW_ALIGN)."""
     if INTERPRET:
         return 8  # small, so the CPU tests cover several tiles per sample and a loop per tile
-    tiles = max(1, triton.cdiv(_num_programs_target(device), B))
+    tiles = max(1, triton.cdiv(_num_programs_target(device, per_sm), B))
     return triton.cdiv(triton.cdiv(N, tiles), _BWD_ROW_ALIGN) * _BWD_ROW_ALIGN
 
 
@@ -413,3 +413,100 @@ def gelu_quantize(h: torch.Tensor, config: dict | None = None) -> tuple[torch.Te
         config = config or (dict(BLOCK_M=2, num_warps=1) if INTERPRET else GELU_HEURISTIC)
         _gelu_quantize_kernel[grid](h, q, scale, M, K, BLOCK_K=block_k, BLOCK_T=block_t, num_stages=1, **config)
     return q.to(torch.float8_e4m3fn), scale
+
+
+# ----------------------------------------------------------------------------- bias + GELU (training)
+# Rows are the N = tokens x samples of the fc1 output, columns its C hidden features. The backward sums the bias
+# gradient over its rows in the same pass (per-program partials (T, C), summed by torch), where autograd would
+# read the GELU's gradient a second time for it.
+
+
+@triton.jit
+def _gelu_grad(u):
+    """(tanh-GELU(u), its derivative) in fp32. With e = exp(-2z), z = c (u + a u^3) and s = 1 / (1 + e): 1 + tanh z = 2s and
+    1 - tanh^2 z = 4 e s^2 = 4 (1 - s) s (no cancellation, no overflow), so GELU = u s and its derivative
+    s + 2 u (1 - s) s c (1 + 3a u^2). u is clamped to +-20 inside (beyond, s is exactly 0 or 1 in fp32)."""
+    v = tl.minimum(tl.maximum(u, -20.0), 20.0)
+    s = tl.fdiv(1.0, 1.0 + tl.exp(tl.minimum(-1.5957691216057308 * (v + 0.044715 * v * v * v), 80.0)))  # fast division
+    return u * s, s + 2.0 * v * (1.0 - s) * s * 0.7978845608028654 * (1.0 + 0.134145 * v * v)
+
+
+@triton.jit
+def _bias_gelu_fwd_kernel(
+    H, BIAS, OUT,  # h, out: (N, C); bias: (C,)
+    N, C,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    mask = (rows < N)[:, None] & col_ok[None, :]
+    offs = rows[:, None] * C + cols[None, :]
+    u = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32) + tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    out, _ = _gelu_grad(u)
+    tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bias_gelu_bwd_kernel(
+    DOUT, H, BIAS, DH, DBIAS_P,  # dout, h, dh: (N, C); bias: (C,); partials: (T, C) fp32
+    N, C, rows_per_prog,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    bias = tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)
+    acc = tl.full([BLOCK_C], 0.0, tl.float32)
+    row_start = t.to(tl.int64) * rows_per_prog
+    row_end = tl.minimum(row_start + rows_per_prog, N)
+    h_next = _load_rows(H, t, 0, C, row_start + tl.arange(0, BLOCK_M), row_end, cols, col_ok)  # rows are global: N = 0
+    d_next = _load_rows(DOUT, t, 0, C, row_start + tl.arange(0, BLOCK_M), row_end, cols, col_ok)
+    for i in range(0, rows_per_prog, BLOCK_M):
+        rows = row_start + i + tl.arange(0, BLOCK_M)
+        if PREFETCH:  # issue the next tile's loads before this tile's math
+            h, d = h_next, d_next
+            h_next = _load_rows(H, t, 0, C, rows + BLOCK_M, row_end, cols, col_ok)
+            d_next = _load_rows(DOUT, t, 0, C, rows + BLOCK_M, row_end, cols, col_ok)
+        else:
+            h = _load_rows(H, t, 0, C, rows, row_end, cols, col_ok)
+            d = _load_rows(DOUT, t, 0, C, rows, row_end, cols, col_ok)
+        mask = (rows < row_end)[:, None] & col_ok[None, :]
+        _, grad = _gelu_grad(h.to(tl.float32) + bias[None, :])
+        dh = tl.where(mask, d.to(tl.float32) * grad, 0.0)
+        tl.store(DH + rows[:, None] * C + cols[None, :], dh.to(DH.dtype.element_ty), mask=mask)
+        acc += _sum(dh, axis=0)
+    tl.store(DBIAS_P + t.to(tl.int64) * C + cols, acc, mask=col_ok)
+
+
+GELU_BWD_PROGRAMS_PER_SM = 4  # measured best of 2-32 on an H200 at DiT-B and DiT-XL widths (docs/benchmarks.md)
+_bias_gelu_fwd_tuned = _autotuned(_bias_gelu_fwd_kernel, GATE_CANDIDATES)
+_bias_gelu_bwd_tuned = _autotuned(_bias_gelu_bwd_kernel, _candidates([dict(PREFETCH=False), dict(PREFETCH=True)]))
+
+
+def bias_gelu_fwd(h: torch.Tensor, bias: torch.Tensor, config=None) -> torch.Tensor:
+    """h: (N, C) contiguous, bias: (C,) -> tanh-GELU(h + bias) in h.dtype."""
+    N, C = h.shape
+    out = torch.empty_like(h)
+    if N == 0:
+        return out
+    block_c = _gate_block_c(C)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(C, block_c))  # noqa: E731
+    _launch(_bias_gelu_fwd_kernel, _bias_gelu_fwd_tuned, grid, (h, bias, out, N, C), block_c, config, _heuristic(block_c, 2048, 16))
+    return out
+
+
+def bias_gelu_bwd(dout: torch.Tensor, h: torch.Tensor, bias: torch.Tensor, config=None, rows_per_prog=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """dout, h: (N, C) contiguous -> dh (N, C) in h.dtype (the gradient of h + bias), dbias (C,) fp32."""
+    N, C = h.shape
+    dh = torch.empty_like(h)
+    if N == 0:
+        return dh, torch.zeros(C, device=h.device, dtype=torch.float32)
+    block_c = _gate_block_c(C)
+    n_cblocks = triton.cdiv(C, block_c)
+    rows_per_prog = rows_per_prog or bwd_rows_per_program(n_cblocks, N, h.device, GELU_BWD_PROGRAMS_PER_SM)
+    T = triton.cdiv(N, rows_per_prog)
+    dbias_p = torch.empty(T, C, device=h.device, dtype=torch.float32)
+    args = (dout, h, bias, dh, dbias_p, N, C, rows_per_prog)
+    _launch(_bias_gelu_bwd_kernel, _bias_gelu_bwd_tuned, (T, n_cblocks), args, block_c, config, _heuristic(block_c, 2048, 16, PREFETCH=True))
+    return dh, dbias_p.sum(0)

@@ -4,6 +4,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from opendit.models.attention import Attention
 
@@ -38,6 +39,7 @@ class KernelChoice:
     fused_adaln: bool = False  # LayerNorm + modulate and gate + residual as Triton kernels (--enable_modulate_kernel)
     low_precision_residual: bool = False  # under autocast, carry the residual stream in the autocast dtype (bf16), not fp32
     gelu_epilogue: bool = False  # CUDA, no autograd (sampling): fc1 + bias + tanh GELU as one cuBLASLt GEMM epilogue
+    fused_gelu: bool = False  # with autograd (training): fc1's bias + tanh GELU as one Triton kernel, forward and backward
 
 
 def linear_gelu(fc: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -60,6 +62,10 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernels.gelu_epilogue and x.is_cuda and not torch.is_grad_enabled() and isinstance(self.fc1, nn.Linear):  # not a Float8Linear
             return self.fc2(linear_gelu(self.fc1, x))
+        if self.kernels.fused_gelu and torch.is_grad_enabled() and isinstance(self.fc1, nn.Linear):
+            from opendit.kernels import bias_gelu
+
+            return self.fc2(bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias))
         return self.fc2(self.act(self.fc1(x)))
 
 

@@ -22,10 +22,12 @@ BLOCKS_PER_UNIT = 7
 
 
 def enable_fused_adaln(model: nn.Module) -> None:
-    """Run every block's (and the final layer's) LayerNorm + modulate, and gate + residual, as Triton kernels."""
+    """Run every block's (and the final layer's) LayerNorm + modulate, gate + residual and (in training) fc1's bias +
+    GELU as Triton kernels."""
     import opendit.kernels  # noqa: F401  (triton loads here, not inside a traced forward)
 
     model.kernels.fused_adaln = True
+    model.kernels.fused_gelu = True
 
 
 def enable_fast_attention(model: nn.Module) -> None:
