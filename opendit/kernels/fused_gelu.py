@@ -8,9 +8,11 @@ Without triton, off CUDA (unless TRITON_INTERPRET=1 at import) or for fp64 the P
 import torch
 import torch.nn.functional as F
 
-from .fused_adaln import _op, _ops, is_available
+from .fused_adaln import _launcher, _op, _ops, is_available
 
 if _ops is not None:
+    from .fused_adaln import _COMPILED  # the custom ops' registry that _launcher reads
+
     Tensor = torch.Tensor
 
     def _bias_gelu_fwd(h: Tensor, bias: Tensor) -> Tensor:
@@ -19,15 +21,10 @@ if _ops is not None:
     def _bias_gelu_bwd(dout: Tensor, h: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
         return _ops.bias_gelu_bwd(dout, h, bias)
 
-    _COMPILED = {
+    _COMPILED.update({
         "bias_gelu_fwd": _op("bias_gelu_fwd", _bias_gelu_fwd, lambda h, bias: torch.empty_like(h)),
         "bias_gelu_bwd": _op("bias_gelu_bwd", _bias_gelu_bwd, lambda dout, h, bias: (torch.empty_like(h), bias.new_empty(bias.shape, dtype=torch.float32))),
-    }
-
-
-def _launcher(name: str):
-    """The launcher `name` of `_ops`: a plain Python call in eager mode, its custom op while torch.compile traces."""
-    return _COMPILED[name] if torch.compiler.is_compiling() else getattr(_ops, name)
+    })
 
 
 def bias_gelu_ref(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
