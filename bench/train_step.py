@@ -337,7 +337,8 @@ KERNEL_KINDS = [  # profiler kernel names -> what they do (first match wins)
     ("attention", ("fmha", "cudnn", "flash", "attention")),
     ("optimizer / EMA / clip", ("multi_tensor", "fused_adam", "foreach", "lerp")),
     ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "sm90")),
-    ("Triton (ours or inductor)", ("triton",)),
+    ("Triton (ours: adaLN, gate + residual, bias + GELU)", ("_adaln_", "_gate_res_", "_bias_gelu_")),
+    ("Triton (inductor)", ("triton",)),
 ]
 
 
