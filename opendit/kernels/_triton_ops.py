@@ -481,7 +481,8 @@ def _bias_gelu_bwd_kernel(
 
 GELU_BWD_PROGRAMS_PER_SM = 4  # measured best of 2-32 on an H200 at DiT-B and DiT-XL widths (docs/benchmarks.md)
 _bias_gelu_fwd_tuned = _autotuned(_bias_gelu_fwd_kernel, GATE_CANDIDATES)
-_bias_gelu_bwd_tuned = _autotuned(_bias_gelu_bwd_kernel, _candidates([dict(PREFETCH=False), dict(PREFETCH=True)]))
+GELU_BWD_CANDIDATES = _candidates([dict(PREFETCH=False), dict(PREFETCH=True)])
+_bias_gelu_bwd_tuned = _autotuned(_bias_gelu_bwd_kernel, GELU_BWD_CANDIDATES)
 
 
 def bias_gelu_fwd(h: torch.Tensor, bias: torch.Tensor, config=None) -> torch.Tensor:
