@@ -34,6 +34,8 @@ A "+modifier" changes one thing of the variant before it (several may follow, e.
     +kernels     our Triton kernels (custom ops) inside the compiled blocks, as --enable_modulate_kernel
     +aggressive  inductor's aggressive_fusion (fuses nodes without shared reads too)
     +no-gelu     with kernels: leave fc1's bias + GELU to PyTorch / inductor (the kernels' default: our Triton pass)
+    +separate-norm  with kernels: the attention's gate + residual and the MLP's LayerNorm + modulate as two kernels
+                 (the default: one, `gate_residual_layernorm_modulate`)
 
 The "compile s" column is the warm-up's time beyond its steps at the steady rate (compile, autotune, capture);
 a graph that inductor has already compiled in this process or on this machine loads from its cache (less time).
@@ -87,6 +89,7 @@ class Variant:
     coordinate_descent: bool = False  # torch._inductor.config.coordinate_descent_tuning
     aggressive_fusion: bool = False  # torch._inductor.config.aggressive_fusion
     fused_gelu: bool = True  # with kernels: fc1's bias + GELU as our Triton kernel too (KernelChoice.fused_gelu)
+    fused_residual_norm: bool = True  # with kernels: the attention's gate + residual and the MLP's adaLN as one kernel
 
 
 VARIANTS = {
@@ -116,6 +119,7 @@ MODIFIERS = {  # "+name" after a variant: one change to it
     "kernels": dict(kernels=True),
     "aggressive": dict(aggressive_fusion=True),
     "no-gelu": dict(fused_gelu=False),
+    "separate-norm": dict(fused_residual_norm=False),
 }
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
@@ -265,7 +269,8 @@ def knobs(v: Variant):
     before = matmul.allow_bf16_reduced_precision_reduction
     matmul.allow_bf16_reduced_precision_reduction = v.reduced_precision_reduction
     try:
-        with inductor_config.patch(coordinate_descent_tuning=v.coordinate_descent, aggressive_fusion=v.aggressive_fusion):
+        with inductor_config.patch(coordinate_descent_tuning=v.coordinate_descent, aggressive_fusion=v.aggressive_fusion), \
+                separate_norm(not v.fused_residual_norm):
             yield
     finally:
         matmul.allow_bf16_reduced_precision_reduction = before
@@ -331,6 +336,24 @@ def attention_bench(args: argparse.Namespace, batch: int, device: torch.device) 
             continue
         print(f"| {name} | {times[0]:.3f} | {times[1]:.3f} | {3.5 * flops / times[1] / 1e9:.0f} | {depth * times[1]:.1f} |", flush=True)
     print()
+
+
+@contextlib.contextmanager
+def separate_norm(on: bool):
+    """DiT blocks' gate + residual and the next LayerNorm + modulate as two functions (two kernels) while on."""
+    import opendit.models.blocks as blocks
+
+    fused = blocks.add_gated_norm_modulate
+
+    def separate(norm, x, gate, y, shift, scale, fused_kernels):
+        x = blocks.add_gated(x, gate, y, fused_kernels)
+        return x, blocks.norm_modulate(norm, x, shift, scale, fused_kernels)
+
+    blocks.add_gated_norm_modulate = separate if on else fused
+    try:
+        yield
+    finally:
+        blocks.add_gated_norm_modulate = fused
 
 
 KERNEL_KINDS = [  # profiler kernel names -> what they do (first match wins)

@@ -2,9 +2,11 @@
 
 from .fused_adaln import (
     FusedAdaLNFunction,
+    GateResidualAdaLNFunction,
     GateResidualFunction,
     fused_layernorm_modulate,
     gate_residual,
+    gate_residual_layernorm_modulate,
     gate_residual_ref,
     is_available,
     layernorm_modulate_ref,
@@ -16,9 +18,11 @@ __all__ = [
     "bias_gelu",
     "bias_gelu_ref",
     "FusedAdaLNFunction",
+    "GateResidualAdaLNFunction",
     "GateResidualFunction",
     "fused_layernorm_modulate",
     "gate_residual",
+    "gate_residual_layernorm_modulate",
     "gate_residual_ref",
     "is_available",
     "layernorm_modulate_ref",

@@ -328,6 +328,130 @@ def gate_res_bwd(dout, gate, y, config=None):
     return dy, dgate_p.sum(1)
 
 
+# ----------------------------------------------------------------------------- gate + residual, then adaLN
+# Inside a DiT block the attention branch's residual update feeds the MLP's LayerNorm: x1 = x + gate * y and
+# h = LN(x1) * (1 + scale) + shift in one pass (x1 rounded to its dtype first, as the two kernels would). Its backward
+# adds x1's own gradient (from the next residual update) to the LayerNorm's, where autograd would add them in a
+# separate pass, and writes dx and dy from the sum.
+
+
+@triton.jit
+def _gate_res_adaln_fwd_kernel(
+    X, GATE, Y, OUT, H, SHIFT, SCALE, MEAN, RSTD,  # x, y, out, h: (B*N, C); modulation rows; mean, rstd: (B*N,)
+    N, C, gate_stride, shift_stride, scale_stride, eps,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    b = tl.program_id(1)
+    rows_n = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    row_ok = rows_n < N
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows = b.to(tl.int64) * N + rows_n
+    offs = rows[:, None] * C + cols[None, :]
+    gate = tl.load(GATE + b * gate_stride + cols, mask=col_ok, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + b * scale_stride + cols, mask=col_ok, other=0.0).to(tl.float32)
+    shift = tl.load(SHIFT + b * shift_stride + cols, mask=col_ok, other=0.0).to(tl.float32)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+    x1 = (x + gate[None, :] * y).to(OUT.dtype.element_ty)
+    tl.store(OUT + offs, x1, mask=mask)
+    x1 = x1.to(tl.float32)
+    x0 = _sum(tl.where(cols[None, :] == 0, x1, 0.0), axis=1)  # (BLOCK_M,) each row's first element
+    d = tl.where(mask, x1 - x0[:, None], 0.0)  # mean of (x1 - x1[:, 0]), then add back x1[:, 0], as _adaln_fwd_kernel
+    mean_d = _sum(d, axis=1) / C
+    xc = tl.where(mask, d - mean_d[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(_sum(xc * xc, axis=1) / C + eps)
+    h = xc * rstd[:, None] * (1.0 + scale[None, :]) + shift[None, :]
+    tl.store(H + offs, h.to(H.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, x0 + mean_d, mask=row_ok)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _gate_res_adaln_bwd_kernel(
+    DOUT, DH, OUT, Y, GATE, SCALE, MEAN, RSTD, DX, DY, DSCALE_P, DSHIFT_P, DGATE_P,  # partials: (B, T, C) fp32
+    N, C, gate_stride, scale_stride, rows_per_prog, T,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    t = tl.program_id(0)
+    b = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    gamma = 1.0 + tl.load(SCALE + b * scale_stride + cols, mask=col_ok, other=0.0).to(tl.float32)
+    gate = tl.load(GATE + b * gate_stride + cols, mask=col_ok, other=0.0).to(tl.float32)
+    acc_dscale = tl.full([BLOCK_C], 0.0, tl.float32)
+    acc_dshift = tl.full([BLOCK_C], 0.0, tl.float32)
+    acc_dgate = tl.full([BLOCK_C], 0.0, tl.float32)
+    row_start = t * rows_per_prog
+    row_end = tl.minimum(row_start + rows_per_prog, N)
+    for i in range(0, rows_per_prog, BLOCK_M):
+        rows_n = row_start + i + tl.arange(0, BLOCK_M)
+        row_ok = rows_n < row_end
+        mask = row_ok[:, None] & col_ok[None, :]
+        rows = b.to(tl.int64) * N + rows_n
+        offs = rows[:, None] * C + cols[None, :]
+        dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+        x1 = tl.load(OUT + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        xhat = tl.where(mask, (x1 - mean[:, None]) * rstd[:, None], 0.0)
+        g = dh * gamma[None, :]
+        mean_g = _sum(g, axis=1) / C
+        mean_gx = _sum(g * xhat, axis=1) / C
+        dx1 = (g - mean_g[:, None] - xhat * mean_gx[:, None]) * rstd[:, None] + tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
+        dx1 = tl.where(mask, dx1, 0.0)
+        y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + offs, dx1.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DY + offs, (dx1 * gate[None, :]).to(DY.dtype.element_ty), mask=mask)
+        acc_dscale += _sum(dh * xhat, axis=0)
+        acc_dshift += _sum(dh, axis=0)
+        acc_dgate += _sum(dx1 * y, axis=0)
+    p_offs = (b.to(tl.int64) * T + t) * C + cols
+    tl.store(DSCALE_P + p_offs, acc_dscale, mask=col_ok)
+    tl.store(DSHIFT_P + p_offs, acc_dshift, mask=col_ok)
+    tl.store(DGATE_P + p_offs, acc_dgate, mask=col_ok)
+
+
+_gate_res_adaln_fwd_tuned = _autotuned(_gate_res_adaln_fwd_kernel, GATE_CANDIDATES)
+_gate_res_adaln_bwd_tuned = _autotuned(_gate_res_adaln_bwd_kernel, GATE_CANDIDATES)
+
+
+def gate_res_adaln_fwd(x, gate, y, shift, scale, eps: float, out_dtype: torch.dtype, config=None):
+    """x, y: (B, N, C) contiguous; gate, shift, scale: (B, C) unit column stride -> out = x + gate[:, None] * y in
+    out_dtype, h = LN(out) * (1 + scale) + shift in out_dtype, mean and rstd of out (B*N,) fp32."""
+    B, N, C = x.shape
+    out = torch.empty(x.shape, device=x.device, dtype=out_dtype)
+    h = torch.empty_like(out)
+    mean = torch.empty(B * N, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    if B * N == 0:
+        return out, h, mean, rstd
+    bc = triton.next_power_of_2(C)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B)  # noqa: E731
+    args = (x, gate, y, out, h, shift, scale, mean, rstd, N, C, gate.stride(0), shift.stride(0), scale.stride(0), eps)
+    _launch(_gate_res_adaln_fwd_kernel, _gate_res_adaln_fwd_tuned, grid, args, bc, config, _heuristic(bc, 4096, 32))
+    return out, h, mean, rstd
+
+
+def gate_res_adaln_bwd(dout, dh, out, y, gate, scale, mean, rstd, x_dtype: torch.dtype, config=None, rows_per_prog=None):
+    """dout, dh, out, y: (B, N, C) contiguous -> dx (in x_dtype), dy (in y.dtype), and dgate, dscale, dshift (B, C) fp32."""
+    B, N, C = out.shape
+    dx = torch.empty(out.shape, device=out.device, dtype=x_dtype)
+    dy = torch.empty_like(y)
+    if B * N == 0:
+        z = torch.zeros(B, C, device=out.device, dtype=torch.float32)
+        return dx, dy, z, z.clone(), z.clone()
+    rows_per_prog = rows_per_prog or bwd_rows_per_program(B, N, out.device)
+    T = triton.cdiv(N, rows_per_prog)
+    partials = torch.empty(3, B, T, C, device=out.device, dtype=torch.float32)
+    args = (dout, dh, out, y, gate, scale, mean, rstd, dx, dy, partials[0], partials[1], partials[2], N, C, gate.stride(0), scale.stride(0), rows_per_prog, T)
+    bc = triton.next_power_of_2(C)
+    _launch(_gate_res_adaln_bwd_kernel, _gate_res_adaln_bwd_tuned, (T, B), args, bc, config, _heuristic(bc, 8192, 64))
+    dscale, dshift, dgate = (p.sum(1) for p in partials)  # three tensors (a custom op's outputs may not alias)
+    return dx, dy, dgate, dscale, dshift
+
+
 # ----------------------------------------------------------------------------- GELU + float8 row quantization
 
 GELU_CONFIGS = [dict(BLOCK_M=m, num_warps=w) for m in (1, 2) for w in (4, 8)]  # autotuned per (M, K)

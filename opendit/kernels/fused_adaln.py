@@ -74,7 +74,25 @@ if _ops is not None:
     def _gate_res_bwd_fake(dout, gate, y):
         return torch.empty_like(y), y.new_empty(y.shape[0], y.shape[2], dtype=torch.float32)
 
+    def _gate_res_adaln_fwd(x: Tensor, gate: Tensor, y: Tensor, shift: Tensor, scale: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return _ops.gate_res_adaln_fwd(x, gate, y, shift, scale, eps, out_dtype)
+
+    def _gate_res_adaln_fwd_fake(x, gate, y, shift, scale, eps, out_dtype):
+        out = x.new_empty(x.shape, dtype=out_dtype)
+        stats = x.new_empty(x.shape[0] * x.shape[1], dtype=torch.float32)
+        return out, torch.empty_like(out), stats, torch.empty_like(stats)
+
+    def _gate_res_adaln_bwd(dout: Tensor, dh: Tensor, out: Tensor, y: Tensor, gate: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor,
+                            x_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return _ops.gate_res_adaln_bwd(dout, dh, out, y, gate, scale, mean, rstd, x_dtype)
+
+    def _gate_res_adaln_bwd_fake(dout, dh, out, y, gate, scale, mean, rstd, x_dtype):
+        rows = out.new_empty(out.shape[0], out.shape[2], dtype=torch.float32)
+        return out.new_empty(out.shape, dtype=x_dtype), torch.empty_like(y), rows, torch.empty_like(rows), torch.empty_like(rows)
+
     _COMPILED = {
+        "gate_res_adaln_fwd": _op("gate_res_adaln_fwd", _gate_res_adaln_fwd, _gate_res_adaln_fwd_fake),
+        "gate_res_adaln_bwd": _op("gate_res_adaln_bwd", _gate_res_adaln_bwd, _gate_res_adaln_bwd_fake),
         "adaln_fwd": _op("adaln_fwd", _adaln_fwd, _adaln_fwd_fake),
         "adaln_bwd": _op("adaln_bwd", _adaln_bwd, _adaln_bwd_fake),
         "gate_res_fwd": _op("gate_res_fwd", _gate_res_fwd, _gate_res_fwd_fake),
@@ -183,3 +201,39 @@ def gate_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch
     if not is_available(x) or x.shape != y.shape or x.shape[0] > _MAX_B or torch.float64 in dtypes:
         return gate_residual_ref(x, gate, y)
     return GateResidualFunction.apply(x, gate, y)
+
+
+class GateResidualAdaLNFunction(torch.autograd.Function):
+    """Autograd wrapper of the Triton kernels of out = x + gate[:, None] * y, h = LN(out) * (1 + scale) + shift."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6):
+        x3, y3 = _as_bnc(x), _as_bnc(y)  # (B, N, C)
+        B, _, C = x3.shape
+        gate2, shift2, scale2 = _rows(gate, B, C, "gate"), _rows(shift, B, C, "shift"), _rows(scale, B, C, "scale")  # (B, C)
+        out_dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), gate.dtype)
+        out, h, mean, rstd = _launcher("gate_res_adaln_fwd")(x3, gate2, y3, shift2, scale2, eps, out_dtype)
+        ctx.save_for_backward(out, y3, gate2, scale2, mean, rstd)
+        ctx.meta = (x.shape, x.dtype, [(t.shape, t.dtype) for t in (gate, shift, scale)])
+        return out.view(x.shape), h.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor, dh: torch.Tensor):
+        out, y3, gate2, scale2, mean, rstd = ctx.saved_tensors
+        x_shape, x_dtype, (gate_meta, shift_meta, scale_meta) = ctx.meta
+        dout3, dh3 = (g.reshape(out.shape).to(out.dtype).contiguous() for g in (dout, dh))  # zeros where unused (materialized)
+        dx, dy, dgate, dscale, dshift = _launcher("gate_res_adaln_bwd")(dout3, dh3, out, y3, gate2, scale2, mean, rstd, x_dtype)
+        as_input = lambda g, meta: g.to(meta[1]).view(meta[0])  # noqa: E731
+        return dx.view(x_shape), as_input(dgate, gate_meta), dy.view(x_shape), as_input(dshift, shift_meta), as_input(dscale, scale_meta), None
+
+
+def gate_residual_layernorm_modulate(
+    x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, h): out = x + gate[:, None] * y and h = LN(out) * (1 + scale) + shift, for x, y (B, ..., C) and (B, C)
+    modulation, in one pass forward and one backward; the two separate functions where the kernels cannot run."""
+    dtypes = (x.dtype, y.dtype, gate.dtype)
+    if not is_available(x) or x.shape != y.shape or x.shape[-1] > _ops.MAX_BLOCK_C or x.shape[0] > _MAX_B or torch.float64 in dtypes:
+        out = gate_residual(x, gate, y)
+        return out, fused_layernorm_modulate(out, shift, scale, eps)
+    return GateResidualAdaLNFunction.apply(x, gate, y, shift, scale, eps)

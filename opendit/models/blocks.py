@@ -42,6 +42,17 @@ class KernelChoice:
     fused_gelu: bool = False  # with autograd (training): fc1's bias + tanh GELU as one Triton kernel, forward and backward
 
 
+def add_gated_norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
+                            scale: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + gate * y, modulate(norm(x + gate * y), shift, scale)); fused=True runs both as one Triton kernel."""
+    if fused:
+        from opendit.kernels import gate_residual_layernorm_modulate
+
+        return gate_residual_layernorm_modulate(x, gate, y, shift, scale, eps=norm.eps)
+    x = add_gated(x, gate, y, fused)
+    return x, norm_modulate(norm, x, shift, scale, fused)
+
+
 def linear_gelu(fc: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """gelu_tanh(x W^T + b) with the GELU in the GEMM's epilogue (cuBLASLt; CUDA, forward only), in the autocast dtype."""
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else fc.weight.dtype
@@ -86,8 +97,9 @@ class DiTBlock(nn.Module):
         mod = self.adaLN_modulation(c) if mod is None else mod
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
         fused = self.kernels.fused_adaln
-        x = add_gated(x, gate_msa, self.attn(norm_modulate(self.norm1, x, shift_msa, scale_msa, fused)), fused)
-        x = add_gated(x, gate_mlp, self.mlp(norm_modulate(self.norm2, x, shift_mlp, scale_mlp, fused)), fused)
+        y = self.attn(norm_modulate(self.norm1, x, shift_msa, scale_msa, fused))
+        x, h = add_gated_norm_modulate(self.norm2, x, gate_msa, y, shift_mlp, scale_mlp, fused)  # x += gate * y; h = adaLN(x)
+        x = add_gated(x, gate_mlp, self.mlp(h), fused)
         return x  # (N, T, D)
 
 

@@ -202,6 +202,71 @@ def test_gate_residual_mixed_dtypes():
         assert_close(g, r, t.dtype, name)
 
 
+# ----------------------------------------------------------------------------- gate + residual, then adaLN
+
+
+def gate_adaln_both(x, gate, y, shift, scale):
+    """(out, h, dx, dgate, dy, dshift, dscale) of the fused op and of the float64 references, same random gradients."""
+    ins, ins64 = leaves(x, gate, y, shift, scale), leaves(*(t.double() for t in (x, gate, y, shift, scale)))
+    out, h = fa.GateResidualAdaLNFunction.apply(*ins, 1e-6)
+    dout, dh = torch.randn_like(out), torch.randn_like(h)
+    torch.autograd.backward([out, h], [dout, dh])
+    x64, g64, y64, sh64, sc64 = ins64
+    out64 = fa.gate_residual_ref(x64, g64, y64)
+    h64 = fa.layernorm_modulate_ref(out64, sh64, sc64)
+    torch.autograd.backward([out64, h64], [dout.double(), dh.double()])
+    return (out, h, *(t.grad for t in ins)), (out64, h64, *(t.grad for t in ins64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 13, 100), (2, 3, 1152)])
+def test_gate_residual_adaln(shape, dtype):
+    """x + gate * y and LN(.) * (1 + scale) + shift in one op: both outputs and all five gradients (adaLN chunks)."""
+    B, N, C = shape
+    x, y = torch.randn(B, N, C, device=DEVICE).to(dtype), torch.randn(B, N, C, device=DEVICE).to(dtype)
+    _, _, gate, shift, scale, _ = torch.randn(B, 6 * C, device=DEVICE).to(dtype).chunk(6, dim=1)  # non-contiguous rows
+    got, ref = gate_adaln_both(x, gate, y, shift, scale)
+    for name, g, r, t in zip(("out", "h", "dx", "dgate", "dy", "dshift", "dscale"), got, ref, (x, x, x, gate, y, shift, scale)):
+        assert g.dtype == t.dtype, name
+        assert_close(g, r, dtype, name)
+
+
+def test_gate_residual_adaln_mixed_dtypes_and_fallback():
+    """fp32 residual stream with a bf16 branch: fp32 out and h, each gradient in its input's dtype; and fp64 (the
+    PyTorch fallback) gives what the two separate functions give."""
+    B, N, C = 2, 5, 72
+    x = torch.randn(B, N, C, device=DEVICE)
+    y, gate, shift, scale = (torch.randn(*s, device=DEVICE).to(torch.bfloat16) for s in ((B, N, C), (B, C), (B, C), (B, C)))
+    got, ref = gate_adaln_both(x, gate, y, shift, scale)
+    assert got[0].dtype == got[1].dtype == torch.float32
+    for name, g, r, t in zip(("out", "h", "dx", "dgate", "dy", "dshift", "dscale"), got, ref, (x, x, x, gate, y, shift, scale)):
+        assert g.dtype == t.dtype, name
+        assert_close(g, r, t.dtype, name)
+    x64, gate64, y64, shift64, scale64 = (t.double() for t in (x, gate, y, shift, scale))
+    out, h = fa.gate_residual_layernorm_modulate(x64, gate64, y64, shift64, scale64)
+    torch.testing.assert_close(out, fa.gate_residual_ref(x64, gate64, y64))
+    torch.testing.assert_close(h, fa.layernorm_modulate_ref(out, shift64, scale64))
+
+
+def test_gate_residual_adaln_launchers():
+    """Explicit configs: several row tiles per program and per sample, masked tails (fp32 against float64)."""
+    ops = fa._ops
+    B, N, C = 2, 13, 72
+    x, y, dout, dh = (torch.randn(B, N, C, device=DEVICE) for _ in range(4))
+    gate, shift, scale = (torch.randn(B, C, device=DEVICE) for _ in range(3))
+    ins64 = leaves(*(t.double() for t in (x, gate, y, shift, scale)))
+    out64 = fa.gate_residual_ref(*ins64[:3])
+    h64 = fa.layernorm_modulate_ref(out64, *ins64[3:])
+    torch.autograd.backward([out64, h64], [dout.double(), dh.double()])
+    for cfg in (dict(BLOCK_M=2, num_warps=1), dict(BLOCK_M=4, num_warps=1)):
+        out, h, mean, rstd = ops.gate_res_adaln_fwd(x, gate, y, shift, scale, 1e-6, torch.float32, config=cfg)
+        assert_close(out, out64, torch.float32, f"out {cfg}")
+        assert_close(h, h64, torch.float32, f"h {cfg}")
+        grads = ops.gate_res_adaln_bwd(dout, dh, out, y, gate, scale, mean, rstd, torch.float32, config=cfg, rows_per_prog=6)
+        for name, g, t in zip(("dx", "dy", "dgate", "dscale", "dshift"), grads, [ins64[i] for i in (0, 2, 1, 4, 3)]):
+            assert_close(g, t.grad, torch.float32, f"{name} {cfg}")
+
+
 # ----------------------------------------------------------------------------- GPU only
 
 
@@ -282,3 +347,31 @@ def test_every_config_gpu(C):
     gate = [c for c in ops.GATE_CANDIDATES if ok(c, ops._gate_block_c(C))]
     assert len(fwd) >= 4 and len(bwd) >= 2 and len(gate) >= 2
     check_configs(3, 37, C, fwd, bwd, gate)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("C", [768, 1152])
+def test_gate_residual_adaln_gpu(C):
+    """DiT-B/XL widths in bf16 (autotuned) against float64, then every pruned autotune candidate in fp32."""
+    B, N = 32, 256
+    x, y = torch.randn(B, N, C, device="cuda").bfloat16(), torch.randn(B, N, C, device="cuda").bfloat16()
+    gate, shift, scale = (torch.randn(B, C, device="cuda").bfloat16() for _ in range(3))
+    got, ref = gate_adaln_both(x, gate, y, shift, scale)
+    for name, g, r in zip(("out", "h", "dx", "dgate", "dy", "dshift", "dscale"), got, ref):
+        assert_close(g, r, torch.bfloat16, name)
+    ops = fa._ops
+    configs = [c for c in ops.GATE_CANDIDATES if ops._tile_ok(c["BLOCK_M"], ops.triton.next_power_of_2(C), c["num_warps"])]
+    assert len(configs) >= 2
+    x, y, dout, dh = (torch.randn(3, 37, C, device="cuda") for _ in range(4))
+    gate, shift, scale = (torch.randn(3, C, device="cuda") for _ in range(3))
+    ins64 = leaves(*(t.double() for t in (x, gate, y, shift, scale)))
+    out64 = fa.gate_residual_ref(*ins64[:3])
+    h64 = fa.layernorm_modulate_ref(out64, *ins64[3:])
+    torch.autograd.backward([out64, h64], [dout.double(), dh.double()])
+    for cfg in configs:
+        out, h, mean, rstd = ops.gate_res_adaln_fwd(x, gate, y, shift, scale, 1e-6, torch.float32, config=cfg)
+        assert_close(h, h64, torch.float32, f"h {cfg}")
+        grads = ops.gate_res_adaln_bwd(dout, dh, out, y, gate, scale, mean, rstd, torch.float32, config=cfg)
+        for name, g, t in zip(("dx", "dy", "dgate", "dscale", "dshift"), grads, [ins64[i] for i in (0, 2, 1, 4, 3)]):
+            assert_close(g, t.grad, torch.float32, f"{name} {cfg}")
