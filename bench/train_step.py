@@ -34,6 +34,8 @@ A "+modifier" changes one thing of the variant before it (several may follow, e.
     +kernels     our Triton kernels (custom ops) inside the compiled blocks, as --enable_modulate_kernel
     +aggressive  inductor's aggressive_fusion (fuses nodes without shared reads too)
     +no-gelu     with kernels: leave fc1's bias + GELU to PyTorch / inductor (the kernels' default: our Triton pass)
+    +eager-loss  step / graph: the diffusion's loss terms uncompiled (default with compile: compiled, as train.py --compile)
+    +inline-ema  graph: the EMA update inside its own step (default: deferred, beside the next step's forward and backward)
     +separate-norm  with kernels: the attention's gate + residual and the MLP's LayerNorm + modulate as two kernels
                  (the default: one, `gate_residual_layernorm_modulate`)
 
@@ -85,6 +87,8 @@ class Variant:
     compile_mode: Optional[str] = None  # torch.compile's mode
     attention: str = ""  # one SDPA backend forced ("cudnn", "flash", "efficient"); "" keeps fast_attention's order
     ema_lerp: bool = True  # TrainStep's EMA as one foreach lerp (False: the former mul + add)
+    overlap_ema: bool = True  # graph: the EMA update deferred to a side stream beside the next forward and backward
+    compile_loss: bool = True  # step / graph with compile: the diffusion's loss terms compiled too (train.py --compile)
     reduced_precision_reduction: bool = True  # torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
     coordinate_descent: bool = False  # torch._inductor.config.coordinate_descent_tuning
     aggressive_fusion: bool = False  # torch._inductor.config.aggressive_fusion
@@ -120,6 +124,8 @@ MODIFIERS = {  # "+name" after a variant: one change to it
     "aggressive": dict(aggressive_fusion=True),
     "no-gelu": dict(fused_gelu=False),
     "separate-norm": dict(fused_residual_norm=False),
+    "inline-ema": dict(overlap_ema=False),
+    "eager-loss": dict(compile_loss=False),
 }
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
@@ -142,6 +148,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile, autotune)")
     p.add_argument("--profile", default=None, help="print the top GPU kernels of this variant (at the last batch size)")
+    p.add_argument("--profile_rows", type=int, default=40, help="how many kernels --profile lists")
     p.add_argument("--time_cap", type=float, default=0, help="seconds: variants not started by then are skipped (0: no cap)")
     p.add_argument("--attention_bench", action="store_true", help="first time each SDPA backend alone at the model's attention shape")
     p.add_argument("--tiny", action="store_true", help="2-block model, 8x8 latents: a quick check of the script")
@@ -225,7 +232,7 @@ def build(name: str, args: argparse.Namespace, device: torch.device) -> nn.Modul
     return model.train()
 
 
-def make_train_step(model: nn.Module, dtype: torch.dtype, graph: bool, ema_lerp: bool = True):
+def make_train_step(model: nn.Module, v: Variant):
     """train.py's TrainStep (optionally as a CUDA graph) on one process, behind the bench's step(x, y) signature."""
     params = [p for p in model.parameters() if p.requires_grad]
     cuda = next(model.parameters()).is_cuda
@@ -233,10 +240,12 @@ def make_train_step(model: nn.Module, dtype: torch.dtype, graph: bool, ema_lerp:
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, "constant", 0, 1))
     scaler = torch.amp.GradScaler("cuda" if cuda else "cpu", enabled=False)
     diffusion = create_diffusion(timestep_respacing="")
-    ema = ShardedEMA(model, lerp=ema_lerp)
+    if v.compile and v.compile_loss:
+        diffusion.compile_losses()
+    ema = ShardedEMA(model, lerp=v.ema_lerp)
     guard = DivergenceGuard(next(model.parameters()).device, 5)
-    train_step = TrainStep(model, diffusion, opt, scaler, scheduler, ema, ParallelMesh(), dtype, dtype != torch.float32, 1.0, 0.9999, guard)
-    train_step = CudaGraphStep(train_step) if graph else train_step
+    train_step = TrainStep(model, diffusion, opt, scaler, scheduler, ema, ParallelMesh(), v.dtype, v.dtype != torch.float32, 1.0, 0.9999, guard)
+    train_step = CudaGraphStep(train_step, overlap_ema=v.overlap_ema) if v.stepper == "graph" else train_step
     return lambda x, y: train_step(x, dict(y=y))
 
 
@@ -281,7 +290,7 @@ def run(name: str, batch: int, args: argparse.Namespace, device: torch.device) -
     v = variant(name)
     with knobs(v):
         model = build(name, args, device)
-        step = make_step(model, v.dtype, device) if v.stepper == "bench" else make_train_step(model, v.dtype, v.stepper == "graph", v.ema_lerp)
+        step = make_step(model, v.dtype, device) if v.stepper == "bench" else make_train_step(model, v)
         x = torch.randn(batch, 4, args.latent_size, args.latent_size, device=device)
         y = torch.randint(0, 1000, (batch,), device=device)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -300,7 +309,7 @@ def run(name: str, batch: int, args: argparse.Namespace, device: torch.device) -
         seconds = (time.perf_counter() - t0) / args.steps
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         if args.profile == name:
-            profile(step, x, y)
+            profile(step, x, y, args.profile_rows)
     # Warm-up time beyond its steps at the steady rate: compile, autotune, CUDA-graph capture, lazy initialisation.
     return dict(img_s=batch / seconds, ms=1000 * seconds, peak=peak, compile_s=max(0.0, warmup_s - warmup * seconds))
 
@@ -365,7 +374,7 @@ KERNEL_KINDS = [  # profiler kernel names -> what they do (first match wins)
 ]
 
 
-def profile(step, x, y) -> None:
+def profile(step, x, y, rows: int = 40) -> None:
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(3):
@@ -374,8 +383,8 @@ def profile(step, x, y) -> None:
     events = prof.key_averages()
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.self_device_time_total for e in kernels)
-    print("| kernel (top 40 by GPU time) | calls per step | us per call | ms per step | share |\n|---|---:|---:|---:|---:|")
-    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:40]:
+    print(f"| kernel (top {rows} by GPU time) | calls per step | us per call | ms per step | share |\n|---|---:|---:|---:|---:|")
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:rows]:
         us = e.self_device_time_total
         print(f"| {e.key[:110]} | {e.count / 3:.0f} | {us / e.count:.1f} | {us / 3e3:.2f} | {100 * us / total:.1f}% |")
     shares = {}

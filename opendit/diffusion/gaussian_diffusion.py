@@ -437,49 +437,55 @@ class GaussianDiffusion:
         if noise is None:
             noise = th.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise=noise)
-        terms = {}
-
         if self.loss_type.is_vb():
-            terms["loss"] = self._vb_terms_bpd(
-                model=model, x_start=x_start, x_t=x_t, t=t, clip_denoised=False, model_kwargs=model_kwargs
-            )["output"]
-            if self.loss_type == LossType.RESCALED_KL:
-                terms["loss"] = terms["loss"] * self.num_timesteps
+            loss = self._vb_terms_bpd(model=model, x_start=x_start, x_t=x_t, t=t, clip_denoised=False, model_kwargs=model_kwargs)["output"]
+            terms = {"loss": loss * self.num_timesteps if self.loss_type == LossType.RESCALED_KL else loss}
         elif self.loss_type in (LossType.MSE, LossType.RESCALED_MSE):
-            model_output = model(x_t, t, **model_kwargs)
-            if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
-                B, C = x_t.shape[:2]
-                assert model_output.shape == (B, C * 2, *x_t.shape[2:])
-                model_output, var_values = th.split(model_output, C, dim=1)
-                # The VB term trains only the variance: the mean half is detached.
-                frozen_out = th.cat([model_output.detach(), var_values], dim=1)
-
-                def frozen_model(*_args, **_kwargs):
-                    return frozen_out
-
-                terms["vb"] = self._vb_terms_bpd(
-                    model=frozen_model, x_start=x_start, x_t=x_t, t=t, clip_denoised=False
-                )["output"]
-                if self.loss_type == LossType.RESCALED_MSE:
-                    # The MSE term is an average, not a sum over steps: rescale like the reference.
-                    terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
-
-            if self.model_mean_type == ModelMeanType.PREVIOUS_X:
-                target = self.q_posterior_mean_variance(x_start=x_start, x_t=x_t, t=t)[0]
-            elif self.model_mean_type == ModelMeanType.START_X:
-                target = x_start
-            elif self.model_mean_type == ModelMeanType.EPSILON:
-                target = noise
-            else:
-                raise NotImplementedError(self.model_mean_type)
-            assert model_output.shape == target.shape == x_start.shape
-            terms["mse"] = mean_flat((target - model_output) ** 2)
-            if self.snr_gamma > 0 and self.model_mean_type == ModelMeanType.EPSILON:
-                terms["mse"] = terms["mse"] * _extract_into_tensor(self.min_snr_weights, t, t.shape)  # min(SNR, gamma) / SNR
-            terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
+            terms = self._mse_losses(model(x_t, t, **model_kwargs), x_start, x_t, t, noise)
         else:
             raise NotImplementedError(self.loss_type)
         return terms
+
+    def _mse_losses(self, model_output, x_start, x_t, t, noise):
+        """The MSE loss terms ("mse", with the learned-sigma "vb" and their sum "loss") from the model's output."""
+        terms = {}
+        if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
+            B, C = x_t.shape[:2]
+            assert model_output.shape == (B, C * 2, *x_t.shape[2:])
+            model_output, var_values = th.split(model_output, C, dim=1)
+            # The VB term trains only the variance: the mean half is detached.
+            frozen_out = th.cat([model_output.detach(), var_values], dim=1)
+
+            def frozen_model(*_args, **_kwargs):
+                return frozen_out
+
+            terms["vb"] = self._vb_terms_bpd(
+                model=frozen_model, x_start=x_start, x_t=x_t, t=t, clip_denoised=False
+            )["output"]
+            if self.loss_type == LossType.RESCALED_MSE:
+                # The MSE term is an average, not a sum over steps: rescale like the reference.
+                terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
+
+        if self.model_mean_type == ModelMeanType.PREVIOUS_X:
+            target = self.q_posterior_mean_variance(x_start=x_start, x_t=x_t, t=t)[0]
+        elif self.model_mean_type == ModelMeanType.START_X:
+            target = x_start
+        elif self.model_mean_type == ModelMeanType.EPSILON:
+            target = noise
+        else:
+            raise NotImplementedError(self.model_mean_type)
+        assert model_output.shape == target.shape == x_start.shape
+        terms["mse"] = mean_flat((target - model_output) ** 2)
+        if self.snr_gamma > 0 and self.model_mean_type == ModelMeanType.EPSILON:
+            terms["mse"] = terms["mse"] * _extract_into_tensor(self.min_snr_weights, t, t.shape)  # min(SNR, gamma) / SNR
+        terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
+        return terms
+
+    def compile_losses(self, **compile_kwargs) -> "GaussianDiffusion":
+        """torch.compile the loss terms computed from the model's output (the VB term is dozens of small elementwise
+        kernels forward and backward; compiled, a few): train.py's --compile."""
+        self._mse_losses = th.compile(self._mse_losses, **compile_kwargs)
+        return self
 
     # ------------------------------------------------------------------ likelihood evaluation
     def _prior_bpd(self, x_start):

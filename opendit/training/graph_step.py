@@ -5,6 +5,7 @@ Python. Captured once, a step costs one graph launch. The first `warmup` steps r
 initialisation, torch.compile and autotuning happen there), the next one captures the graph, and every step after
 that copies the batch into static inputs and replays it. Timesteps and noise are drawn outside the graph, as the eager
 step draws them; the LR reaches the fused AdamW kernel through a device tensor, so the schedule keeps working.
+The EMA update is deferred (ema.py): it overlaps the next step's forward and backward on a second stream.
 One process, CUDA, bf16/fp32 (no fp16 loss scaler), no sequence parallelism: check_graph_step refuses the rest.
 """
 from typing import Optional
@@ -40,7 +41,7 @@ def maybe_graph_step(args, step, world_size: int, device: torch.device):
 class CudaGraphStep:
     """Calls like a TrainStep (and forwards everything else to it); its device work is a CUDA graph after warm-up."""
 
-    def __init__(self, step, warmup: int = 3):
+    def __init__(self, step, warmup: int = 3, overlap_ema: bool = True):
         if step.scaler.is_enabled():
             raise UsageError("--cuda_graph: not with --mixed_precision fp16 (the loss scaler skips steps from the host)")
         self.step, self.warmup, self.calls = step, warmup, 0
@@ -51,6 +52,8 @@ class CudaGraphStep:
             group["capturable"] = True  # AdamW's step counters stay on the device
         self.lr = None  # one device tensor per param group, read by the fused AdamW kernel inside the graph
         self.side = None  # the warm-up stream
+        if overlap_ema:  # each step's EMA update runs during the next step's forward and backward, on a side stream
+            step.ema.defer()
 
     def __getattr__(self, name: str):
         return getattr(self.__dict__["step"], name)

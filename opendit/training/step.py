@@ -57,6 +57,7 @@ class TrainStep:
 
     def update(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, model_kwargs: dict) -> tuple:
         """The device work of a step: loss, backward, clipping, AdamW and the EMA. Returns (loss_dict, grad_norm, skipped)."""
+        self.ema.begin()  # a deferred EMA update (the CUDA-graph step's) runs beside the forward and backward
         with torch.autocast(x.device.type, dtype=self.amp_dtype, enabled=self.use_autocast):
             loss_dict = self.diffusion.training_losses(self.model, x, t, model_kwargs, noise=noise)
         self.optimizer.zero_grad(set_to_none=True)
@@ -81,6 +82,7 @@ class TrainStep:
 
     def _step(self, bad: torch.Tensor) -> bool:
         """AdamW and the EMA unless `bad` (or an fp16 overflow); returns whether fp16 overflow skipped the step."""
+        self.ema.join()  # AdamW writes the parameters that a deferred EMA update reads
         if self.scaler.is_enabled():
             scale, is_bad = self.scaler.get_scale(), bool(bad.item())  # fp16 synchronises in GradScaler anyway
             if not is_bad:
@@ -138,6 +140,8 @@ def build_train_step(args, model: torch.nn.Module, train_model: torch.nn.Module,
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     ema = ShardedEMA(model)  # fp32, laid out like the (sharded) parameters; starts equal to the model
     diffusion = create_diffusion(timestep_respacing="", noise_schedule=args.noise_schedule, snr_gamma=args.snr_gamma)  # 1000 steps, learned-range sigma
+    if args.compile:
+        diffusion.compile_losses()  # the VB term's dozens of small kernels as a few
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, args.lr_schedule, args.lr_warmup_steps, max_steps))
     use_autocast = amp_dtype != torch.float32 and not (mesh.device_mesh is not None and args.plugin != "ddp")  # FSDP2 casts parameters itself
     guard = DivergenceGuard(device, getattr(args, "max_bad_steps", 5))

@@ -118,3 +118,35 @@ def test_min_snr_weighting(base_diffusion, conv_model, schedule):
     assert b["mse"][0] < a["mse"][0] and b["mse"][-1] == a["mse"][-1]  # low t (high SNR) weighted down, high t kept
     c = base_diffusion.training_losses(conv_model, x0, t, noise=noise) if schedule == "linear" else a
     assert th.equal(c["mse"], a["mse"])
+
+
+def _losses_and_grad(diffusion, device: str):
+    """The loss terms at timesteps that include t = 0 (the decoder NLL branch), and their gradient on the model output."""
+    gen = th.Generator().manual_seed(0)
+    x = th.randn(6, 4, 8, 8, generator=gen).to(device)
+    noise = th.randn(6, 4, 8, 8, generator=gen).to(device)
+    out = th.randn(6, 8, 8, 8, generator=gen).to(device).requires_grad_(True)
+    t = th.tensor([0, 1, 10, 500, 998, 999], device=device)
+    terms = diffusion.training_losses(lambda *a, **k: out, x, t, {}, noise=noise)
+    (grad,) = th.autograd.grad(terms["loss"].sum(), out)
+    return {k: v.detach() for k, v in terms.items()}, grad
+
+
+@pytest.mark.parametrize("snr_gamma", [0.0, 5.0])
+def test_compiled_losses_equal_eager_ones(snr_gamma):
+    """compile_losses() (train.py's --compile) traces the whole loss tail as one graph: same terms and gradient."""
+    eager = _losses_and_grad(create_diffusion("", snr_gamma=snr_gamma), "cpu")
+    compiled = _losses_and_grad(create_diffusion("", snr_gamma=snr_gamma).compile_losses(backend="aot_eager", fullgraph=True), "cpu")
+    assert compiled[0].keys() == eager[0].keys() == {"loss", "mse", "vb"}
+    for k in eager[0]:
+        th.testing.assert_close(compiled[0][k], eager[0][k], rtol=1e-6, atol=1e-6)
+    th.testing.assert_close(compiled[1], eager[1], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.gpu
+def test_inductor_compiled_losses_on_cuda():
+    eager = _losses_and_grad(create_diffusion(""), "cuda")
+    compiled = _losses_and_grad(create_diffusion("").compile_losses(fullgraph=True), "cuda")
+    for k in eager[0]:  # inductor's fused tanh / exp / log and reordered means: fp32 rounding, not a different loss
+        th.testing.assert_close(compiled[0][k], eager[0][k], rtol=1e-5, atol=1e-5)
+    th.testing.assert_close(compiled[1], eager[1], rtol=1e-4, atol=1e-4 * eager[1].abs().max().item())

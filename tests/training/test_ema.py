@@ -88,3 +88,46 @@ def test_keep_path_replayed_in_a_cuda_graph():
             torch.testing.assert_close(v, reference.state_dict()[k], rtol=1e-6, atol=1e-6)
         same = [torch.equal(v, before[k]) for k, v in ema.state_dict().items()]
         assert all(same) if flag else not torch.equal(ema.state_dict()["0.weight"], before["0.weight"])
+
+
+@pytest.mark.parametrize("lerp", [True, False])
+def test_deferred_updates_read_as_immediate_ones(lerp):
+    """defer(): each update runs at the next begin(), and state_dict() / load_full() see the EMA of the last step."""
+    model, now = model_and_ema(lerp)
+    later = ShardedEMA(model, lerp=lerp)  # the same model's EMA, from the same start
+    later.load_full(now.state_dict())
+    later.defer()
+    atol = 0 if lerp else 1e-7  # the mul + add's decay: a Python float, or (keep flag given) a float32 tensor
+    for i, keep in enumerate([None, False, True, None, True, False]):  # good and skipped steps, in a device-flag order
+        flag = None if keep is None else torch.tensor(keep)
+        later.begin()  # the step's start: the previous step's update
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))  # AdamW, after join()
+        later.join()
+        now.update(0.9, keep=flag)
+        later.update(0.9, keep=flag)
+        if i % 2:  # read between steps: the pending update is applied once, not again at the next begin()
+            for k, v in later.state_dict().items():
+                torch.testing.assert_close(v, now.state_dict()[k], rtol=0, atol=atol)
+    for k, v in later.state_dict().items():
+        torch.testing.assert_close(v, now.state_dict()[k], rtol=0, atol=atol)
+    read = {k: v.clone() for k, v in later.state_dict().items()}
+    later.begin()  # nothing pending after the read: a no-op
+    assert all(torch.equal(v, read[k]) for k, v in later.state_dict().items())
+
+
+def test_deferred_update_is_dropped_by_load_full_and_skipped_steps_leave_nothing_pending():
+    model, ema = model_and_ema(True)
+    ema.defer()
+    ema.update(0.5)  # pending
+    loaded = {k: torch.full_like(v, 3.0) for k, v in ema.shadow.items()}
+    ema.load_full(loaded)
+    ema.begin()
+    assert all(torch.equal(v, loaded[k]) for k, v in ema.state_dict().items())
+    ema.update(0.5)
+    ema.begin()  # applied here ...
+    after = {k: v.clone() for k, v in ema.shadow.items()}
+    ema.begin()  # ... and not again by a step that never called update() (CPU path of a bad step)
+    assert all(torch.equal(v, after[k]) for k, v in ema.state_dict().items())
+    assert not torch.equal(after["0.weight"], loaded["0.weight"])

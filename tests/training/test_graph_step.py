@@ -41,17 +41,28 @@ def run(step, steps: int = 7) -> tuple:
 
 
 @pytest.mark.gpu
-def test_graph_step_matches_eager_step():
+@pytest.mark.parametrize("overlap_ema", [True, False])
+def test_graph_step_matches_eager_step(overlap_ema):
     torch.backends.cuda.matmul.allow_tf32 = False
     device = torch.device("cuda")
     eager = run(tiny_step(device))
-    graph_step = CudaGraphStep(tiny_step(device), warmup=2)
+    graph_step = CudaGraphStep(tiny_step(device), warmup=2, overlap_ema=overlap_ema)
     graph = run(graph_step)
     assert graph_step.graph is not None  # steps 3-7 were replays
     torch.testing.assert_close(graph[0], eager[0], rtol=1e-5, atol=1e-6)
     assert graph[1] == eager[1]
     for a, b in zip(graph[2] + graph[3], eager[2] + eager[3]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_train_step_with_a_deferred_ema_matches_the_immediate_one():
+    """The graph step's EMA wiring (begin before the forward, join before AdamW), run eagerly on the CPU."""
+    immediate = run(tiny_step(torch.device("cpu")))
+    step = tiny_step(torch.device("cpu"))
+    step.ema.defer()
+    deferred = run(step)
+    for a, b in zip(deferred[2] + deferred[3], immediate[2] + immediate[3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.gpu
