@@ -3,7 +3,9 @@
 Imported by `opendit.kernels.fused_adaln`, which the models import only where the kernels run; this module requires triton.
 All math is fp32 in registers; only the final stores round to the output dtype.
 Every program works on rows of a single sample (grid axis 1 = sample), so per-sample shift/scale/gate rows are
-loaded once per program and the backward's sums over N are per-program partials (B, T, C), summed by torch.
+loaded once per program and the backward's sums over N are per-program partials (B, T, C), summed by torch: the
+`*_partials` launchers return them (the autograd functions sum them where torch.compile fuses the sums with what
+follows), the plain launchers return the sums.
 Measured on one H200 (bf16, C=1152): forward ~73% and forward+backward ~65-70% of device-copy bandwidth.
 """
 
@@ -223,22 +225,32 @@ def adaln_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: fl
     return y, mean, rstd
 
 
-def adaln_bwd(dy, x, scale, mean, rstd, config=None, rows_per_prog=None):
-    """dy, x: (B, N, C) contiguous -> dx (B, N, C), dscale and dshift (B, C) in fp32."""
+def bwd_programs(tiles: int, N: int, device: torch.device, per_sm: int = 2) -> int:
+    """T, the backward programs along N per tile (sample, column block): the partials' length along T."""
+    return triton.cdiv(N, bwd_rows_per_program(tiles, N, device, per_sm)) if tiles * N else 1
+
+
+def adaln_bwd_partials(dy, x, scale, mean, rstd, config=None, rows_per_prog=None):
+    """dy, x: (B, N, C) contiguous -> dx (B, N, C) and the (2, B, T, C) fp32 partials of dscale, dshift (sum over T)."""
     B, N, C = x.shape
     dx = torch.empty_like(x)
     if B * N == 0:
-        z = torch.zeros(B, C, device=x.device, dtype=torch.float32)
-        return dx, z, z.clone()
+        return dx, torch.zeros(2, B, 1, C, device=x.device, dtype=torch.float32)
     rows_per_prog = rows_per_prog or bwd_rows_per_program(B, N, x.device)
     T = triton.cdiv(N, rows_per_prog)
-    dscale_p = torch.empty(B, T, C, device=x.device, dtype=torch.float32)  # small: B*T ~ 2 * #SMs rows
-    dshift_p = torch.empty_like(dscale_p)
-    args = (x, dy, dx, scale, mean, rstd, dscale_p, dshift_p, N, C, scale.stride(0), rows_per_prog, T)
+    partials = torch.empty(2, B, T, C, device=x.device, dtype=torch.float32)  # small: B*T ~ 2 * #SMs rows
+    args = (x, dy, dx, scale, mean, rstd, partials[0], partials[1], N, C, scale.stride(0), rows_per_prog, T)
     bc = triton.next_power_of_2(C)
     heuristic = _heuristic(bc, 8192, 64, PREFETCH=True)  # 4 rows x 4 warps at C=1152
     _launch(_adaln_bwd_kernel, _adaln_bwd_tuned, (T, B), args, bc, config, heuristic)
-    return dx, dscale_p.sum(1), dshift_p.sum(1)
+    return dx, partials
+
+
+def adaln_bwd(dy, x, scale, mean, rstd, config=None, rows_per_prog=None):
+    """dy, x: (B, N, C) contiguous -> dx (B, N, C), dscale and dshift (B, C) in fp32."""
+    dx, partials = adaln_bwd_partials(dy, x, scale, mean, rstd, config, rows_per_prog)
+    dscale, dshift = partials.sum(2).unbind(0)
+    return dx, dscale, dshift
 
 
 # ----------------------------------------------------------------------------- gate + residual
@@ -311,12 +323,12 @@ def gate_res_fwd(x, gate, y, out_dtype: torch.dtype, config=None) -> torch.Tenso
     return out
 
 
-def gate_res_bwd(dout, gate, y, config=None):
-    """dout, y: (B, N, C) contiguous -> dy (B, N, C) in y.dtype, dgate (B, C) fp32."""
+def gate_res_bwd_partials(dout, gate, y, config=None):
+    """dout, y: (B, N, C) contiguous -> dy (B, N, C) in y.dtype and the (B, T, C) fp32 partials of dgate (sum over T)."""
     B, N, C = y.shape
     dy = torch.empty_like(y)
     if B * N == 0:
-        return dy, torch.zeros(B, C, device=y.device, dtype=torch.float32)
+        return dy, torch.zeros(B, 1, C, device=y.device, dtype=torch.float32)
     block_c = _gate_block_c(C)
     n_cblocks = triton.cdiv(C, block_c)
     rows_per_prog = bwd_rows_per_program(B * n_cblocks, N, y.device)
@@ -325,6 +337,17 @@ def gate_res_bwd(dout, gate, y, config=None):
     args = (dout, gate, y, dy, dgate_p, N, C, gate.stride(0), rows_per_prog, T)
     heuristic = _heuristic(block_c, 2048, 16)
     _launch(_gate_res_bwd_kernel, _gate_res_bwd_tuned, (T, B, n_cblocks), args, block_c, config, heuristic)
+    return dy, dgate_p
+
+
+def gate_res_bwd_programs(B: int, N: int, C: int, device: torch.device) -> int:
+    """T of gate_res_bwd_partials."""
+    return bwd_programs(B * triton.cdiv(C, _gate_block_c(C)), N, device)
+
+
+def gate_res_bwd(dout, gate, y, config=None):
+    """dout, y: (B, N, C) contiguous -> dy (B, N, C) in y.dtype, dgate (B, C) fp32."""
+    dy, dgate_p = gate_res_bwd_partials(dout, gate, y, config)
     return dy, dgate_p.sum(1)
 
 
@@ -434,21 +457,27 @@ def gate_res_adaln_fwd(x, gate, y, shift, scale, eps: float, out_dtype: torch.dt
     return out, h, mean, rstd
 
 
-def gate_res_adaln_bwd(dout, dh, out, y, gate, scale, mean, rstd, x_dtype: torch.dtype, config=None, rows_per_prog=None):
-    """dout, dh, out, y: (B, N, C) contiguous -> dx (in x_dtype), dy (in y.dtype), and dgate, dscale, dshift (B, C) fp32."""
+def gate_res_adaln_bwd_partials(dout, dh, out, y, gate, scale, mean, rstd, x_dtype: torch.dtype, config=None, rows_per_prog=None):
+    """dout, dh, out, y: (B, N, C) contiguous -> dx (in x_dtype), dy (in y.dtype), and the (3, B, T, C) fp32 partials
+    of dscale, dshift, dgate (sum over T)."""
     B, N, C = out.shape
     dx = torch.empty(out.shape, device=out.device, dtype=x_dtype)
     dy = torch.empty_like(y)
     if B * N == 0:
-        z = torch.zeros(B, C, device=out.device, dtype=torch.float32)
-        return dx, dy, z, z.clone(), z.clone()
+        return dx, dy, torch.zeros(3, B, 1, C, device=out.device, dtype=torch.float32)
     rows_per_prog = rows_per_prog or bwd_rows_per_program(B, N, out.device)
     T = triton.cdiv(N, rows_per_prog)
     partials = torch.empty(3, B, T, C, device=out.device, dtype=torch.float32)
     args = (dout, dh, out, y, gate, scale, mean, rstd, dx, dy, partials[0], partials[1], partials[2], N, C, gate.stride(0), scale.stride(0), rows_per_prog, T)
     bc = triton.next_power_of_2(C)
     _launch(_gate_res_adaln_bwd_kernel, _gate_res_adaln_bwd_tuned, (T, B), args, bc, config, _heuristic(bc, 8192, 64))
-    dscale, dshift, dgate = (p.sum(1) for p in partials)  # three tensors (a custom op's outputs may not alias)
+    return dx, dy, partials
+
+
+def gate_res_adaln_bwd(dout, dh, out, y, gate, scale, mean, rstd, x_dtype: torch.dtype, config=None, rows_per_prog=None):
+    """dout, dh, out, y: (B, N, C) contiguous -> dx (in x_dtype), dy (in y.dtype), and dgate, dscale, dshift (B, C) fp32."""
+    dx, dy, partials = gate_res_adaln_bwd_partials(dout, dh, out, y, gate, scale, mean, rstd, x_dtype, config, rows_per_prog)
+    dscale, dshift, dgate = partials.sum(2).unbind(0)
     return dx, dy, dgate, dscale, dshift
 
 
@@ -621,12 +650,13 @@ def bias_gelu_fwd(h: torch.Tensor, bias: torch.Tensor, config=None) -> torch.Ten
     return out
 
 
-def bias_gelu_bwd(dout: torch.Tensor, h: torch.Tensor, bias: torch.Tensor, config=None, rows_per_prog=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """dout, h: (N, C) contiguous -> dh (N, C) in h.dtype (the gradient of h + bias), dbias (C,) fp32."""
+def bias_gelu_bwd_partials(dout: torch.Tensor, h: torch.Tensor, bias: torch.Tensor, config=None, rows_per_prog=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """dout, h: (N, C) contiguous -> dh (N, C) in h.dtype (the gradient of h + bias) and the (T, C) fp32 partials of
+    dbias (sum over T)."""
     N, C = h.shape
     dh = torch.empty_like(h)
     if N == 0:
-        return dh, torch.zeros(C, device=h.device, dtype=torch.float32)
+        return dh, torch.zeros(1, C, device=h.device, dtype=torch.float32)
     block_c = _gate_block_c(C)
     n_cblocks = triton.cdiv(C, block_c)
     rows_per_prog = rows_per_prog or bwd_rows_per_program(n_cblocks, N, h.device, GELU_BWD_PROGRAMS_PER_SM)
@@ -634,4 +664,15 @@ def bias_gelu_bwd(dout: torch.Tensor, h: torch.Tensor, bias: torch.Tensor, confi
     dbias_p = torch.empty(T, C, device=h.device, dtype=torch.float32)
     args = (dout, h, bias, dh, dbias_p, N, C, rows_per_prog)
     _launch(_bias_gelu_bwd_kernel, _bias_gelu_bwd_tuned, (T, n_cblocks), args, block_c, config, _heuristic(block_c, 2048, 16, PREFETCH=True))
+    return dh, dbias_p
+
+
+def bias_gelu_bwd_programs(N: int, C: int, device: torch.device) -> int:
+    """T of bias_gelu_bwd_partials."""
+    return bwd_programs(triton.cdiv(C, _gate_block_c(C)), N, device, GELU_BWD_PROGRAMS_PER_SM)
+
+
+def bias_gelu_bwd(dout: torch.Tensor, h: torch.Tensor, bias: torch.Tensor, config=None, rows_per_prog=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """dout, h: (N, C) contiguous -> dh (N, C) in h.dtype (the gradient of h + bias), dbias (C,) fp32."""
+    dh, dbias_p = bias_gelu_bwd_partials(dout, h, bias, config, rows_per_prog)
     return dh, dbias_p.sum(0)

@@ -55,12 +55,14 @@ if _ops is not None:
         stats = x.new_empty(x.shape[0] * x.shape[1], dtype=torch.float32)
         return torch.empty_like(x), stats, torch.empty_like(stats)
 
-    def _adaln_bwd(dy: Tensor, x: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return _ops.adaln_bwd(dy, x, scale, mean, rstd)
+    # The backward ops return per-program partials of the modulation gradients; the autograd functions sum them,
+    # where inductor fuses the sums with the casts and the modulation's concatenated gradient (one kernel each fewer).
+    def _adaln_bwd_partials(dy: Tensor, x: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+        return _ops.adaln_bwd_partials(dy, x, scale, mean, rstd)
 
-    def _adaln_bwd_fake(dy, x, scale, mean, rstd):
-        rows = x.new_empty(x.shape[0], x.shape[2], dtype=torch.float32)
-        return torch.empty_like(x), rows, torch.empty_like(rows)
+    def _adaln_bwd_partials_fake(dy, x, scale, mean, rstd):
+        B, N, C = x.shape
+        return torch.empty_like(x), x.new_empty(2, B, _ops.bwd_programs(B, N, x.device), C, dtype=torch.float32)
 
     def _gate_res_fwd(x: Tensor, gate: Tensor, y: Tensor, out_dtype: torch.dtype) -> Tensor:
         return _ops.gate_res_fwd(x, gate, y, out_dtype)
@@ -68,11 +70,12 @@ if _ops is not None:
     def _gate_res_fwd_fake(x, gate, y, out_dtype):
         return x.new_empty(x.shape, dtype=out_dtype)
 
-    def _gate_res_bwd(dout: Tensor, gate: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        return _ops.gate_res_bwd(dout, gate, y)
+    def _gate_res_bwd_partials(dout: Tensor, gate: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return _ops.gate_res_bwd_partials(dout, gate, y)
 
-    def _gate_res_bwd_fake(dout, gate, y):
-        return torch.empty_like(y), y.new_empty(y.shape[0], y.shape[2], dtype=torch.float32)
+    def _gate_res_bwd_partials_fake(dout, gate, y):
+        B, N, C = y.shape
+        return torch.empty_like(y), y.new_empty(B, _ops.gate_res_bwd_programs(B, N, C, y.device), C, dtype=torch.float32)
 
     def _gate_res_adaln_fwd(x: Tensor, gate: Tensor, y: Tensor, shift: Tensor, scale: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return _ops.gate_res_adaln_fwd(x, gate, y, shift, scale, eps, out_dtype)
@@ -82,21 +85,22 @@ if _ops is not None:
         stats = x.new_empty(x.shape[0] * x.shape[1], dtype=torch.float32)
         return out, torch.empty_like(out), stats, torch.empty_like(stats)
 
-    def _gate_res_adaln_bwd(dout: Tensor, dh: Tensor, out: Tensor, y: Tensor, gate: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor,
-                            x_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return _ops.gate_res_adaln_bwd(dout, dh, out, y, gate, scale, mean, rstd, x_dtype)
+    def _gate_res_adaln_bwd_partials(dout: Tensor, dh: Tensor, out: Tensor, y: Tensor, gate: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor,
+                                     x_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        return _ops.gate_res_adaln_bwd_partials(dout, dh, out, y, gate, scale, mean, rstd, x_dtype)
 
-    def _gate_res_adaln_bwd_fake(dout, dh, out, y, gate, scale, mean, rstd, x_dtype):
-        rows = out.new_empty(out.shape[0], out.shape[2], dtype=torch.float32)
-        return out.new_empty(out.shape, dtype=x_dtype), torch.empty_like(y), rows, torch.empty_like(rows), torch.empty_like(rows)
+    def _gate_res_adaln_bwd_partials_fake(dout, dh, out, y, gate, scale, mean, rstd, x_dtype):
+        B, N, C = out.shape
+        partials = out.new_empty(3, B, _ops.bwd_programs(B, N, out.device), C, dtype=torch.float32)
+        return out.new_empty(out.shape, dtype=x_dtype), torch.empty_like(y), partials
 
     _COMPILED = {
         "gate_res_adaln_fwd": _op("gate_res_adaln_fwd", _gate_res_adaln_fwd, _gate_res_adaln_fwd_fake),
-        "gate_res_adaln_bwd": _op("gate_res_adaln_bwd", _gate_res_adaln_bwd, _gate_res_adaln_bwd_fake),
+        "gate_res_adaln_bwd_partials": _op("gate_res_adaln_bwd_partials", _gate_res_adaln_bwd_partials, _gate_res_adaln_bwd_partials_fake),
         "adaln_fwd": _op("adaln_fwd", _adaln_fwd, _adaln_fwd_fake),
-        "adaln_bwd": _op("adaln_bwd", _adaln_bwd, _adaln_bwd_fake),
+        "adaln_bwd_partials": _op("adaln_bwd_partials", _adaln_bwd_partials, _adaln_bwd_partials_fake),
         "gate_res_fwd": _op("gate_res_fwd", _gate_res_fwd, _gate_res_fwd_fake),
-        "gate_res_bwd": _op("gate_res_bwd", _gate_res_bwd, _gate_res_bwd_fake),
+        "gate_res_bwd_partials": _op("gate_res_bwd_partials", _gate_res_bwd_partials, _gate_res_bwd_partials_fake),
     }
 
 
@@ -154,7 +158,8 @@ class FusedAdaLNFunction(torch.autograd.Function):
         x3, scale2, mean, rstd = ctx.saved_tensors
         x_shape, shift_shape, shift_dtype, scale_shape, scale_dtype = ctx.meta
         dy3 = dy.reshape(x3.shape).to(x3.dtype).contiguous()
-        dx, dscale, dshift = _launcher("adaln_bwd")(dy3, x3, scale2, mean, rstd)
+        dx, partials = _launcher("adaln_bwd_partials")(dy3, x3, scale2, mean, rstd)
+        dscale, dshift = partials.sum(2).unbind(0)  # (B, C) each
         return (
             dx.view(x_shape),
             dshift.to(shift_dtype).view(shift_shape),
@@ -191,7 +196,8 @@ class GateResidualFunction(torch.autograd.Function):
         gate2, y3 = ctx.saved_tensors
         x_shape, x_dtype, gate_shape, gate_dtype = ctx.meta
         dout3 = dout.reshape(y3.shape).contiguous()
-        dy, dgate = _launcher("gate_res_bwd")(dout3, gate2, y3)
+        dy, dgate_p = _launcher("gate_res_bwd_partials")(dout3, gate2, y3)
+        dgate = dgate_p.sum(1)  # (B, C)
         return dout.to(x_dtype).reshape(x_shape), dgate.to(gate_dtype).view(gate_shape), dy.view(x_shape)
 
 
@@ -222,7 +228,8 @@ class GateResidualAdaLNFunction(torch.autograd.Function):
         out, y3, gate2, scale2, mean, rstd = ctx.saved_tensors
         x_shape, x_dtype, (gate_meta, shift_meta, scale_meta) = ctx.meta
         dout3, dh3 = (g.reshape(out.shape).to(out.dtype).contiguous() for g in (dout, dh))  # zeros where unused (materialized)
-        dx, dy, dgate, dscale, dshift = _launcher("gate_res_adaln_bwd")(dout3, dh3, out, y3, gate2, scale2, mean, rstd, x_dtype)
+        dx, dy, partials = _launcher("gate_res_adaln_bwd_partials")(dout3, dh3, out, y3, gate2, scale2, mean, rstd, x_dtype)
+        dscale, dshift, dgate = partials.sum(2).unbind(0)  # (B, C) each
         as_input = lambda g, meta: g.to(meta[1]).view(meta[0])  # noqa: E731
         return dx.view(x_shape), as_input(dgate, gate_meta), dy.view(x_shape), as_input(dshift, shift_meta), as_input(dscale, scale_meta), None
 

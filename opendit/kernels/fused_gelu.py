@@ -18,12 +18,16 @@ if _ops is not None:
     def _bias_gelu_fwd(h: Tensor, bias: Tensor) -> Tensor:
         return _ops.bias_gelu_fwd(h, bias)
 
-    def _bias_gelu_bwd(dout: Tensor, h: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-        return _ops.bias_gelu_bwd(dout, h, bias)
+    def _bias_gelu_bwd_partials(dout: Tensor, h: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+        return _ops.bias_gelu_bwd_partials(dout, h, bias)
+
+    def _bias_gelu_bwd_partials_fake(dout, h, bias):
+        N, C = h.shape
+        return torch.empty_like(h), h.new_empty(_ops.bias_gelu_bwd_programs(N, C, h.device), C, dtype=torch.float32)
 
     _COMPILED.update({
         "bias_gelu_fwd": _op("bias_gelu_fwd", _bias_gelu_fwd, lambda h, bias: torch.empty_like(h)),
-        "bias_gelu_bwd": _op("bias_gelu_bwd", _bias_gelu_bwd, lambda dout, h, bias: (torch.empty_like(h), bias.new_empty(bias.shape, dtype=torch.float32))),
+        "bias_gelu_bwd_partials": _op("bias_gelu_bwd_partials", _bias_gelu_bwd_partials, _bias_gelu_bwd_partials_fake),
     })
 
 
@@ -46,8 +50,8 @@ class BiasGeluFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
         h2, bias = ctx.saved_tensors
-        dh, dbias = _launcher("bias_gelu_bwd")(dout.reshape(h2.shape).contiguous(), h2, bias)
-        return dh.view(dout.shape), dbias.to(bias.dtype)
+        dh, dbias_p = _launcher("bias_gelu_bwd_partials")(dout.reshape(h2.shape).contiguous(), h2, bias)
+        return dh.view(dout.shape), dbias_p.sum(0).to(bias.dtype)  # the sum fused with what follows, under torch.compile
 
 
 def bias_gelu(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -375,3 +375,25 @@ def test_gate_residual_adaln_gpu(C):
         grads = ops.gate_res_adaln_bwd(dout, dh, out, y, gate, scale, mean, rstd, torch.float32, config=cfg)
         for name, g, t in zip(("dx", "dy", "dgate", "dscale", "dshift"), grads, [ins64[i] for i in (0, 2, 1, 4, 3)]):
             assert_close(g, t.grad, torch.float32, f"{name} {cfg}")
+
+
+@pytest.mark.parametrize("B, N, C", [(2, 37, 24), (3, 0, 16), (1, 260, 1152)])
+def test_backward_ops_fake_shapes_match_the_kernels(B, N, C):
+    """The backward custom ops return per-program partials whose length depends on N and the device: what
+    torch.compile's fake tensors announce must be what the kernels return (opcheck's fake-tensor test)."""
+    from opendit.kernels import fused_gelu  # noqa: F401 (registers the GELU ops)
+
+    torch.manual_seed(0)
+    bf = dict(device=DEVICE, dtype=torch.bfloat16)
+    x, y, d, d2 = (torch.randn(B, N, C, **bf) for _ in range(4))
+    mod = [torch.randn(B, C, device=DEVICE) for _ in range(3)]
+    _, mean, rstd = fa._ops.adaln_fwd(x, mod[0], mod[1], 1e-6)
+    ops = fa._COMPILED
+    cases = {
+        "adaln_bwd_partials": (d, x, mod[1], mean, rstd),
+        "gate_res_bwd_partials": (d, mod[2], y),
+        "gate_res_adaln_bwd_partials": (d, d2, x, y, mod[2], mod[1], mean, rstd, torch.bfloat16),
+        "bias_gelu_bwd_partials": (d.reshape(B * N, C), x.reshape(B * N, C), torch.randn(C, **bf)),
+    }
+    for name, args in cases.items():
+        torch.library.opcheck(ops[name], args, test_utils=("test_faketensor",))
