@@ -315,7 +315,8 @@ def run(name: str, batch: int, args: argparse.Namespace, device: torch.device) -
 
 
 def attention_bench(args: argparse.Namespace, batch: int, device: torch.device) -> None:
-    """Each SDPA backend alone at this model's attention shape, bf16, forward and forward + backward."""
+    """Each SDPA backend alone at this model's attention shape, bf16, forward and forward + backward; where the head
+    dim is not a power of two, also with q, k, v zero-padded to wider head dims (the padding and slicing timed too)."""
     with torch.device("meta"):
         probe = DiT_models[args.model](**model_kwargs(args))
     heads, tokens, depth = probe.num_heads, probe.x_embedder.num_patches, len(probe.blocks)
@@ -326,24 +327,34 @@ def attention_bench(args: argparse.Namespace, batch: int, device: torch.device) 
     print("| SDPA backend | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | ms per step (x blocks) |\n|---|---:|---:|---:|---:|")
     q, k, v = (torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    widths = [head_dim] + ([w for w in (80, 96, 128) if w > head_dim] if head_dim & (head_dim - 1) else [])
+
+    def attention(width: int) -> torch.Tensor:
+        if width == head_dim:
+            return F.scaled_dot_product_attention(q, k, v)
+        qp, kp, vp = (F.pad(t, (0, width - head_dim)) for t in (q, k, v))  # zeros: same scores, zero extra outputs
+        return F.scaled_dot_product_attention(qp, kp, vp, scale=head_dim**-0.5)[..., :head_dim]
+
     for name in ("cudnn", "flash", "efficient") if device.type == "cuda" else ("math",):
-        try:
-            with sdpa_kernel([BACKENDS[name]]):
-                times = []
-                for backward in (False, True):
-                    for i in range(3 + args.steps):
-                        if i == 3:
-                            sync()
-                            t0 = time.perf_counter()
-                        out = F.scaled_dot_product_attention(q, k, v)
-                        if backward:
-                            out.backward(torch.ones_like(out))
-                    sync()
-                    times.append(1000 * (time.perf_counter() - t0) / args.steps)
-        except RuntimeError as e:
-            print(f"| {name} | failed: {str(e).splitlines()[0][:100]} | | | |")
-            continue
-        print(f"| {name} | {times[0]:.3f} | {times[1]:.3f} | {3.5 * flops / times[1] / 1e9:.0f} | {depth * times[1]:.1f} |", flush=True)
+        for width in widths:
+            label = name if width == head_dim else f"{name}, head dim padded to {width}"
+            try:
+                with sdpa_kernel([BACKENDS[name]]):
+                    times = []
+                    for backward in (False, True):
+                        for i in range(3 + args.steps):
+                            if i == 3:
+                                sync()
+                                t0 = time.perf_counter()
+                            out = attention(width)
+                            if backward:
+                                out.backward(torch.ones_like(out))
+                        sync()
+                        times.append(1000 * (time.perf_counter() - t0) / args.steps)
+            except RuntimeError as e:
+                print(f"| {label} | failed: {str(e).splitlines()[0][:100]} | | | |")
+                continue
+            print(f"| {label} | {times[0]:.3f} | {times[1]:.3f} | {3.5 * flops / times[1] / 1e9:.0f} | {depth * times[1]:.1f} |", flush=True)
     print()
 
 
