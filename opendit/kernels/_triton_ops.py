@@ -121,6 +121,27 @@ def _load_rows(PTR, b, N, C, rows_n, row_end, cols, col_ok):
 
 
 @triton.jit
+def _ln_modulate(x, x0, mask, C, eps, scale, shift):
+    """LayerNorm + modulate of an fp32 (BLOCK_M, BLOCK_C) tile whose rows start with x0 -> (h, mean, rstd). The mean
+    of (x - x0), then x0 added back: exact for constant rows, accurate for offset rows; biased variance."""
+    d = tl.where(mask, x - x0[:, None], 0.0)
+    mean_d = _sum(d, axis=1) / C
+    xc = tl.where(mask, d - mean_d[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(_sum(xc * xc, axis=1) / C + eps)
+    return xc * rstd[:, None] * (1.0 + scale[None, :]) + shift[None, :], x0 + mean_d, rstd
+
+
+@triton.jit
+def _ln_modulate_grad(x, dy, mean, rstd, mask, C, gamma):
+    """The input gradient of LayerNorm + modulate (gamma = 1 + scale) for an fp32 tile, and x normalised: (dx, xhat)."""
+    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    g = dy * gamma[None, :]  # grad w.r.t. xhat; 0 outside the mask
+    mean_g = _sum(g, axis=1) / C
+    mean_gx = _sum(g * xhat, axis=1) / C
+    return (g - mean_g[:, None] - xhat * mean_gx[:, None]) * rstd[:, None], xhat
+
+
+@triton.jit
 def _adaln_fwd_kernel(
     X, Y, SHIFT, SCALE, MEAN, RSTD,  # x, y: (B*N, C); shift, scale: rows of stride *_stride; mean, rstd: (B*N,)
     N, C, shift_stride, scale_stride, eps,
@@ -145,16 +166,10 @@ def _adaln_fwd_kernel(
         row_ok = rows_n < N
         mask = row_ok[:, None] & col_ok[None, :]
         rows = b.to(tl.int64) * N + rows_n  # global row in (B*N)
-        # Mean of (x - x[:, 0]) then add back x[:, 0]: exact for constant rows, accurate for offset rows.
         x0 = tl.load(X + rows * C, mask=row_ok, other=0.0).to(tl.float32)  # (BLOCK_M,) same cache lines as x
-        d = tl.where(mask, x - x0[:, None], 0.0)
-        mean_d = _sum(d, axis=1) / C
-        xc = tl.where(mask, d - mean_d[:, None], 0.0)
-        var = _sum(xc * xc, axis=1) / C  # biased variance
-        rstd = 1.0 / tl.sqrt(var + eps)
-        y = xc * rstd[:, None] * (1.0 + scale[None, :]) + shift[None, :]
+        y, mean, rstd = _ln_modulate(x, x0, mask, C, eps, scale, shift)
         tl.store(Y + rows[:, None] * C + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
-        tl.store(MEAN + rows, x0 + mean_d, mask=row_ok)
+        tl.store(MEAN + rows, mean, mask=row_ok)
         tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
@@ -190,11 +205,7 @@ def _adaln_bwd_kernel(
         rows = b.to(tl.int64) * N + rows_n
         mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)  # (BLOCK_M,)
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        g = dy * gamma[None, :]  # grad w.r.t. xhat; 0 outside the mask
-        mean_g = _sum(g, axis=1) / C
-        mean_gx = _sum(g * xhat, axis=1) / C
-        dx = (g - mean_g[:, None] - xhat * mean_gx[:, None]) * rstd[:, None]
+        dx, xhat = _ln_modulate_grad(x, dy, mean, rstd, mask, C, gamma)
         tl.store(DX + rows[:, None] * C + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         acc_dscale += _sum(dy * xhat, axis=0)
         acc_dshift += _sum(dy, axis=0)
@@ -381,13 +392,9 @@ def _gate_res_adaln_fwd_kernel(
     tl.store(OUT + offs, x1, mask=mask)
     x1 = x1.to(tl.float32)
     x0 = _sum(tl.where(cols[None, :] == 0, x1, 0.0), axis=1)  # (BLOCK_M,) each row's first element
-    d = tl.where(mask, x1 - x0[:, None], 0.0)  # mean of (x1 - x1[:, 0]), then add back x1[:, 0], as _adaln_fwd_kernel
-    mean_d = _sum(d, axis=1) / C
-    xc = tl.where(mask, d - mean_d[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(_sum(xc * xc, axis=1) / C + eps)
-    h = xc * rstd[:, None] * (1.0 + scale[None, :]) + shift[None, :]
+    h, mean, rstd = _ln_modulate(x1, x0, mask, C, eps, scale, shift)
     tl.store(H + offs, h.to(H.dtype.element_ty), mask=mask)
-    tl.store(MEAN + rows, x0 + mean_d, mask=row_ok)
+    tl.store(MEAN + rows, mean, mask=row_ok)
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
@@ -418,12 +425,8 @@ def _gate_res_adaln_bwd_kernel(
         x1 = tl.load(OUT + offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-        xhat = tl.where(mask, (x1 - mean[:, None]) * rstd[:, None], 0.0)
-        g = dh * gamma[None, :]
-        mean_g = _sum(g, axis=1) / C
-        mean_gx = _sum(g * xhat, axis=1) / C
-        dx1 = (g - mean_g[:, None] - xhat * mean_gx[:, None]) * rstd[:, None] + tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
-        dx1 = tl.where(mask, dx1, 0.0)
+        dx1, xhat = _ln_modulate_grad(x1, dh, mean, rstd, mask, C, gamma)
+        dx1 = tl.where(mask, dx1 + tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32), 0.0)
         y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + offs, dx1.to(DX.dtype.element_ty), mask=mask)
         tl.store(DY + offs, (dx1 * gate[None, :]).to(DY.dtype.element_ty), mask=mask)
