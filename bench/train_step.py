@@ -41,7 +41,8 @@ A "+modifier" changes one thing of the variant before it (several may follow, e.
 
 The "compile s" column is the warm-up's time beyond its steps at the steady rate (compile, autotune, capture);
 a graph that inductor has already compiled in this process or on this machine loads from its cache (less time).
-`--attention_bench` first times each SDPA backend alone at the model's attention shape (fwd and fwd + bwd).
+`--attention_bench` first times each SDPA backend alone at the model's attention shape (fwd and fwd + bwd), and
+attention with its (N, N) scores in memory (two batched GEMMs around a softmax; eager and compiled).
 `--tiny` runs a 2-block model on small inputs (a CPU smoke check of the script itself).
 """
 
@@ -355,6 +356,25 @@ def attention_bench(args: argparse.Namespace, batch: int, device: torch.device) 
                 print(f"| {label} | failed: {str(e).splitlines()[0][:100]} | | | |")
                 continue
             print(f"| {label} | {times[0]:.3f} | {times[1]:.3f} | {3.5 * flops / times[1] / 1e9:.0f} | {depth * times[1]:.1f} |", flush=True)
+
+    def materialized(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d)) v with the (N, N) scores in memory: two batched GEMMs around one softmax."""
+        scores = (q * head_dim**-0.5) @ k.transpose(-1, -2)  # (B, H, N, N)
+        return scores.float().softmax(-1).to(q.dtype) @ v
+
+    for label, fn in (("materialized scores, eager", materialized), ("materialized scores, compiled", torch.compile(materialized, fullgraph=True))):
+        times = []
+        for backward in (False, True):
+            for i in range(3 + args.steps):
+                if i == 3:
+                    sync()
+                    t0 = time.perf_counter()
+                out = fn(q, k, v)
+                if backward:
+                    out.backward(torch.ones_like(out))
+            sync()
+            times.append(1000 * (time.perf_counter() - t0) / args.steps)
+        print(f"| {label} | {times[0]:.3f} | {times[1]:.3f} | {3.5 * flops / times[1] / 1e9:.0f} | {depth * times[1]:.1f} |", flush=True)
     print()
 
 
