@@ -27,6 +27,7 @@ A "+modifier" changes one thing of the variant before it (several may follow, e.
     +whole       torch.compile of the whole model instead of each block
     +autotune    torch.compile mode "max-autotune-no-cudagraphs" (Triton GEMM templates with the pointwise epilogues,
                  e.g. the GELU after fc1, fused in where the benchmark says so; autotuning adds compile time)
+    +tma         +autotune with inductor's persistent TMA GEMM templates too (Hopper; off in inductor by default)
     +coord       inductor's coordinate_descent_tuning (tunes the fused pointwise / reduction kernels' launch configs)
     +muladd-ema  TrainStep's EMA as the former foreach multiply + add (default: one foreach lerp)
     +no-rpr      torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False (PyTorch's default: True)
@@ -93,6 +94,7 @@ class Variant:
     reduced_precision_reduction: bool = True  # torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
     coordinate_descent: bool = False  # torch._inductor.config.coordinate_descent_tuning
     aggressive_fusion: bool = False  # torch._inductor.config.aggressive_fusion
+    persistent_tma: bool = False  # torch._inductor.config.triton.enable_persistent_tma_matmul (Hopper TMA GEMM templates)
     fused_gelu: bool = True  # with kernels: fc1's bias + GELU as our Triton kernel too (KernelChoice.fused_gelu)
     fused_residual_norm: bool = True  # with kernels: the attention's gate + residual and the MLP's adaLN as one kernel
 
@@ -115,6 +117,7 @@ VARIANTS = {
 MODIFIERS = {  # "+name" after a variant: one change to it
     "whole": dict(compile="model"),
     "autotune": dict(compile_mode="max-autotune-no-cudagraphs"),
+    "tma": dict(compile_mode="max-autotune-no-cudagraphs", persistent_tma=True),
     "coord": dict(coordinate_descent=True),
     "muladd-ema": dict(ema_lerp=False),
     "no-rpr": dict(reduced_precision_reduction=False),
@@ -279,7 +282,10 @@ def knobs(v: Variant):
     before = matmul.allow_bf16_reduced_precision_reduction
     matmul.allow_bf16_reduced_precision_reduction = v.reduced_precision_reduction
     try:
-        with inductor_config.patch(coordinate_descent_tuning=v.coordinate_descent, aggressive_fusion=v.aggressive_fusion), \
+        switches = {"coordinate_descent_tuning": v.coordinate_descent, "aggressive_fusion": v.aggressive_fusion}
+        if v.persistent_tma:
+            switches["triton.enable_persistent_tma_matmul"] = True
+        with inductor_config.patch(switches), \
                 separate_norm(not v.fused_residual_norm):
             yield
     finally:
