@@ -25,6 +25,11 @@ state, fwd+bwd under bf16 autocast, at 256 px (latents 32 x 32, patch 2: 256 pos
     ulysses    shard of s/sp positions throughout; Ulysses attention in the spatial block, temporal block local
     sp=1       the pair on the full sequence on rank 0 alone
 with the all-to-alls per pair (fwd+bwd) and the bytes each rank sends in them (counted on the collectives).
+Expected bytes per token and pair: dsp moves the hidden state there and back (2 D, in the residual stream's dtype:
+fp32 for Latte) forward and again backward; ulysses moves q, k, v and the output (4 D, bf16 under autocast) forward
+and again backward, and nothing in the temporal block (positions are local there). So dsp sends as many bytes as
+this ulysses with an fp32 residual stream and would send half with a bf16 one; the DSP paper's 8 all-to-alls per
+pair are a Ulysses that also shards the temporal block, which this layout does not need.
 
     torchrun --standalone --nproc_per_node N bench/sequence_parallel.py --model latte [--frames 16,32,64]
     torchrun --standalone --nproc_per_node 2 bench/sequence_parallel.py --model latte --tiny   # CPU + gloo
