@@ -4,7 +4,7 @@
 #   bash bench/multigpu.sh SECTION [SECTION ...]     on the GPU host; tables to stdout and to $OUT/SECTION-<N>gpu.md
 #   TINY=1 bash bench/multigpu.sh SECTION            the same commands with --tiny on 2 CPU processes (gloo)
 #
-#   tests     pytest -m gpu tests (the multi-GPU cases skip below 2 GPUs)
+#   tests     pytest -m gpu tests except tests/kernels (one GPU tests those; the multi-GPU cases skip below 2 GPUs)
 #   latte     issue 13: DSP vs Ulysses on a Latte-XL block pair, 16-64 frames at 256 px, sp = N (and 2 when N > 2)
 #   sampling  issue 15: one batch's latency per layout (1 GPU, sp N, cfg x sp, dp N) and sample_ddp.py's throughput
 #   sp        issue 7: FastSeq (ring on / off) vs Ulysses per layer at 16K-64K tokens, sp = N, and the end-to-end step
@@ -40,7 +40,7 @@ for section in "$@"; do
     {
         echo "## $section on $N x ${CARD:-CPU process}, $(date -u +%F)"
         case $section in
-            tests) $PY -m pytest -q -m gpu tests 2>&1 | tail -15 ;;
+            tests) $PY -m pytest -q -m gpu tests --ignore=tests/kernels -rs 2>&1 | tail -15 ;;  # kernels: one GPU is enough
             latte) run "$N" bench/sequence_parallel.py --model latte --frames 16,32,64
                    [ "$N" -gt 2 ] && run 2 bench/sequence_parallel.py --model latte --frames 16,32,64 ;;
             sampling) if [ -n "$TINY_FLAG" ]; then run "$N" bench/sample_parallel.py --steps 5 --images 4 --ddp_batch 2 --ddp_steps 5
