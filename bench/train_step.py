@@ -342,45 +342,38 @@ def attention_bench(args: argparse.Namespace, batch: int, device: torch.device) 
         qp, kp, vp = (F.pad(t, (0, width - head_dim)) for t in (q, k, v))  # zeros: same scores, zero extra outputs
         return F.scaled_dot_product_attention(qp, kp, vp, scale=head_dim**-0.5)[..., :head_dim]
 
-    for name in ("cudnn", "flash", "efficient") if device.type == "cuda" else ("math",):
-        for width in widths:
-            label = name if width == head_dim else f"{name}, head dim padded to {width}"
-            try:
-                with sdpa_kernel([BACKENDS[name]]):
-                    times = []
-                    for backward in (False, True):
-                        for i in range(3 + args.steps):
-                            if i == 3:
-                                sync()
-                                t0 = time.perf_counter()
-                            out = attention(width)
-                            if backward:
-                                out.backward(torch.ones_like(out))
-                        sync()
-                        times.append(1000 * (time.perf_counter() - t0) / args.steps)
-            except RuntimeError as e:
-                print(f"| {label} | failed: {str(e).splitlines()[0][:100]} | | | |")
-                continue
-            print(f"| {label} | {times[0]:.3f} | {times[1]:.3f} | {3.5 * flops / times[1] / 1e9:.0f} | {depth * times[1]:.1f} |", flush=True)
-
-    def materialized(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """softmax(q k^T / sqrt(d)) v with the (N, N) scores in memory: two batched GEMMs around one softmax."""
-        scores = (q * head_dim**-0.5) @ k.transpose(-1, -2)  # (B, H, N, N)
-        return scores.float().softmax(-1).to(q.dtype) @ v
-
-    for label, fn in (("materialized scores, eager", materialized), ("materialized scores, compiled", torch.compile(materialized, fullgraph=True))):
+    def row(label: str, fn) -> None:
+        """One table row: fn()'s forward ms and forward + backward ms, over args.steps calls after 3 untimed ones."""
         times = []
         for backward in (False, True):
             for i in range(3 + args.steps):
                 if i == 3:
                     sync()
                     t0 = time.perf_counter()
-                out = fn(q, k, v)
+                out = fn()
                 if backward:
                     out.backward(torch.ones_like(out))
             sync()
             times.append(1000 * (time.perf_counter() - t0) / args.steps)
         print(f"| {label} | {times[0]:.3f} | {times[1]:.3f} | {3.5 * flops / times[1] / 1e9:.0f} | {depth * times[1]:.1f} |", flush=True)
+
+    for name in ("cudnn", "flash", "efficient") if device.type == "cuda" else ("math",):
+        for width in widths:
+            label = name if width == head_dim else f"{name}, head dim padded to {width}"
+            try:
+                with sdpa_kernel([BACKENDS[name]]):
+                    row(label, lambda w=width: attention(w))
+            except RuntimeError as e:
+                print(f"| {label} | failed: {str(e).splitlines()[0][:100]} | | | |")
+
+    def materialized(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d)) v with the (N, N) scores in memory: two batched GEMMs around one softmax."""
+        scores = (q * head_dim**-0.5) @ k.transpose(-1, -2)  # (B, H, N, N)
+        return scores.float().softmax(-1).to(q.dtype) @ v
+
+    compiled = torch.compile(materialized, fullgraph=True)
+    row("materialized scores, eager", lambda: materialized(q, k, v))
+    row("materialized scores, compiled", lambda: compiled(q, k, v))
     print()
 
 
