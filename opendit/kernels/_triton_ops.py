@@ -511,10 +511,16 @@ def _scaled(y, inv_s):
 
 
 @triton.jit
+def _exp_minus_2z(h):
+    """exp(-2z) for tanh GELU's z = sqrt(2/pi) (h + 0.044715 h^3), in fp32, the exponent capped at 80 (no inf)."""
+    return tl.exp(tl.minimum(-1.5957691216057308 * (h + 0.044715 * h * h * h), 80.0))
+
+
+@triton.jit
 def _gelu(h):
-    """tanh GELU in fp32: 0.5 h (1 + tanh(z)) = h * sigmoid(2z), z = sqrt(2/pi) (h + 0.044715 h^3); the division is the
-    fast one (2 ulp), far below the e4m3 rounding that follows."""
-    return tl.fdiv(h, 1.0 + tl.exp(tl.minimum(-1.5957691216057308 * (h + 0.044715 * h * h * h), 80.0)))
+    """tanh GELU in fp32: 0.5 h (1 + tanh(z)) = h * sigmoid(2z) = h / (1 + exp(-2z)); the division is the fast one
+    (2 ulp), far below the e4m3 rounding that follows."""
+    return tl.fdiv(h, 1.0 + _exp_minus_2z(h))
 
 
 @triton.jit
@@ -583,7 +589,7 @@ def _gelu_grad(u):
     1 - tanh^2 z = 4 e s^2 = 4 (1 - s) s (no cancellation, no overflow), so GELU = u s and its derivative
     s + 2 u (1 - s) s c (1 + 3a u^2). u is clamped to +-20 inside (beyond, s is exactly 0 or 1 in fp32)."""
     v = tl.minimum(tl.maximum(u, -20.0), 20.0)
-    s = tl.fdiv(1.0, 1.0 + tl.exp(tl.minimum(-1.5957691216057308 * (v + 0.044715 * v * v * v), 80.0)))  # fast division
+    s = tl.fdiv(1.0, 1.0 + _exp_minus_2z(v))  # fast division
     return u * s, s + 2.0 * v * (1.0 - s) * s * 0.7978845608028654 * (1.0 + 0.134145 * v * v)
 
 
