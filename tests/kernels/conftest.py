@@ -16,6 +16,11 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 
 
 @pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
 def _no_autotune_for_small_tests(request, monkeypatch):
     """On GPU, tests not marked `gpu` use the heuristic config (autotuning every tiny shape only costs time)."""
     if torch.cuda.is_available() and request.node.get_closest_marker("gpu") is None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from opendit.kernels import fused_adaln as fa
+from close import assert_close_scaled  # tests/close.py
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Max error allowed, relative to the largest magnitude of the expected tensor: one final rounding to dtype.
@@ -15,18 +16,9 @@ gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = ""):
-    """Finite, right dtype-independent shape, and max |error| <= TOL[dtype] * max |expected| (scale-free)."""
-    assert actual.shape == expected.shape, what
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    err = (actual.double() - expected.double()).abs().max().item()
-    bound = TOL[dtype] * max(expected.abs().max().item(), 1e-30)
-    assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e}"
+    """Finite, same shape, and max |error| <= TOL[dtype] * max |expected| (scale-free)."""
+    assert_close_scaled(actual, expected, TOL[dtype], what)
 
 
 def leaves(*ts):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from opendit.kernels import fused_gelu as bg
 from opendit.models.blocks import KernelChoice, Mlp
+from close import assert_close_scaled  # tests/close.py
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Max |error| relative to the largest |expected|: one rounding to the dtype (the interpreter truncates: 1 ulp of bf16).
@@ -17,17 +18,9 @@ gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str):
-    assert actual.shape == expected.shape and actual.dtype == dtype, what
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    err = (actual.double() - expected).abs().max().item()
-    bound = TOL[dtype] * expected.abs().max().item()
-    assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e}"
+    assert actual.dtype == dtype, what
+    assert_close_scaled(actual, expected, TOL[dtype], what)
 
 
 def both(h: torch.Tensor, bias: torch.Tensor, dout: torch.Tensor, fn=bg.bias_gelu):
