@@ -39,6 +39,10 @@ A "+modifier" changes one thing of the variant before it (several may follow, e.
     +inline-ema  graph: the EMA update inside its own step (default: deferred, beside the next step's forward and backward)
     +separate-norm  with kernels: the attention's gate + residual and the MLP's LayerNorm + modulate as two kernels
                  (the default: one, `gate_residual_layernorm_modulate`)
+    +cast-weights  graph, bf16: autocast casts the fp32 weights at every step, and their gradients back (the default:
+                 the step runs on bf16 copies that AdamW rewrites, opendit.training.bf16_weights)
+    +blocks-only  per-block compile of the blocks alone (the default, as train.py on one process: also the patch +
+                 position embedding, the timestep embedder and the final layer; compile_blocks(ends=True))
 
 The "compile s" column is the warm-up's time beyond its steps at the steady rate (compile, autotune, capture);
 a graph that inductor has already compiled in this process or on this machine loads from its cache (less time).
@@ -97,6 +101,8 @@ class Variant:
     persistent_tma: bool = False  # torch._inductor.config.triton.enable_persistent_tma_matmul (Hopper TMA GEMM templates)
     fused_gelu: bool = True  # with kernels: fc1's bias + GELU as our Triton kernel too (KernelChoice.fused_gelu)
     fused_residual_norm: bool = True  # with kernels: the attention's gate + residual and the MLP's adaLN as one kernel
+    bf16_weights: bool = True  # graph, bf16: forward and backward on bf16 copies of the matmul weights (bf16_weights.py)
+    compile_ends: bool = True  # compile "blocks": also the patch + position embedding, timestep embedder and final layer
 
 
 VARIANTS = {
@@ -130,6 +136,8 @@ MODIFIERS = {  # "+name" after a variant: one change to it
     "separate-norm": dict(fused_residual_norm=False),
     "inline-ema": dict(overlap_ema=False),
     "eager-loss": dict(compile_loss=False),
+    "cast-weights": dict(bf16_weights=False),
+    "blocks-only": dict(compile_ends=False),
 }
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
@@ -230,7 +238,7 @@ def build(name: str, args: argparse.Namespace, device: torch.device) -> nn.Modul
         model.kernels.low_precision_residual = True
     model.kernels.fused_gelu = v.kernels and v.fused_gelu
     if v.compile == "blocks":
-        compile_blocks(model, v.compile_mode)
+        compile_blocks(model, v.compile_mode, ends=v.compile_ends)
     elif v.compile == "model":
         model.compile(mode=v.compile_mode)
     return model.train()
@@ -249,7 +257,7 @@ def make_train_step(model: nn.Module, v: Variant):
     ema = ShardedEMA(model, lerp=v.ema_lerp)
     guard = DivergenceGuard(next(model.parameters()).device, 5)
     train_step = TrainStep(model, diffusion, opt, scaler, scheduler, ema, ParallelMesh(), v.dtype, v.dtype != torch.float32, 1.0, 0.9999, guard)
-    train_step = CudaGraphStep(train_step, overlap_ema=v.overlap_ema) if v.stepper == "graph" else train_step
+    train_step = CudaGraphStep(train_step, overlap_ema=v.overlap_ema, bf16_weights=v.bf16_weights) if v.stepper == "graph" else train_step
     return lambda x, y: train_step(x, dict(y=y))
 
 
@@ -397,7 +405,7 @@ def separate_norm(on: bool):
 
 KERNEL_KINDS = [  # profiler kernel names -> what they do (first match wins)
     ("attention", ("fmha", "cudnn", "flash", "attention")),
-    ("optimizer / EMA / clip", ("multi_tensor", "fused_adam", "foreach", "lerp")),
+    ("optimizer / EMA / clip", ("multi_tensor", "fused_adam", "foreach", "lerp", "_adamw_master")),
     ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "sm90")),
     ("Triton (ours: adaLN, gate + residual, bias + GELU)", ("_adaln_", "_gate_res_", "_bias_gelu_")),
     ("Triton (inductor)", ("triton",)),

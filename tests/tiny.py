@@ -12,3 +12,38 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             if p.requires_grad:
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     return model
+
+
+def tiny_step(device: torch.device, precision: torch.dtype = torch.float32):
+    """A TrainStep of a 2-block DiT on 8x8 latents (10 classes): fused AdamW on CUDA, foreach on the CPU, an LR that
+    changes every step, clipping at 1.0 and an EMA."""
+    from functools import partial
+
+    from opendit.diffusion import create_diffusion
+    from opendit.models import DiT
+    from opendit.parallel.mesh import ParallelMesh
+    from opendit.training.ema import ShardedEMA
+    from opendit.training.guard import DivergenceGuard
+    from opendit.training.optim import ShardedAdamW, lr_factor
+    from opendit.training.step import TrainStep
+
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10, class_dropout_prob=0.0).to(device)
+    for p in model.parameters():  # non-zero output layers, so every parameter gets a gradient from the first step
+        p.data.add_(0.01 * torch.randn_like(p))
+    cuda = device.type == "cuda"
+    opt = ShardedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=cuda, foreach=not cuda)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, "cosine", 2, 8))  # the LR changes every step
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    return TrainStep(model.train(), create_diffusion(""), opt, scaler, scheduler, ShardedEMA(model), ParallelMesh(), precision, precision != torch.float32, 1.0, 0.9, DivergenceGuard(device, 5))
+
+
+def run_steps(step, steps: int = 7) -> tuple:
+    """`steps` seeded steps of `step`: (losses, LRs, the weights after, the EMA after)."""
+    torch.manual_seed(1)
+    device = next(step.model.parameters()).device
+    data = [(torch.randn(4, 4, 8, 8, device=device), torch.randint(0, 10, (4,), device=device)) for _ in range(steps)]
+    torch.manual_seed(2)
+    results = [step(x, {"y": y}) for x, y in data]
+    losses = torch.stack([r.loss_dict["loss"].mean() for r in results]).cpu()
+    return losses, [r.lr for r in results], [p.detach().clone() for p in step.model.parameters()], [e.clone() for e in step.ema.state_dict().values()]

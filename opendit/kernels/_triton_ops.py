@@ -685,3 +685,51 @@ def bias_gelu_bwd(dout: torch.Tensor, h: torch.Tensor, bias: torch.Tensor, confi
     """dout, h: (N, C) contiguous -> dh (N, C) in h.dtype (the gradient of h + bias), dbias (C,) fp32."""
     dh, dbias_p = bias_gelu_bwd_partials(dout, h, bias, config, rows_per_prog)
     return dh, dbias_p.sum(0)
+
+
+# ----------------------------------------------------------------------------- AdamW on fp32 masters with bf16 copies
+
+
+@triton.jit
+def _adamw_master_kernel(
+    P, G, M, V, COPY,  # fp32 master, its (bf16) gradient, fp32 moments, its bf16 copy: all (n,)
+    S,  # fp32 (5,): lr, lr / bias_correction1, sqrt(bias_correction2), grad_scale, found_inf
+    n, beta1, beta2, weight_decay, eps,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n * (tl.load(S + 4) == 0.0).to(tl.int64)  # found_inf: nothing is read or written
+    lr, step_size, bc2_sqrt, grad_scale = tl.load(S), tl.load(S + 1), tl.load(S + 2), tl.load(S + 3)
+    p = tl.load(P + offs, mask=mask, other=0.0)
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32) / grad_scale
+    m = tl.load(M + offs, mask=mask, other=0.0)
+    v = tl.load(V + offs, mask=mask, other=0.0)
+    p = p - lr * weight_decay * p  # AdamW's decoupled decay, then Adam (torch's fused AdamW, in its order)
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * g * g
+    p = p - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
+    tl.store(P + offs, p, mask=mask)
+    tl.store(M + offs, m, mask=mask)
+    tl.store(V + offs, v, mask=mask)
+    tl.store(COPY + offs, _to_bf16_rne(p), mask=mask)
+
+
+@triton.jit
+def _to_bf16_rne(x):
+    """fp32 -> bf16 rounded to nearest even, as torch (autocast) rounds, written out: the interpreter truncates."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return tl.where(x == x, bits, 0x7FC0).to(tl.uint16).to(tl.bfloat16, bitcast=True)  # NaN stays NaN
+
+
+ADAMW_BLOCK, ADAMW_WARPS = 1024, 4  # elements per program, 8 per thread: the best of 1024-4096 x 4-16 warps (bench/adamw.py)
+
+
+def adamw_master_(p, g, m, v, copy, scalars, beta1: float, beta2: float, weight_decay: float, eps: float, block=None, warps=None) -> None:
+    """One AdamW step of contiguous fp32 p, m, v from gradient g (any float dtype), writing p's bf16 copy too."""
+    n = p.numel()
+    if n == 0:
+        return
+    if block is None:  # small under the interpreter: tests cover several programs
+        block, warps = (64, 1) if INTERPRET else (ADAMW_BLOCK, ADAMW_WARPS)
+    _adamw_master_kernel[(triton.cdiv(n, block),)](p, g, m, v, copy, scalars, n, beta1, beta2, weight_decay, eps, BLOCK=block, num_warps=warps)

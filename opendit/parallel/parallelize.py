@@ -59,11 +59,17 @@ def enable_grad_checkpointing(model: nn.Module) -> None:
         block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def compile_blocks(model: nn.Module, mode: Optional[str] = None) -> None:
+def compile_blocks(model: nn.Module, mode: Optional[str] = None, ends: bool = False) -> None:
     """torch.compile each transformer block in place (nn.Module.compile), so parameter names are unchanged; `mode`
-    is torch.compile's (e.g. "max-autotune-no-cudagraphs": Triton GEMM templates with fused epilogues, autotuned)."""
+    is torch.compile's (e.g. "max-autotune-no-cudagraphs": Triton GEMM templates with fused epilogues, autotuned).
+    ends: also what runs around the blocks, the patch + position embedding (model.embed), the timestep embedder and
+    the final layer (+1-2% on DiT-B/2 at batch 64, docs/benchmarks.md; on one process, where it was measured)."""
     for block in model.blocks:
         block.compile(mode=mode)
+    if ends:
+        model.embed = torch.compile(model.embed, mode=mode)  # over the method: conv, reshape and + positions as one graph
+        model.t_embedder.compile(mode=mode)
+        model.final_layer.compile(mode=mode)
 
 
 @torch.no_grad()
@@ -132,7 +138,7 @@ def parallelize(
     if compile == "model":  # sampling on one process: the whole forward as one graph (docs/benchmarks.md)
         model.compile(mode=compile_mode)
     elif compile:  # True or "blocks"
-        compile_blocks(model, compile_mode)
+        compile_blocks(model, compile_mode, ends=mesh.device_mesh is None)
     if mesh.device_mesh is None or plugin is None:
         return model
     if plugin == "ddp":

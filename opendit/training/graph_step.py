@@ -5,7 +5,8 @@ Python. Captured once, a step costs one graph launch. The first `warmup` steps r
 initialisation, torch.compile and autotuning happen there), the next one captures the graph, and every step after
 that copies the batch into static inputs and replays it. Timesteps and noise are drawn outside the graph, as the eager
 step draws them; the LR reaches the fused AdamW kernel through a device tensor, so the schedule keeps working.
-The EMA update is deferred (ema.py): it overlaps the next step's forward and backward on a second stream.
+The EMA update is deferred (ema.py): it overlaps the next step's forward and backward on a second stream. Under bf16
+autocast the forward and backward run on bf16 copies of the matmul weights that AdamW keeps current (bf16_weights.py).
 One process, CUDA, bf16/fp32 (no fp16 loss scaler), no sequence parallelism: check_graph_step refuses the rest.
 """
 from typing import Optional
@@ -13,6 +14,7 @@ from typing import Optional
 import torch
 
 from opendit.errors import UsageError
+from opendit.training.bf16_weights import Bf16Weights
 
 
 def graph_step_refusal(world_size: int, cuda: bool, precision: str, sequence_parallel_size: int, grad_checkpoint: bool) -> Optional[str]:
@@ -41,9 +43,11 @@ def maybe_graph_step(args, step, world_size: int, device: torch.device):
 class CudaGraphStep:
     """Calls like a TrainStep (and forwards everything else to it); its device work is a CUDA graph after warm-up."""
 
-    def __init__(self, step, warmup: int = 3, overlap_ema: bool = True):
+    def __init__(self, step, warmup: int = 3, overlap_ema: bool = True, bf16_weights: bool = True):
         if step.scaler.is_enabled():
             raise UsageError("--cuda_graph: not with --mixed_precision fp16 (the loss scaler skips steps from the host)")
+        if bf16_weights and step.use_autocast and step.amp_dtype == torch.bfloat16 and step.on_device_skip:
+            step.weights = Bf16Weights(step.model, step.optimizer)  # no weight casts in the graph (bf16_weights.py)
         self.step, self.warmup, self.calls = step, warmup, 0
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.static: dict = {}  # inputs the graph reads: x, t, noise and the model kwargs
@@ -77,6 +81,8 @@ class CudaGraphStep:
         self.side = self.side or torch.cuda.Stream()
         self.side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side):
+            if self.step.weights is not None:
+                self.step.weights.refresh()  # the masters may have changed since (a checkpoint loaded)
             loss_dict, grad_norm, _ = self.step.update(x, t, noise, model_kwargs)
         torch.cuda.current_stream().wait_stream(self.side)
         # Detached, so no caller keeps this step's autograd graph (and its side-stream AccumulateGrad nodes) alive
@@ -102,6 +108,9 @@ class CudaGraphStep:
         for g, lr in zip(groups, self.lr):
             g["lr"] = lr  # captured by pointer; the schedule's floats are restored below and copied in by feed()
         self.step.optimizer.zero_grad(set_to_none=True)  # gradients are allocated inside the graph's pool
+        if self.step.weights is not None:
+            self.step.weights.zero_grad()
+            self.step.weights.refresh()  # outside the graph: inside it, AdamW keeps the copies current
         torch.cuda.synchronize()
         self.graph = torch.cuda.CUDAGraph()
         try:

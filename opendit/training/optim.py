@@ -33,7 +33,11 @@ def lr_factor(schedule: str, warmup_steps: int, max_steps: int, step: int) -> fl
 def global_grad_norm(grads: list) -> torch.Tensor:
     """The 2-norm of all gradients; FSDP2 (DTensor) gradients: the local shards' squares, one all-reduce (the DTensor
     path dispatches every tensor separately and cost tens of ms per step)."""
-    total = torch.stack(torch._foreach_norm([local_shard(g) for g in grads], 2.0)).square().sum()  # this rank's |g|^2
+    by_dtype = {}  # one foreach launch per dtype (bf16 working copies' gradients beside fp32 ones), fp32 norms
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(local_shard(g))
+    norms = [n for group in by_dtype.values() for n in torch._foreach_norm(group, 2.0, dtype=torch.float32)]
+    total = torch.stack(norms).square().sum()  # this rank's |g|^2
     if isinstance(grads[0], DTensor):
         dist.all_reduce(total, group=grads[0].device_mesh.get_group())
     return total.sqrt()
@@ -51,11 +55,10 @@ def clip_grad_norm(params: list, max_norm: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def grad_norm_and_divisor(params: list, grad_clip: float) -> tuple:
-    """(the global gradient norm, max(1, norm / grad_clip)) without touching the gradients (grad_clip <= 0: no
-    clipping): fused AdamW divides them by the second (its grad_scale) as it reads them, which clips as clip_grad_norm
-    does with one read of them less."""
-    grads = [p.grad for p in params if p.grad is not None]
+def grad_norm_and_divisor(grads: list, grad_clip: float) -> tuple:
+    """(the global norm of grads, max(1, norm / grad_clip)) without touching them (grad_clip <= 0: no clipping):
+    fused AdamW divides them by the second (its grad_scale) as it reads them, which clips as clip_grad_norm does with
+    one read of them less."""
     if not grads:
         return torch.zeros(()), torch.ones(())
     total = global_grad_norm(grads)

@@ -1,12 +1,14 @@
 """One training step: noise and timesteps, the diffusion loss, backward, clipping, AdamW, the LR schedule and the EMA."""
 from dataclasses import dataclass
 from functools import partial
+from typing import Optional
 
 import torch
 
 from opendit.builders import PRECISIONS
 from opendit.diffusion import create_diffusion
 from opendit.parallel.mesh import ParallelMesh
+from opendit.training.bf16_weights import Bf16Weights
 from opendit.training.ema import ShardedEMA
 from opendit.training.guard import DivergenceGuard, any_rank
 from opendit.training.optim import ShardedAdamW, clip_and_check, grad_norm_and_divisor, lr_factor
@@ -38,6 +40,7 @@ class TrainStep:
     grad_clip: float
     ema_decay: float
     guard: DivergenceGuard
+    weights: Optional[Bf16Weights] = None  # bf16 copies of the matmul weights, run in their place (the CUDA-graph step)
 
     def __post_init__(self):
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -58,13 +61,17 @@ class TrainStep:
     def update(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, model_kwargs: dict) -> tuple:
         """The device work of a step: loss, backward, clipping, AdamW and the EMA. Returns (loss_dict, grad_norm, skipped)."""
         self.ema.begin()  # a deferred EMA update (the CUDA-graph step's) runs beside the forward and backward
+        model = self.model if self.weights is None else self.weights.bind(self.model)
         with torch.autocast(x.device.type, dtype=self.amp_dtype, enabled=self.use_autocast):
-            loss_dict = self.diffusion.training_losses(self.model, x, t, model_kwargs, noise=noise)
+            loss_dict = self.diffusion.training_losses(model, x, t, model_kwargs, noise=noise)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.weights is not None:
+            self.weights.zero_grad()
         loss = loss_dict["loss"].mean()
         self.scaler.scale(self.mesh.gradient_loss(loss)).backward()
         if self.on_device_skip and not self.scaler.is_enabled():  # fused AdamW clips: it divides the gradients by the divisor
-            grad_norm, self.clip_divisor = grad_norm_and_divisor(self.params, self.grad_clip)
+            grads = [p.grad for p in self.params if p.grad is not None] + (self.weights.grads() if self.weights is not None else [])
+            grad_norm, self.clip_divisor = grad_norm_and_divisor(grads, self.grad_clip)
         else:
             grad_norm, self.clip_divisor = clip_and_check(self.optimizer, self.scaler, self.params, self.grad_clip), None
         bad = any_rank(~torch.isfinite(loss.detach()))  # the same decision on every rank (guard.py)
@@ -97,6 +104,8 @@ class TrainStep:
             self.optimizer.found_inf, self.optimizer.grad_scale = bad.float(), self.clip_divisor
             self.optimizer.step()
             self.optimizer.found_inf = self.optimizer.grad_scale = None
+            if self.weights is not None:
+                self.weights.step(self.clip_divisor, bad.float())
             self.ema.update(self.ema_decay, keep=bad)
         elif not bad.item():  # CPU: reading the flag is free
             self.optimizer.step()

@@ -1,4 +1,5 @@
-"""parallelize() wiring on one process: torch.compile per block and activation checkpointing keep parameter names."""
+"""parallelize() wiring on one process: torch.compile per block (and around them) and activation checkpointing keep
+parameter names."""
 import pytest
 import torch
 
@@ -11,7 +12,9 @@ def test_compile_and_checkpointing_are_wired_per_block(dt):
     assert parallelize(model, grad_checkpoint=True, compile=True) is model  # one process: nothing wraps it
     assert all(block._compiled_call_impl is not None for block in model.blocks)  # nn.Module.compile, run lazily
     assert [name for name, _ in model.named_parameters()] == names and "_orig_mod" not in str(model.state_dict().keys())
-    assert model.final_layer._compiled_call_impl is None
+    # One process: what runs around the blocks too (the patch + position embedding, timestep embedder, final layer).
+    assert model.final_layer._compiled_call_impl is not None and model.t_embedder._compiled_call_impl is not None
+    assert "embed" in vars(model) and hasattr(model.embed, "_torchdynamo_orig_callable")  # the method, compiled
 
 
 def test_grad_checkpointing_gives_the_same_gradients(dt):
@@ -33,8 +36,8 @@ def test_compile_mode_reaches_torch_compile_of_every_block(dt, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs.get("mode")) or real(fn, **kwargs))
     parallelize(dt.tiny_model(), compile=True)
     parallelize(dt.tiny_model(), compile=True, compile_mode="max-autotune-no-cudagraphs")
-    blocks = len(dt.tiny_model().blocks)
-    assert seen == [None] * blocks + ["max-autotune-no-cudagraphs"] * blocks
+    compiled = len(dt.tiny_model().blocks) + 3  # the blocks, the embedding, the timestep embedder, the final layer
+    assert seen == [None] * compiled + ["max-autotune-no-cudagraphs"] * compiled
 
 
 def test_unknown_compile_mode_is_refused(dt):

@@ -1,43 +1,15 @@
 """The CUDA-graph training step: the same losses, weights and EMA as the eager TrainStep; refused where it cannot run.
 And the eager TrainStep with fused AdamW, which clips by dividing the gradients, as the in-place clipping path."""
 import argparse
-from functools import partial
 
 import pytest
 import torch
 
-from opendit.diffusion import create_diffusion
 from opendit.errors import UsageError
-from opendit.models import DiT
-from opendit.parallel.mesh import ParallelMesh
 from opendit.training.args import check_flags, get_parser
-from opendit.training.ema import ShardedEMA
 from opendit.training.graph_step import CudaGraphStep, graph_step_refusal, maybe_graph_step
 from opendit.training.optim import ShardedAdamW, lr_factor
-from opendit.training.guard import DivergenceGuard
-from opendit.training.step import TrainStep
-
-
-def tiny_step(device: torch.device, precision: torch.dtype = torch.float32) -> TrainStep:
-    torch.manual_seed(0)
-    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10, class_dropout_prob=0.0).to(device)
-    for p in model.parameters():  # non-zero output layers, so every parameter gets a gradient from the first step
-        p.data.add_(0.01 * torch.randn_like(p))
-    cuda = device.type == "cuda"
-    opt = ShardedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=cuda, foreach=not cuda)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, "cosine", 2, 8))  # the LR changes every step
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
-    return TrainStep(model.train(), create_diffusion(""), opt, scaler, scheduler, ShardedEMA(model), ParallelMesh(), precision, precision != torch.float32, 1.0, 0.9, DivergenceGuard(device, 5))
-
-
-def run(step, steps: int = 7) -> tuple:
-    torch.manual_seed(1)
-    device = next(step.model.parameters()).device
-    data = [(torch.randn(4, 4, 8, 8, device=device), torch.randint(0, 10, (4,), device=device)) for _ in range(steps)]
-    torch.manual_seed(2)
-    results = [step(x, {"y": y}) for x, y in data]
-    losses = torch.stack([r.loss_dict["loss"].mean() for r in results]).cpu()
-    return losses, [r.lr for r in results], [p.detach().clone() for p in step.model.parameters()], [e.clone() for e in step.ema.state_dict().values()]
+from tiny import run_steps as run, tiny_step  # tests/tiny.py
 
 
 @pytest.mark.gpu

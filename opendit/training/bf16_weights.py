@@ -1,0 +1,81 @@
+"""bf16 working copies of the matmul weights: the CUDA-graph step's forward and backward run on them.
+
+Under bf16 autocast every Linear / Conv weight is cast from its fp32 master to bf16 at each step, and its bf16
+gradient is cast back to fp32 for AdamW: 12 bytes a weight a step that move nothing new. Here the step calls the model
+with bf16 copies in place of those weights (torch.func.functional_call); the copies hold exactly what autocast's cast
+would (round to nearest even), so the forward, the loss and the gradients are the same. AdamW (kernels/adamw.py)
+updates each fp32 master from its copy's bf16 gradient and rewrites the copy in the same pass. Everything else reads
+the masters (model.parameters()): checkpoints, the EMA, previews; the moments live in the optimizer's state in
+torch AdamW's layout, so checkpoints are the plain step's. Biases, embeddings and other parameters keep the plain path
+(autocast casts them; fused AdamW updates them).
+"""
+import torch
+import torch.nn as nn
+
+from opendit.kernels.adamw import adamw_master_, adamw_scalars
+
+_MATMULS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class Bf16Weights:
+    """bf16 copies of a model's trainable Linear / Conv weights, used by bind(); step() is their AdamW."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, dtype: torch.dtype = torch.bfloat16):
+        if not all(group.get("fused") for group in optimizer.param_groups):
+            raise ValueError("Bf16Weights needs fused AdamW (it takes the clip divisor and found_inf as fused AdamW does)")
+        group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        self.names, self.masters, self.groups = [], [], []
+        for prefix, module in model.named_modules():
+            w = getattr(module, "weight", None)
+            if isinstance(module, _MATMULS) and isinstance(w, nn.Parameter) and id(w) in group_of and type(w.data) is torch.Tensor and w.dtype == torch.float32:
+                self.names.append(f"{prefix}.weight" if prefix else "weight")
+                self.masters.append(w)
+                self.groups.append(group_of[id(w)])
+        self.copies = [w.detach().to(dtype).requires_grad_() for w in self.masters]
+        self.optimizer = optimizer
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Copies := masters (after anything but step() changed them: a checkpoint load, the first steps)."""
+        if self.copies:
+            torch._foreach_copy_([c.detach() for c in self.copies], self.masters)
+
+    def bind(self, model: nn.Module):
+        """model, called with the copies in place of the fp32 weights (as model(*args, **kwargs))."""
+        weights = dict(zip(self.names, self.copies))
+        return lambda *args, **kwargs: torch.func.functional_call(model, weights, args, kwargs, strict=False)
+
+    def zero_grad(self) -> None:
+        for c in self.copies:
+            c.grad = None
+
+    def grads(self) -> list:
+        return [c.grad for c in self.copies if c.grad is not None]
+
+    @torch.no_grad()
+    def step(self, grad_scale: torch.Tensor, found_inf: torch.Tensor) -> None:
+        """AdamW on the masters from the copies' gradients (divided by grad_scale; nothing when found_inf), rewriting
+        the copies; its state is optimizer.state[master] (step, exp_avg, exp_avg_sq) as torch AdamW keeps it."""
+        states = [self._state(w) for w in self.masters]
+        if not states:
+            return
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1)
+        torch._foreach_sub_(steps, [found_inf] * len(steps))  # a skipped step does not count (as torch AdamW counts)
+        scalars = {}  # one set per param group (same lr, betas and step count)
+        for w, c, group, state in zip(self.masters, self.copies, self.groups, states):
+            if c.grad is None:
+                continue
+            beta1, beta2 = group["betas"]
+            if id(group) not in scalars:
+                scalars[id(group)] = adamw_scalars(group["lr"], state["step"], beta1, beta2, grad_scale, found_inf)
+            adamw_master_(w.detach(), c.grad, state["exp_avg"], state["exp_avg_sq"], c.detach(), scalars[id(group)], beta1, beta2, group["weight_decay"], group["eps"])
+
+    def _state(self, w: torch.Tensor) -> dict:
+        """The optimizer's state of w, created as fused, capturable torch AdamW creates it when missing."""
+        state = self.optimizer.state[w]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=w.device)
+            state["exp_avg"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+        return state
