@@ -23,8 +23,8 @@ class Bf16Weights:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, dtype: torch.dtype = torch.bfloat16):
         if not all(group.get("fused") for group in optimizer.param_groups):
             raise ValueError("Bf16Weights needs fused AdamW (it takes the clip divisor and found_inf as fused AdamW does)")
-        group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-        self.names, self.masters, self.groups = [], [], []
+        group_of = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
+        self.names, self.masters, self.groups = [], [], []  # groups: indices (load_state_dict replaces the group dicts)
         for prefix, module in model.named_modules():
             w = getattr(module, "weight", None)
             if isinstance(module, _MATMULS) and isinstance(w, nn.Parameter) and id(w) in group_of and type(w.data) is torch.Tensor and w.dtype == torch.float32:
@@ -63,13 +63,14 @@ class Bf16Weights:
         torch._foreach_add_(steps, 1)
         torch._foreach_sub_(steps, [found_inf] * len(steps))  # a skipped step does not count (as torch AdamW counts)
         scalars = {}  # one set per param group (same lr, betas and step count)
-        for w, c, group, state in zip(self.masters, self.copies, self.groups, states):
+        for w, c, index, state in zip(self.masters, self.copies, self.groups, states):
             if c.grad is None:
                 continue
+            group = self.optimizer.param_groups[index]  # the current dict: lr (a device tensor in the CUDA graph), betas, ...
             beta1, beta2 = group["betas"]
-            if id(group) not in scalars:
-                scalars[id(group)] = adamw_scalars(group["lr"], state["step"], beta1, beta2, grad_scale, found_inf)
-            adamw_master_(w.detach(), c.grad, state["exp_avg"], state["exp_avg_sq"], c.detach(), scalars[id(group)], beta1, beta2, group["weight_decay"], group["eps"])
+            if index not in scalars:
+                scalars[index] = adamw_scalars(group["lr"], state["step"], beta1, beta2, grad_scale, found_inf)
+            adamw_master_(w.detach(), c.grad, state["exp_avg"], state["exp_avg_sq"], c.detach(), scalars[index], beta1, beta2, group["weight_decay"], group["eps"])
 
     def _state(self, w: torch.Tensor) -> dict:
         """The optimizer's state of w, created as fused, capturable torch AdamW creates it when missing."""

@@ -15,7 +15,7 @@ def fused_step(device: torch.device, weights: bool):
     step = tiny_step(device, torch.bfloat16)
     step.optimizer = ShardedAdamW(step.params, lr=1e-3, weight_decay=0.05, fused=True)
     step.scheduler = type(step.scheduler)(step.optimizer, step.scheduler.lr_lambdas[0])
-    step.on_device_skip = True
+    step.__post_init__()  # fused: on_device_skip, and the implementation a resume keeps
     step.grad_clip = 0.05  # below the first steps' gradient norms: the clip divisor is exercised
     if weights:
         step.weights = Bf16Weights(step.model, step.optimizer)
@@ -80,6 +80,43 @@ def test_a_bad_step_leaves_masters_copies_and_moments_alone():
     after = [t for t in w.masters + w.copies] + [step.optimizer.state[m]["exp_avg"] for m in w.masters]
     assert all(torch.equal(x, y) for x, y in zip(after, before))
     assert float(step.optimizer.state[w.masters[0]]["step"]) == 2
+
+
+def test_resume_with_copies_continues_bit_for_bit(tmp_path):
+    """Three steps, a DCP checkpoint, a fresh step that loads it and refreshes its copies, three more: the weights,
+    moments and EMA of six uninterrupted steps, exactly (the moments AdamW created for the masters round-trip, and the
+    update reads the optimizer's param groups as loaded, not the ones it was built with)."""
+    from opendit.checkpoint.dcp import load_checkpoint, save_checkpoint
+
+    device = torch.device("cpu")
+    torch.manual_seed(1)
+    data = [(torch.randn(4, 4, 8, 8), torch.randint(0, 10, (4,))) for _ in range(6)]
+
+    def steps(step, batches):
+        for x, y in batches:
+            step(x, {"y": y})
+
+    torch.manual_seed(2)
+    whole = fused_step(device, True)
+    steps(whole, data)
+    torch.manual_seed(2)
+    first = fused_step(device, True)
+    steps(first, data[:3])
+    rng = torch.get_rng_state()
+    path = save_checkpoint(str(tmp_path), 3, first.model, first.optimizer, first.ema, {"step": 3, **first.state_dict()})
+    second = fused_step(device, True)
+    load_checkpoint(path, second.model, second.optimizer, second.ema)
+    second.load_state_dict(first.state_dict(), lr=1e-3, weight_decay=0.05)
+    second.weights.refresh()
+    torch.set_rng_state(rng)
+    steps(second, data[3:])
+    for a, b in zip(second.model.parameters(), whole.model.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(second.ema.state_dict().values(), whole.ema.state_dict().values()):
+        assert torch.equal(a, b)
+    for w_a, w_b in zip(second.weights.masters, whole.weights.masters):
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(second.optimizer.state[w_a][key], whole.optimizer.state[w_b][key]), key
 
 
 def test_copies_need_fused_adamw():

@@ -88,6 +88,22 @@ def test_eager_step_split_keeps_the_schedule():
     assert any(not torch.equal(p, e) for p, e in zip(params, ema))
 
 
+def test_resume_keeps_this_runs_adamw_implementation():
+    """A checkpoint from a foreach-AdamW run (the CPU's) resumed by a fused-AdamW run (the GPU's, here the CPU's fused
+    one): its param groups name foreach, which takes no found_inf / grad_scale; load_state_dict keeps fused."""
+    cpu = tiny_step(torch.device("cpu"))
+    run(cpu, steps=2)
+    fused = tiny_step(torch.device("cpu"))
+    fused.optimizer = ShardedAdamW(fused.params, lr=1e-3, fused=True)
+    fused.scheduler = type(cpu.scheduler)(fused.optimizer, cpu.scheduler.lr_lambdas[0])
+    fused.__post_init__()
+    assert fused.on_device_skip
+    fused.optimizer.load_state_dict(cpu.optimizer.state_dict())
+    fused.load_state_dict(cpu.state_dict(), lr=1e-3, weight_decay=0.0)
+    assert fused.optimizer.param_groups[0]["fused"] and not fused.optimizer.param_groups[0]["foreach"]
+    assert torch.isfinite(run(fused, steps=2)[0]).all()
+
+
 def test_fused_adamw_clips_by_dividing_the_gradients():
     """With fused AdamW (the GPU's, here the CPU's) TrainStep leaves the gradients as they are and hands fused AdamW
     max(1, |g| / clip) to divide them by (one pass over the gradients less): the weights, EMA and norms of the in-place
@@ -104,3 +120,16 @@ def test_fused_adamw_clips_by_dividing_the_gradients():
     torch.testing.assert_close(b[0], a[0], rtol=1e-5, atol=1e-6)
     for x, y in zip(b[2] + b[3], a[2] + a[3]):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_graph_step_captures_after_loading_a_non_capturable_optimizer_state():
+    """A checkpoint written without the graph step (capturable False in its param groups) replaces the groups when
+    loaded after CudaGraphStep's __init__; the capture still runs."""
+    graph_step = CudaGraphStep(tiny_step(torch.device("cuda")), warmup=1)
+    plain = tiny_step(torch.device("cuda"))
+    run(plain, steps=1)
+    assert not plain.optimizer.param_groups[0]["capturable"]
+    graph_step.optimizer.load_state_dict(plain.optimizer.state_dict())
+    losses = run(graph_step, steps=3)[0]
+    assert graph_step.graph is not None and torch.isfinite(losses).all()
