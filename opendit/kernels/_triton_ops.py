@@ -730,6 +730,6 @@ def adamw_master_(p, g, m, v, copy, scalars, beta1: float, beta2: float, weight_
     n = p.numel()
     if n == 0:
         return
-    if block is None:  # small under the interpreter: tests cover several programs
-        block, warps = (64, 1) if INTERPRET else (ADAMW_BLOCK, ADAMW_WARPS)
+    if block is None:  # under the interpreter: tests still cover several programs and a masked tail, in seconds
+        block, warps = (512, 1) if INTERPRET else (ADAMW_BLOCK, ADAMW_WARPS)
     _adamw_master_kernel[(triton.cdiv(n, block),)](p, g, m, v, copy, scalars, n, beta1, beta2, weight_decay, eps, BLOCK=block, num_warps=warps)
