@@ -3,7 +3,7 @@ against our AdamW on fp32 masters that also writes their bf16 copies (kernels/ad
 
     python bench/adamw.py [--models DiT-B/2,DiT-XL/2] [--configs 1024x4,2048x8,4096x8,4096x16]
 
-Each update is captured in a CUDA graph (as in the training step) and replayed; ms per step from CUDA events.
+Each update is captured in a CUDA graph (as in the training step) and replayed (bench/timing.py graphed_us).
 TB/s counts the bytes each must move: 32 per parameter for torch's (it writes the unscaled gradient back), 28 for ours.
 """
 import argparse
@@ -18,26 +18,7 @@ from opendit.kernels import _triton_ops  # noqa: E402
 from opendit.kernels.adamw import adamw_scalars  # noqa: E402
 from opendit.models import DiT_models  # noqa: E402
 from opendit.training.bf16_weights import Bf16Weights  # noqa: E402
-
-
-def graph_ms(fn, replays: int = 50) -> float:
-    """Mean ms of fn() captured once in a CUDA graph and replayed."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # warm-up: Triton compiles, torch allocates
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / replays
+from timing import graphed_us  # noqa: E402  (bench/timing.py)
 
 
 def main():
@@ -79,7 +60,7 @@ def main():
             block, warps = (int(x) for x in config.split("x"))
             rows.append((f"ours, bf16 gradients + copies, BLOCK {block}, {warps} warps", ours(block, warps), 28))
         for label, fn, nbytes in rows:
-            ms = graph_ms(fn)
+            ms = graphed_us(fn) / 1000
             print(f"| {name} | {n / 1e6:.1f} | {label} | {ms:.3f} | {nbytes * n / ms / 1e9:.2f} |")
 
 

@@ -21,32 +21,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from opendit.kernels import _triton_ops  # noqa: E402
 from opendit.kernels.float8 import E4M3, E4M3_MAX, gelu_quantize_rows_ref, quantize_rows  # noqa: E402
+from timing import graphed_us, timed_us  # noqa: E402  (bench/timing.py)
 
 SHAPES = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}  # (K, N)
-
-
-def timed_us(fn, iters: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / iters
-
-
-def graphed_us(fn, iters: int = 20) -> float:
-    """Microseconds per call of fn captured iters times in one CUDA graph: the GPU's time, without Python's launch cost."""
-    for _ in range(3):
-        fn()  # compile / autotune outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(iters):
-            fn()
-    return timed_us(graph.replay, iters=10) / iters
 
 
 def quantize_tensor(x):

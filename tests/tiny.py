@@ -14,9 +14,9 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def tiny_step(device: torch.device, precision: torch.dtype = torch.float32):
-    """A TrainStep of a 2-block DiT on 8x8 latents (10 classes): fused AdamW on CUDA, foreach on the CPU, an LR that
-    changes every step, clipping at 1.0 and an EMA."""
+def tiny_step(device: torch.device, precision: torch.dtype = torch.float32, fused=None):
+    """A TrainStep of a 2-block DiT on 8x8 latents (10 classes): fused AdamW on CUDA, foreach on the CPU (fused=True:
+    the CPU's fused AdamW, as the GPU steps), an LR that changes every step, clipping at 1.0 and an EMA."""
     from functools import partial
 
     from opendit.diffusion import create_diffusion
@@ -31,8 +31,8 @@ def tiny_step(device: torch.device, precision: torch.dtype = torch.float32):
     model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10, class_dropout_prob=0.0).to(device)
     for p in model.parameters():  # non-zero output layers, so every parameter gets a gradient from the first step
         p.data.add_(0.01 * torch.randn_like(p))
-    cuda = device.type == "cuda"
-    opt = ShardedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=cuda, foreach=not cuda)
+    fused = device.type == "cuda" if fused is None else fused
+    opt = ShardedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=fused, foreach=not fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, "cosine", 2, 8))  # the LR changes every step
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     return TrainStep(model.train(), create_diffusion(""), opt, scaler, scheduler, ShardedEMA(model), ParallelMesh(), precision, precision != torch.float32, 1.0, 0.9, DivergenceGuard(device, 5))

@@ -103,8 +103,6 @@ class CudaGraphStep:
         """Record one step's device work into self.graph (nothing runs until replay)."""
         self.static = {k: v.clone() for k, v in {"x": x, "t": t, "noise": noise, **model_kwargs}.items()}
         groups = self.step.optimizer.param_groups
-        for g in groups:  # again: a checkpoint loaded since __init__ replaced the groups with its own (capturable or not)
-            g["capturable"] = True
         self.lr = [torch.tensor(float(g["lr"]), device=x.device) for g in groups]
         floats = [g["lr"] for g in groups]
         for g, lr in zip(groups, self.lr):

@@ -13,6 +13,16 @@ class ShardedAdamW(torch.optim.AdamW):
     loads), whose update runs on the local shards: the DTensor path dispatches every parameter separately, which
     cost ~77 ms of CPU per DiT-XL/2 step (docs/benchmarks.md). Plain tensors pass through unchanged."""
 
+    IMPLEMENTATION = ("fused", "foreach", "capturable")  # how this run steps, not hyperparameters of the training
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's, keeping this optimizer's implementation over the one the checkpoint's param groups name: a CPU
+        run's foreach AdamW takes no found_inf / grad_scale on the GPU, the CUDA-graph step needs capturable, and the
+        step counts go where this implementation keeps them."""
+        mine = [{k: group[k] for k in self.IMPLEMENTATION if k in group} for group in self.param_groups]
+        groups = [{**saved, **kept} for saved, kept in zip(state_dict["param_groups"], mine)]
+        super().load_state_dict({**state_dict, "param_groups": groups})
+
     def _init_group(self, group, *tensor_lists):
         has_complex = super()._init_group(group, *tensor_lists)  # creates state on first use, fills the lists
         for tensors in tensor_lists:  # params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps

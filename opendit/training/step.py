@@ -46,7 +46,6 @@ class TrainStep:
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.skipped_steps = 0
         self.on_device_skip = all(group.get("fused") for group in self.optimizer.param_groups)  # see guard.py
-        self.implementation = [{k: group.get(k) for k in ("fused", "foreach")} for group in self.optimizer.param_groups]
         self.clip_divisor = None  # fused AdamW (bf16 / fp32): the step's max(1, |g| / grad_clip), which AdamW divides by
 
     def __call__(self, x: torch.Tensor, model_kwargs: dict) -> StepResult:
@@ -119,13 +118,10 @@ class TrainStep:
 
     def load_state_dict(self, state: dict, lr: float, weight_decay: float) -> list:
         """Restore the LR schedule and loss scale; this run's --lr, --weight_decay and schedule (warmup, max_steps)
-        take effect over the checkpoint's, and this run's AdamW implementation (fused on CUDA, foreach on the CPU) over
-        the one the checkpoint's param groups name. Returns one-line notes of what changed."""
+        take effect over the checkpoint's. Returns one-line notes of what changed."""
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         notes = set()
-        for group, implementation in zip(self.optimizer.param_groups, self.implementation):
-            group.update(implementation)  # a CPU run's foreach AdamW takes no found_inf / grad_scale on the GPU
         for group in self.optimizer.param_groups:
             if group.get("initial_lr", lr) != lr:
                 notes.add(f"--lr {lr:g} replaces the checkpoint's {group['initial_lr']:g}")

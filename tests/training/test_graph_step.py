@@ -8,7 +8,7 @@ import torch
 from opendit.errors import UsageError
 from opendit.training.args import check_flags, get_parser
 from opendit.training.graph_step import CudaGraphStep, graph_step_refusal, maybe_graph_step
-from opendit.training.optim import ShardedAdamW, lr_factor
+from opendit.training.optim import lr_factor
 from tiny import run_steps as run, tiny_step  # tests/tiny.py
 
 
@@ -93,10 +93,7 @@ def test_resume_keeps_this_runs_adamw_implementation():
     one): its param groups name foreach, which takes no found_inf / grad_scale; load_state_dict keeps fused."""
     cpu = tiny_step(torch.device("cpu"))
     run(cpu, steps=2)
-    fused = tiny_step(torch.device("cpu"))
-    fused.optimizer = ShardedAdamW(fused.params, lr=1e-3, fused=True)
-    fused.scheduler = type(cpu.scheduler)(fused.optimizer, cpu.scheduler.lr_lambdas[0])
-    fused.__post_init__()
+    fused = tiny_step(torch.device("cpu"), fused=True)
     assert fused.on_device_skip
     fused.optimizer.load_state_dict(cpu.optimizer.state_dict())
     fused.load_state_dict(cpu.state_dict(), lr=1e-3, weight_decay=0.0)
@@ -110,10 +107,7 @@ def test_fused_adamw_clips_by_dividing_the_gradients():
     clipping path to fp32 rounding, with the clip engaged."""
     device = torch.device("cpu")
     clipped = tiny_step(device)  # foreach AdamW on the CPU: clip_grad_norm_ scales the gradients in place
-    fused = tiny_step(device)
-    fused.optimizer = ShardedAdamW(fused.params, lr=1e-3, fused=True)
-    fused.scheduler = type(clipped.scheduler)(fused.optimizer, clipped.scheduler.lr_lambdas[0])
-    fused.on_device_skip = True
+    fused = tiny_step(device, fused=True)
     clipped.grad_clip = fused.grad_clip = 0.01  # below every step's gradient norm: each step is clipped
     a, b = run(clipped), run(fused)
     assert fused.clip_divisor > 1 and fused.optimizer.grad_scale is None  # the divisor path ran (and clipped), and was cleared
