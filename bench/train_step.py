@@ -41,6 +41,8 @@ A "+modifier" changes one thing of the variant before it (several may follow, e.
                  (the default: one, `gate_residual_layernorm_modulate`)
     +cast-weights  graph, bf16: autocast casts the fp32 weights at every step, and their gradients back (the default:
                  the step runs on bf16 copies that AdamW rewrites, opendit.training.bf16_weights)
+    +no-adamw    diagnostic, graph with bf16 copies: the matmul weights' AdamW left out (the most that hiding it could save)
+    +no-ema      diagnostic, graph: the EMA update left out (the most that it costs beside the next step)
     +blocks-only  per-block compile of the blocks alone (the default, as train.py on one process: also the patch +
                  position embedding, the timestep embedder and the final layer; compile_blocks(ends=True))
 
@@ -103,6 +105,8 @@ class Variant:
     fused_residual_norm: bool = True  # with kernels: the attention's gate + residual and the MLP's adaLN as one kernel
     bf16_weights: bool = True  # graph, bf16: forward and backward on bf16 copies of the matmul weights (bf16_weights.py)
     compile_ends: bool = True  # compile "blocks": also the patch + position embedding, timestep embedder and final layer
+    skip_adamw: bool = False  # diagnostic, graph with copies: their AdamW left out of the step
+    skip_ema: bool = False  # diagnostic, graph: the EMA update left out of the step
 
 
 VARIANTS = {
@@ -138,6 +142,8 @@ MODIFIERS = {  # "+name" after a variant: one change to it
     "eager-loss": dict(compile_loss=False),
     "cast-weights": dict(bf16_weights=False),
     "blocks-only": dict(compile_ends=False),
+    "no-adamw": dict(skip_adamw=True),
+    "no-ema": dict(skip_ema=True),
 }
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
@@ -258,6 +264,10 @@ def make_train_step(model: nn.Module, v: Variant):
     guard = DivergenceGuard(next(model.parameters()).device, 5)
     train_step = TrainStep(model, diffusion, opt, scaler, scheduler, ema, ParallelMesh(), v.dtype, v.dtype != torch.float32, 1.0, 0.9999, guard)
     train_step = CudaGraphStep(train_step, overlap_ema=v.overlap_ema, bf16_weights=v.bf16_weights) if v.stepper == "graph" else train_step
+    if v.skip_adamw and train_step.weights is not None:
+        train_step.weights.step = lambda grad_scale, found_inf: None
+    if v.skip_ema:
+        train_step.ema.begin = train_step.ema.update = lambda *args, **kwargs: None
     return lambda x, y: train_step(x, dict(y=y))
 
 
