@@ -41,8 +41,11 @@ A "+modifier" changes one thing of the variant before it (several may follow, e.
                  (the default: one, `gate_residual_layernorm_modulate`)
     +cast-weights  graph, bf16: autocast casts the fp32 weights at every step, and their gradients back (the default:
                  the step runs on bf16 copies that AdamW rewrites, opendit.training.bf16_weights)
-    +no-adamw    diagnostic, graph with bf16 copies: the matmul weights' AdamW left out (the most that hiding it could save)
+    +no-adamw    diagnostic, graph with bf16 copies: the matmul weights' AdamW left out (the most that hiding it could
+                 save; compare with +random-init on both sides: without updates DiT's zero-initialized adaLN and final
+                 layer keep every gradient through the blocks at zero, and a GPU multiplying zeros runs faster)
     +no-ema      diagnostic, graph: the EMA update left out (the most that it costs beside the next step)
+    +random-init  the zero-initialized weights (adaLN modulations, final layer) drawn from N(0, 0.02^2) before timing
     +blocks-only  per-block compile of the blocks alone (the default, as train.py on one process: also the patch +
                  position embedding, the timestep embedder and the final layer; compile_blocks(ends=True))
 
@@ -107,6 +110,7 @@ class Variant:
     compile_ends: bool = True  # compile "blocks": also the patch + position embedding, timestep embedder and final layer
     skip_adamw: bool = False  # diagnostic, graph with copies: their AdamW left out of the step
     skip_ema: bool = False  # diagnostic, graph: the EMA update left out of the step
+    random_init: bool = False  # zero-initialized weights drawn at random first (real gradients from the first step)
 
 
 VARIANTS = {
@@ -144,6 +148,7 @@ MODIFIERS = {  # "+name" after a variant: one change to it
     "blocks-only": dict(compile_ends=False),
     "no-adamw": dict(skip_adamw=True),
     "no-ema": dict(skip_ema=True),
+    "random-init": dict(random_init=True),
 }
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
@@ -232,6 +237,11 @@ def build(name: str, args: argparse.Namespace, device: torch.device) -> nn.Modul
         model = DiffusersDiT(model)
     model = model.to(device)
     v = variant(name)
+    if v.random_init:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() > 1 and not p.any():
+                    p.normal_(0.0, 0.02)
     if v.kernels:
         enable_fused_adaln(model)
     if v.flash:
@@ -267,7 +277,7 @@ def make_train_step(model: nn.Module, v: Variant):
     if v.skip_adamw and train_step.weights is not None:
         train_step.weights.step = lambda grad_scale, found_inf: None
     if v.skip_ema:
-        train_step.ema.begin = train_step.ema.update = lambda *args, **kwargs: None
+        train_step.ema.begin = train_step.ema.update = train_step.ema.join = lambda *args, **kwargs: None
     return lambda x, y: train_step(x, dict(y=y))
 
 
