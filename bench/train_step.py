@@ -46,6 +46,8 @@ A "+modifier" changes one thing of the variant before it (several may follow, e.
                  layer keep every gradient through the blocks at zero, and a GPU multiplying zeros runs faster)
     +no-ema      diagnostic, graph: the EMA update left out (the most that it costs beside the next step)
     +random-init  the zero-initialized weights (adaLN modulations, final layer) drawn from N(0, 0.02^2) before timing
+    +separate-ema  graph, bf16: the EMA of the weights with bf16 copies as its own update beside the next step (12 bytes
+                 a weight; the default: inside their AdamW pass, 8 bytes; the other parameters' EMA stays beside the next step)
     +blocks-only  per-block compile of the blocks alone (the default, as train.py on one process: also the patch +
                  position embedding, the timestep embedder and the final layer; compile_blocks(ends=True))
 
@@ -111,6 +113,7 @@ class Variant:
     skip_adamw: bool = False  # diagnostic, graph with copies: their AdamW left out of the step
     skip_ema: bool = False  # diagnostic, graph: the EMA update left out of the step
     random_init: bool = False  # zero-initialized weights drawn at random first (real gradients from the first step)
+    fused_ema: bool = True  # graph with bf16 copies: the matmul weights' EMA updated in the AdamW pass
 
 
 VARIANTS = {
@@ -149,6 +152,7 @@ MODIFIERS = {  # "+name" after a variant: one change to it
     "no-adamw": dict(skip_adamw=True),
     "no-ema": dict(skip_ema=True),
     "random-init": dict(random_init=True),
+    "separate-ema": dict(fused_ema=False),
 }
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
@@ -273,7 +277,7 @@ def make_train_step(model: nn.Module, v: Variant):
     ema = ShardedEMA(model, lerp=v.ema_lerp)
     guard = DivergenceGuard(next(model.parameters()).device, 5)
     train_step = TrainStep(model, diffusion, opt, scaler, scheduler, ema, ParallelMesh(), v.dtype, v.dtype != torch.float32, 1.0, 0.9999, guard)
-    train_step = CudaGraphStep(train_step, overlap_ema=v.overlap_ema, bf16_weights=v.bf16_weights) if v.stepper == "graph" else train_step
+    train_step = CudaGraphStep(train_step, overlap_ema=v.overlap_ema, bf16_weights=v.bf16_weights, fused_ema=v.fused_ema) if v.stepper == "graph" else train_step
     if v.skip_adamw and train_step.weights is not None:
         train_step.weights.step = lambda grad_scale, found_inf: None
     if v.skip_ema:

@@ -694,8 +694,9 @@ def bias_gelu_bwd(dout: torch.Tensor, h: torch.Tensor, bias: torch.Tensor, confi
 def _adamw_master_kernel(
     P, G, M, V, COPY,  # fp32 master, its (bf16) gradient, fp32 moments, its bf16 copy: all (n,)
     S,  # fp32 (5,): lr, lr / bias_correction1, sqrt(bias_correction2), grad_scale, found_inf
-    n, beta1, beta2, weight_decay, eps,
-    BLOCK: tl.constexpr,
+    EMA,  # HAS_EMA: the fp32 EMA of P, moved towards the new P by ema_weight (1 - decay)
+    n, beta1, beta2, weight_decay, eps, ema_weight,
+    BLOCK: tl.constexpr, HAS_EMA: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n * (tl.load(S + 4) == 0.0).to(tl.int64)  # found_inf: nothing is read or written
@@ -712,6 +713,9 @@ def _adamw_master_kernel(
     tl.store(M + offs, m, mask=mask)
     tl.store(V + offs, v, mask=mask)
     tl.store(COPY + offs, _to_bf16_rne(p), mask=mask)
+    if HAS_EMA:  # torch's lerp for weights below 0.5: ema + w * (p - ema)
+        e = tl.load(EMA + offs, mask=mask, other=0.0)
+        tl.store(EMA + offs, e + ema_weight * (p - e), mask=mask)
 
 
 @triton.jit
@@ -725,11 +729,14 @@ def _to_bf16_rne(x):
 ADAMW_BLOCK, ADAMW_WARPS = 1024, 4  # elements per program, 8 per thread: the best of 1024-4096 x 4-16 warps (bench/adamw.py)
 
 
-def adamw_master_(p, g, m, v, copy, scalars, beta1: float, beta2: float, weight_decay: float, eps: float, block=None, warps=None) -> None:
-    """One AdamW step of contiguous fp32 p, m, v from gradient g (any float dtype), writing p's bf16 copy too."""
+def adamw_master_(p, g, m, v, copy, scalars, beta1: float, beta2: float, weight_decay: float, eps: float, ema=None, ema_weight: float = 0.0,
+                  block=None, warps=None) -> None:
+    """One AdamW step of contiguous fp32 p, m, v from gradient g (any float dtype), writing p's bf16 copy too (and
+    moving fp32 `ema` towards the new p by ema_weight, when given)."""
     n = p.numel()
     if n == 0:
         return
     if block is None:  # under the interpreter: tests still cover several programs and a masked tail, in seconds
         block, warps = (512, 1) if INTERPRET else (ADAMW_BLOCK, ADAMW_WARPS)
-    _adamw_master_kernel[(triton.cdiv(n, block),)](p, g, m, v, copy, scalars, n, beta1, beta2, weight_decay, eps, BLOCK=block, num_warps=warps)
+    args = (p, g, m, v, copy, scalars, p if ema is None else ema, n, beta1, beta2, weight_decay, eps, ema_weight)
+    _adamw_master_kernel[(triton.cdiv(n, block),)](*args, BLOCK=block, HAS_EMA=ema is not None, num_warps=warps)

@@ -33,6 +33,11 @@ class Bf16Weights:
                 self.groups.append(group_of[id(w)])
         self.copies = [w.detach().to(dtype).requires_grad_() for w in self.masters]
         self.optimizer = optimizer
+        self.emas, self.ema_weight = None, 0.0  # fuse_ema(): the masters' EMA, updated in the AdamW pass
+
+    def fuse_ema(self, ema, decay: float) -> None:
+        """Update the masters' EMA in AdamW's pass (it reads the new weights there), not in ema's own update."""
+        self.emas, self.ema_weight = ema.take(self.masters), 1 - decay
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -63,14 +68,16 @@ class Bf16Weights:
         torch._foreach_add_(steps, 1)
         torch._foreach_sub_(steps, [found_inf] * len(steps))  # a skipped step does not count (as torch AdamW counts)
         scalars = {}  # one set per param group (same lr, betas and step count)
-        for w, c, index, state in zip(self.masters, self.copies, self.groups, states):
+        emas = self.emas or [None] * len(self.masters)
+        for w, c, index, state, ema in zip(self.masters, self.copies, self.groups, states, emas):
             if c.grad is None:
                 continue
             group = self.optimizer.param_groups[index]  # the current dict: lr (a device tensor in the CUDA graph), betas, ...
             beta1, beta2 = group["betas"]
             if index not in scalars:
                 scalars[index] = adamw_scalars(group["lr"], state["step"], beta1, beta2, grad_scale, found_inf)
-            adamw_master_(w.detach(), c.grad, state["exp_avg"], state["exp_avg_sq"], c.detach(), scalars[index], beta1, beta2, group["weight_decay"], group["eps"])
+            adamw_master_(w.detach(), c.grad, state["exp_avg"], state["exp_avg_sq"], c.detach(), scalars[index], beta1, beta2, group["weight_decay"],
+                          group["eps"], ema, self.ema_weight)
 
     def _state(self, w: torch.Tensor) -> dict:
         """The optimizer's state of w, created as fused, capturable torch AdamW creates it when missing."""

@@ -34,6 +34,14 @@ class ShardedEMA:
         self._pending = torch.ones((), dtype=torch.bool, device=device)
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
+    def take(self, params: list) -> list:
+        """Leave the EMA of these parameters to the caller (AdamW updates it in its pass, bf16_weights.py): returns their
+        fp32 EMA tensors (local shards, what state_dict() holds) and drops them from this object's own updates."""
+        ids = {id(p) for p in params}
+        names = {id(p): name for name, p in self._trainable}
+        self._trainable = [(name, p) for name, p in self._trainable if id(p) not in ids]
+        return [local_shard(self.shadow[names[id(p)]]) for p in params]
+
     @torch.no_grad()
     def begin(self) -> None:
         """Deferred: start the pending update (on the side stream where CUDA); nothing otherwise."""

@@ -6,7 +6,8 @@ initialisation, torch.compile and autotuning happen there), the next one capture
 that copies the batch into static inputs and replays it. Timesteps and noise are drawn outside the graph, as the eager
 step draws them; the LR reaches the fused AdamW kernel through a device tensor, so the schedule keeps working.
 The EMA update is deferred (ema.py): it overlaps the next step's forward and backward on a second stream. Under bf16
-autocast the forward and backward run on bf16 copies of the matmul weights that AdamW keeps current (bf16_weights.py).
+autocast the forward and backward run on bf16 copies of the matmul weights that AdamW keeps current (bf16_weights.py);
+their masters' EMA moves inside that AdamW pass (it has the new weights in registers), the rest beside the next step.
 One process, CUDA, bf16/fp32 (no fp16 loss scaler), no sequence parallelism: check_graph_step refuses the rest.
 """
 from typing import Optional
@@ -43,11 +44,13 @@ def maybe_graph_step(args, step, world_size: int, device: torch.device):
 class CudaGraphStep:
     """Calls like a TrainStep (and forwards everything else to it); its device work is a CUDA graph after warm-up."""
 
-    def __init__(self, step, warmup: int = 3, overlap_ema: bool = True, bf16_weights: bool = True):
+    def __init__(self, step, warmup: int = 3, overlap_ema: bool = True, bf16_weights: bool = True, fused_ema: bool = True):
         if step.scaler.is_enabled():
             raise UsageError("--cuda_graph: not with --mixed_precision fp16 (the loss scaler skips steps from the host)")
         if bf16_weights and step.use_autocast and step.amp_dtype == torch.bfloat16 and step.on_device_skip:
             step.weights = Bf16Weights(step.model, step.optimizer)  # no weight casts in the graph (bf16_weights.py)
+            if fused_ema:  # the copies' masters' EMA in the AdamW pass; the rest keeps ShardedEMA's update
+                step.weights.fuse_ema(step.ema, step.ema_decay)
         self.step, self.warmup, self.calls = step, warmup, 0
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.static: dict = {}  # inputs the graph reads: x, t, noise and the model kwargs

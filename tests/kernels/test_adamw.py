@@ -44,11 +44,23 @@ def test_adamw_master_matches_float64(n, grad_dtype):
     assert_rounded(copy, p)
 
 
+def test_adamw_master_with_the_ema_matches_float64():
+    p, g, m, v, copy = tensors(3000, torch.bfloat16)
+    ema = p + 0.01 * torch.randn_like(p)
+    ref = [t.double() for t in (p, g, m, v, ema)]
+    adamw.adamw_master_(p, g, m, v, copy, scalars(step=4), **HYPER, ema=ema, ema_weight=1e-2)
+    adamw.adamw_master_ref(*ref[:4], torch.empty_like(ref[0]), scalars(step=4).double(), **HYPER, ema=ref[4], ema_weight=1e-2)
+    assert_close_scaled(p, ref[0], 2e-6, "p")
+    assert_close_scaled(ema, ref[4], 2e-6, "ema")
+    assert_rounded(copy, p)
+
+
 def test_adamw_master_skips_everything_on_found_inf():
     p, g, m, v, copy = tensors(5000, torch.bfloat16)
-    before = [t.clone() for t in (p, m, v, copy)]
-    adamw.adamw_master_(p, g, m, v, copy, scalars(step=1, found_inf=1.0), **HYPER)
-    for got, want in zip((p, m, v, copy), before):
+    ema = p.clone()
+    before = [t.clone() for t in (p, m, v, copy, ema)]
+    adamw.adamw_master_(p, g, m, v, copy, scalars(step=1, found_inf=1.0), **HYPER, ema=ema, ema_weight=0.5)
+    for got, want in zip((p, m, v, copy, ema), before):
         assert torch.equal(got, want)
 
 

@@ -70,13 +70,33 @@ def test_training_with_copies_follows_the_plain_bf16_step():
     torch.testing.assert_close(long_b[0], long_a[0], rtol=1e-4, atol=1e-6)
 
 
-def test_a_bad_step_leaves_masters_copies_and_moments_alone():
+@pytest.mark.parametrize("deferred", [True, False])
+def test_the_ema_fused_into_adamw_is_the_ema(deferred):
+    """fuse_ema: the copies' masters' EMA moves in AdamW's pass, the rest in ShardedEMA's own (deferred or not): the
+    same EMA as ShardedEMA alone, to fp32 rounding, after seven steps."""
+    device = torch.device("cpu")
+    plain, fused = fused_step(device, True), fused_step(device, True)
+    for step in (plain, fused):
+        if deferred:
+            step.ema.defer()
+    fused.weights.fuse_ema(fused.ema, fused.ema_decay)
+    fused.ema_decay = plain.ema_decay = 0.5  # a large step towards the weights: the EMA differs from its start clearly
+    fused.weights.ema_weight = 1 - 0.5
+    a, b = run(plain), run(fused)
+    assert len(fused.ema._trainable) == len(a[2]) - len(fused.weights.masters) - 1  # the masters left; pos_embed is frozen
+    for x, y in zip(b[2] + b[3], a[2] + a[3]):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+    assert not all(torch.equal(e, p) for e, p in zip(b[3], b[2]))
+
+
+def test_a_bad_step_leaves_masters_copies_moments_and_ema_alone():
     step = fused_step(torch.device("cpu"), True)
     run(step, steps=2)
     w = step.weights
-    before = [t.clone() for t in w.masters + w.copies] + [step.optimizer.state[m]["exp_avg"].clone() for m in w.masters]
+    w.fuse_ema(step.ema, 0.5)
+    before = [t.clone() for t in w.masters + w.copies + w.emas] + [step.optimizer.state[m]["exp_avg"].clone() for m in w.masters]
     w.step(torch.ones(()), torch.ones(()))  # found_inf
-    after = [t for t in w.masters + w.copies] + [step.optimizer.state[m]["exp_avg"] for m in w.masters]
+    after = [t for t in w.masters + w.copies + w.emas] + [step.optimizer.state[m]["exp_avg"] for m in w.masters]
     assert all(torch.equal(x, y) for x, y in zip(after, before))
     assert float(step.optimizer.state[w.masters[0]]["step"]) == 2
 
@@ -139,5 +159,19 @@ def test_bf16_graph_step_matches_the_eager_bf16_step(bf16_weights):
     graph = run(graph_step)
     assert graph_step.graph is not None
     torch.testing.assert_close(graph[0], eager[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(graph[2] + graph[3], eager[2] + eager[3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused_ema", [True, False])
+def test_graph_step_keeps_the_ema_fused_or_not(fused_ema):
+    device = torch.device("cuda")
+    eager_step = tiny_step(device, torch.bfloat16)
+    eager_step.weights = Bf16Weights(eager_step.model, eager_step.optimizer)
+    eager = run(eager_step)
+    graph_step = CudaGraphStep(tiny_step(device, torch.bfloat16), warmup=2, fused_ema=fused_ema)
+    assert (graph_step.weights.emas is not None) == fused_ema
+    graph = run(graph_step)
     for a, b in zip(graph[2] + graph[3], eager[2] + eager[3]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
