@@ -1,10 +1,12 @@
 """GPU time of one optimizer step over a DiT's matmul weights: torch's fused AdamW (fp32 gradients, a clip divisor)
-against our AdamW on fp32 masters that also writes their bf16 copies (kernels/adamw.py), per launch config.
+against our AdamW on fp32 masters that also writes their bf16 copies (kernels/adamw.py), per launch config: one
+launch per weight, and one launch over all of them (MultiTensorAdamW), also with the EMA in the pass.
 
     python bench/adamw.py [--models DiT-B/2,DiT-XL/2] [--configs 1024x4,2048x8,4096x8,4096x16]
 
 Each update is captured in a CUDA graph (as in the training step) and replayed (bench/timing.py graphed_us).
-TB/s counts the bytes each must move: 32 per parameter for torch's (it writes the unscaled gradient back), 28 for ours.
+TB/s counts the bytes each must move: 32 per parameter for torch's (it writes the unscaled gradient back), 28 for ours,
+36 with the EMA.
 """
 import argparse
 import os
@@ -15,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from opendit.kernels import _triton_ops  # noqa: E402
-from opendit.kernels.adamw import adamw_scalars  # noqa: E402
+from opendit.kernels.adamw import MultiTensorAdamW, adamw_scalars  # noqa: E402
 from opendit.models import DiT_models  # noqa: E402
 from opendit.training.bf16_weights import Bf16Weights  # noqa: E402
 from timing import graphed_us  # noqa: E402  (bench/timing.py)
@@ -55,10 +57,23 @@ def main():
                     _triton_ops.adamw_master_(w, g, mm, vv, c.detach(), s, 0.9, 0.999, 0.0, 1e-8, block=block, warps=warps)
             return fn
 
+        emas = [w.clone() for w in masters]
+
+        def one_launch(block, warps, with_ema):
+            launch = MultiTensorAdamW([w.numel() for w in masters], device, block, warps)
+            tensors = [(w, g, mm, vv, c.detach(), e if with_ema else None) for w, g, mm, vv, c, e in zip(masters, grads16, m, v, weights.copies, emas)]
+
+            def fn():
+                torch._foreach_add_(steps, 1)
+                launch(tensors, adamw_scalars(lr, steps[0], 0.9, 0.999, divisor, found_inf), 0.9, 0.999, 0.0, 1e-8, 1e-4)
+            return fn
+
         rows = [("torch fused AdamW, fp32 gradients", torch_fused, 32)]
         for config in args.configs.split(","):
             block, warps = (int(x) for x in config.split("x"))
             rows.append((f"ours, bf16 gradients + copies, BLOCK {block}, {warps} warps", ours(block, warps), 28))
+            rows.append((f"ours, one launch, BLOCK {block}, {warps} warps", one_launch(block, warps, False), 28))
+            rows.append((f"ours, one launch + EMA, BLOCK {block}, {warps} warps", one_launch(block, warps, True), 36))
         for label, fn, nbytes in rows:
             ms = graphed_us(fn) / 1000
             print(f"| {name} | {n / 1e6:.1f} | {label} | {ms:.3f} | {nbytes * n / ms / 1e9:.2f} |")

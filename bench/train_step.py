@@ -41,6 +41,7 @@ A "+modifier" changes one thing of the variant before it (several may follow, e.
                  (the default: one, `gate_residual_layernorm_modulate`)
     +cast-weights  graph, bf16: autocast casts the fp32 weights at every step, and their gradients back (the default:
                  the step runs on bf16 copies that AdamW rewrites, opendit.training.bf16_weights)
+    +per-weight-adamw  graph with bf16 copies: their AdamW as one launch per weight (the default: one launch over all)
     +no-adamw    diagnostic, graph with bf16 copies: the matmul weights' AdamW left out (the most that hiding it could
                  save; compare with +random-init on both sides: without updates DiT's zero-initialized adaLN and final
                  layer keep every gradient through the blocks at zero, and a GPU multiplying zeros runs faster)
@@ -110,6 +111,7 @@ class Variant:
     fused_residual_norm: bool = True  # with kernels: the attention's gate + residual and the MLP's adaLN as one kernel
     bf16_weights: bool = True  # graph, bf16: forward and backward on bf16 copies of the matmul weights (bf16_weights.py)
     compile_ends: bool = True  # compile "blocks": also the patch + position embedding, timestep embedder and final layer
+    one_launch: bool = True  # graph with bf16 copies: their AdamW as one launch (MultiTensorAdamW), else one per weight
     skip_adamw: bool = False  # diagnostic, graph with copies: their AdamW left out of the step
     skip_ema: bool = False  # diagnostic, graph: the EMA update left out of the step
     random_init: bool = False  # zero-initialized weights drawn at random first (real gradients from the first step)
@@ -149,6 +151,7 @@ MODIFIERS = {  # "+name" after a variant: one change to it
     "eager-loss": dict(compile_loss=False),
     "cast-weights": dict(bf16_weights=False),
     "blocks-only": dict(compile_ends=False),
+    "per-weight-adamw": dict(one_launch=False),
     "no-adamw": dict(skip_adamw=True),
     "no-ema": dict(skip_ema=True),
     "random-init": dict(random_init=True),
@@ -280,6 +283,8 @@ def make_train_step(model: nn.Module, v: Variant):
     guard = DivergenceGuard(next(model.parameters()).device, 5)
     train_step = TrainStep(model, diffusion, opt, scaler, scheduler, ema, ParallelMesh(), v.dtype, v.dtype != torch.float32, 1.0, 0.9999, guard)
     train_step = CudaGraphStep(train_step, overlap_ema=v.overlap_ema, bf16_weights=v.bf16_weights, fused_ema=v.fused_ema) if v.stepper == "graph" else train_step
+    if train_step.weights is not None:
+        train_step.weights.one_launch = v.one_launch
     if v.skip_adamw and train_step.weights is not None:
         train_step.weights.step = lambda grad_scale, found_inf: None
     if v.skip_ema:

@@ -691,14 +691,14 @@ def bias_gelu_bwd(dout: torch.Tensor, h: torch.Tensor, bias: torch.Tensor, confi
 
 
 @triton.jit
-def _adamw_master_kernel(
+def _adamw_block(
     P, G, M, V, COPY,  # fp32 master, its (bf16) gradient, fp32 moments, its bf16 copy: all (n,)
     S,  # fp32 (5,): lr, lr / bias_correction1, sqrt(bias_correction2), grad_scale, found_inf
     EMA,  # HAS_EMA: the fp32 EMA of P, moved towards the new P by ema_weight (1 - decay)
-    n, beta1, beta2, weight_decay, eps, ema_weight,
-    BLOCK: tl.constexpr, HAS_EMA: tl.constexpr,
+    offs, n, beta1, beta2, weight_decay, eps, ema_weight,
+    HAS_EMA: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    """AdamW on the elements offs (< n) of one tensor."""
     mask = offs < n * (tl.load(S + 4) == 0.0).to(tl.int64)  # found_inf: nothing is read or written
     lr, step_size, bc2_sqrt, grad_scale = tl.load(S), tl.load(S + 1), tl.load(S + 2), tl.load(S + 3)
     p = tl.load(P + offs, mask=mask, other=0.0)
@@ -719,6 +719,34 @@ def _adamw_master_kernel(
 
 
 @triton.jit
+def _adamw_master_kernel(P, G, M, V, COPY, S, EMA, n, beta1, beta2, weight_decay, eps, ema_weight, BLOCK: tl.constexpr, HAS_EMA: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    _adamw_block(P, G, M, V, COPY, S, EMA, offs, n, beta1, beta2, weight_decay, eps, ema_weight, HAS_EMA)
+
+
+@triton.jit
+def _adamw_multi_kernel(
+    TABLE,  # int64 (T, 8): per tensor, the addresses of P, G, M, V, COPY, EMA (16-byte aligned), then n, then 0
+    BLOCKS,  # int32 (programs, 2): the tensor and the block of it that each program updates
+    S, beta1, beta2, weight_decay, eps, ema_weight,
+    G_DTYPE: tl.constexpr, BLOCK: tl.constexpr, HAS_EMA: tl.constexpr, N_ALIGNED: tl.constexpr,
+):
+    i = tl.program_id(0)
+    row = TABLE + 8 * tl.load(BLOCKS + 2 * i).to(tl.int64)
+    offs = tl.load(BLOCKS + 2 * i + 1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    P = tl.multiple_of(tl.load(row).to(tl.pointer_type(tl.float32)), 16)
+    G = tl.multiple_of(tl.load(row + 1).to(tl.pointer_type(G_DTYPE)), 16)
+    M = tl.multiple_of(tl.load(row + 2).to(tl.pointer_type(tl.float32)), 16)
+    V = tl.multiple_of(tl.load(row + 3).to(tl.pointer_type(tl.float32)), 16)
+    COPY = tl.multiple_of(tl.load(row + 4).to(tl.pointer_type(tl.bfloat16)), 16)
+    EMA = tl.multiple_of(tl.load(row + 5).to(tl.pointer_type(tl.float32)), 16)
+    n = tl.load(row + 6)
+    if N_ALIGNED:  # every size a multiple of 16: the mask is constant over 16 elements, the loads vectorize
+        n = tl.multiple_of(n, 16)
+    _adamw_block(P, G, M, V, COPY, S, EMA, offs, n, beta1, beta2, weight_decay, eps, ema_weight, HAS_EMA)
+
+
+@triton.jit
 def _to_bf16_rne(x):
     """fp32 -> bf16 rounded to nearest even, as torch (autocast) rounds, written out: the interpreter truncates."""
     bits = x.to(tl.uint32, bitcast=True)
@@ -736,7 +764,23 @@ def adamw_master_(p, g, m, v, copy, scalars, beta1: float, beta2: float, weight_
     n = p.numel()
     if n == 0:
         return
-    if block is None:  # under the interpreter: tests still cover several programs and a masked tail, in seconds
-        block, warps = (512, 1) if INTERPRET else (ADAMW_BLOCK, ADAMW_WARPS)
+    if block is None:
+        block, warps = adamw_block_size()
     args = (p, g, m, v, copy, scalars, p if ema is None else ema, n, beta1, beta2, weight_decay, eps, ema_weight)
     _adamw_master_kernel[(triton.cdiv(n, block),)](*args, BLOCK=block, HAS_EMA=ema is not None, num_warps=warps)
+
+
+def adamw_block_size() -> tuple[int, int]:
+    """(elements per program, warps) of the AdamW kernels: under the interpreter, tests still cover several programs
+    and a masked tail, in seconds."""
+    return (512, 1) if INTERPRET else (ADAMW_BLOCK, ADAMW_WARPS)
+
+
+def adamw_multi_(table, blocks, scalars, beta1: float, beta2: float, weight_decay: float, eps: float, ema_weight: float, grad_dtype, has_ema: bool,
+                 block: int, warps: int, sizes_aligned: bool) -> None:
+    """One launch of AdamW over many tensors: `table` (T, 8) int64 of their addresses and sizes, `blocks` (programs, 2)
+    int32 of (tensor, block) per program (kernels/adamw.py MultiTensorAdamW builds both); sizes_aligned: every size
+    a multiple of 16 (the loads vectorize; the addresses must be 16-byte aligned in any case)."""
+    g_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[grad_dtype]
+    _adamw_multi_kernel[(blocks.shape[0],)](table, blocks, scalars, beta1, beta2, weight_decay, eps, ema_weight, G_DTYPE=g_dtype, BLOCK=block, HAS_EMA=has_ema,
+                                            N_ALIGNED=sizes_aligned, num_warps=warps)

@@ -6,7 +6,8 @@ to nearest even, as autocast's cast rounds (other copy dtypes take the reference
 and writes nothing. It reads a bf16 gradient (2 bytes) where torch's fused AdamW reads an fp32 one and, given a
 grad_scale, writes it back unscaled: 28 bytes per parameter instead of 32, the copy included. Without triton, or off
 CUDA (unless TRITON_INTERPRET=1 at import), the PyTorch reference runs. Given the fp32 EMA of p, the pass also moves
-it towards the new p (8 bytes a parameter, where a separate EMA update reads p again: 12).
+it towards the new p (8 bytes a parameter, where a separate EMA update reads p again: 12). MultiTensorAdamW runs
+the same pass over many tensors in one launch (a model's small weights, one launch each, ran below the bandwidth).
 """
 import torch
 
@@ -46,3 +47,59 @@ def adamw_master_(p, g, m, v, copy, scalars, beta1: float, beta2: float, weight_
     if not is_available(p) or p.dtype != torch.float32 or copy.dtype != torch.bfloat16 or not contiguous:
         return adamw_master_ref(p, g, m, v, copy, scalars, beta1, beta2, weight_decay, eps, ema, ema_weight)
     _ops.adamw_master_(p, g, m, v, copy, scalars, beta1, beta2, weight_decay, eps, ema, ema_weight)
+
+
+class MultiTensorAdamW:
+    """adamw_master_ over a fixed list of tensor sizes in one launch per call. Which block of which tensor each program
+    updates is fixed by the sizes; the tensors' addresses go to a device table at every call, except in a call being
+    captured into a CUDA graph: nothing runs then, so that call reads a table of its own (when the graph replays;
+    eager calls afterwards leave it alone) that commit() fills once the capture has ended. One graph per instance:
+    a second capture takes that table over."""
+
+    def __init__(self, sizes: list, device: torch.device, block: int = 0, warps: int = 0):
+        self.sizes = list(sizes)
+        self.block, self.warps = (block, warps) if block else _ops.adamw_block_size() if _ops is not None else (1024, 4)
+        counts = [-(-n // self.block) for n in self.sizes]
+        tensor = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+        block = torch.cat([torch.arange(c) for c in counts]) if counts else torch.zeros(0, dtype=torch.int64)
+        self.blocks = torch.stack([tensor, block], dim=1).to(device=device, dtype=torch.int32)  # (programs, 2)
+        self.table = torch.zeros((len(self.sizes), 8), dtype=torch.int64, device=device)  # per tensor: 6 addresses, n, 0
+        self.graph_table = torch.zeros_like(self.table)  # what a captured call reads
+        self.pending = None  # the addresses of a captured call, for commit()
+
+    def __call__(self, tensors: list, scalars, beta1: float, beta2: float, weight_decay: float, eps: float, ema_weight: float = 0.0) -> None:
+        """tensors: per size given, (p, g, m, v, copy, ema or None) as adamw_master_ takes them (all with an EMA or none)."""
+        if not self._fits(tensors):
+            for p, g, m, v, copy, ema in tensors:
+                adamw_master_(p, g, m, v, copy, scalars, beta1, beta2, weight_decay, eps, ema, ema_weight)
+            return
+        rows = torch.tensor([[t.data_ptr() for t in (p, g, m, v, copy, p if ema is None else ema)] + [p.numel(), 0] for p, g, m, v, copy, ema in tensors])
+        table = self.table
+        if table.is_cuda and torch.cuda.is_current_stream_capturing():
+            table, self.pending = self.graph_table, rows
+        else:
+            table.copy_(rows)
+        has_ema = tensors[0][5] is not None
+        _ops.adamw_multi_(table, self.blocks, scalars, beta1, beta2, weight_decay, eps, ema_weight, tensors[0][1].dtype, has_ema, self.block, self.warps,
+                         all(n % 16 == 0 for n in self.sizes))
+
+    def commit(self) -> None:
+        """After a CUDA-graph capture: the captured call's addresses into the table that the graph reads."""
+        if self.pending is not None:
+            self.graph_table.copy_(self.pending)
+            self.pending = None
+
+    def _fits(self, tensors: list) -> bool:
+        """Whether the one-launch kernel can take these: as adamw_master_'s kernel, plus one gradient dtype, EMAs for all
+        or none, and 16-byte aligned addresses."""
+        if not tensors or [t[0].numel() for t in tensors] != self.sizes or not is_available(self.table):
+            return False
+        g_dtype, has_ema = tensors[0][1].dtype, tensors[0][5] is not None
+        for p, g, m, v, copy, ema in tensors:
+            fp32 = (p, m, v) + ((ema,) if has_ema else ())
+            every = fp32 + (g, copy)
+            if (ema is not None) != has_ema or g.dtype != g_dtype or g_dtype not in (torch.bfloat16, torch.float16, torch.float32) or copy.dtype != torch.bfloat16:
+                return False
+            if any(t.dtype != torch.float32 for t in fp32) or any(t.device != self.table.device or not t.is_contiguous() or t.data_ptr() % 16 for t in every):
+                return False
+        return True

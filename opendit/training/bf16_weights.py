@@ -4,7 +4,8 @@ Under bf16 autocast every Linear / Conv weight is cast from its fp32 master to b
 gradient is cast back to fp32 for AdamW: 12 bytes a weight a step that move nothing new. Here the step calls the model
 with bf16 copies in place of those weights (torch.func.functional_call); the copies hold exactly what autocast's cast
 would (round to nearest even), so the forward, the loss and the gradients are the same. AdamW (kernels/adamw.py)
-updates each fp32 master from its copy's bf16 gradient and rewrites the copy in the same pass. Everything else reads
+updates each fp32 master from its copy's bf16 gradient and rewrites the copy in the same pass, one launch over all
+the weights of a param group. Everything else reads
 the masters (model.parameters()): checkpoints, the EMA, previews; the moments live in the optimizer's state in
 torch AdamW's layout, so checkpoints are the plain step's. Biases, embeddings and other parameters keep the plain path
 (autocast casts them; fused AdamW updates them).
@@ -12,7 +13,7 @@ torch AdamW's layout, so checkpoints are the plain step's. Biases, embeddings an
 import torch
 import torch.nn as nn
 
-from opendit.kernels.adamw import adamw_master_, adamw_scalars
+from opendit.kernels.adamw import MultiTensorAdamW, adamw_master_, adamw_scalars
 
 _MATMULS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -34,6 +35,8 @@ class Bf16Weights:
         self.copies = [w.detach().to(dtype).requires_grad_() for w in self.masters]
         self.optimizer = optimizer
         self.emas, self.ema_weight = None, 0.0  # fuse_ema(): the masters' EMA, updated in the AdamW pass
+        self.launches = {}  # (param group index, the weights with gradients) -> its one-launch AdamW
+        self.one_launch = True  # False: one launch per weight (for comparison, bench/train_step.py +per-weight-adamw)
 
     def fuse_ema(self, ema, decay: float) -> None:
         """Update the masters' EMA in AdamW's pass (it reads the new weights there), not in ema's own update."""
@@ -67,17 +70,30 @@ class Bf16Weights:
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1)
         torch._foreach_sub_(steps, [found_inf] * len(steps))  # a skipped step does not count (as torch AdamW counts)
-        scalars = {}  # one set per param group (same lr, betas and step count)
         emas = self.emas or [None] * len(self.masters)
-        for w, c, index, state, ema in zip(self.masters, self.copies, self.groups, states, emas):
-            if c.grad is None:
-                continue
+        updates = {}  # param group index -> the indices of the weights with a gradient, and their tensors
+        for i, (w, c, index, state, ema) in enumerate(zip(self.masters, self.copies, self.groups, states, emas)):
+            if c.grad is not None:
+                members, tensors = updates.setdefault(index, ([], []))
+                members.append(i)
+                tensors.append((w.detach(), c.grad, state["exp_avg"], state["exp_avg_sq"], c.detach(), ema))
+        for index, (members, tensors) in updates.items():  # one launch per param group (same lr, betas and step count)
             group = self.optimizer.param_groups[index]  # the current dict: lr (a device tensor in the CUDA graph), betas, ...
             beta1, beta2 = group["betas"]
-            if index not in scalars:
-                scalars[index] = adamw_scalars(group["lr"], state["step"], beta1, beta2, grad_scale, found_inf)
-            adamw_master_(w.detach(), c.grad, state["exp_avg"], state["exp_avg_sq"], c.detach(), scalars[index], beta1, beta2, group["weight_decay"],
-                          group["eps"], ema, self.ema_weight)
+            scalars = adamw_scalars(group["lr"], states[members[0]]["step"], beta1, beta2, grad_scale, found_inf)
+            key = (index, tuple(members))
+            if not self.one_launch:
+                for p, g, m, v, copy, ema in tensors:
+                    adamw_master_(p, g, m, v, copy, scalars, beta1, beta2, group["weight_decay"], group["eps"], ema, self.ema_weight)
+                continue
+            if key not in self.launches:
+                self.launches[key] = MultiTensorAdamW([t[0].numel() for t in tensors], self.masters[members[0]].device)
+            self.launches[key](tensors, scalars, beta1, beta2, group["weight_decay"], group["eps"], self.ema_weight)
+
+    def commit(self) -> None:
+        """After a CUDA-graph capture of step(): the captured launches' addresses into the tables they read."""
+        for launch in self.launches.values():
+            launch.commit()
 
     def _state(self, w: torch.Tensor) -> dict:
         """The optimizer's state of w, created as fused, capturable torch AdamW creates it when missing."""

@@ -124,6 +124,8 @@ class CudaGraphStep:
         finally:
             for g, lr in zip(groups, floats):
                 g["lr"] = lr
+        if self.step.weights is not None:
+            self.step.weights.commit()  # the addresses the captured AdamW launch reads when the graph replays
         self.outputs = ({k: v.detach() for k, v in loss_dict.items()}, grad_norm)
 
     @staticmethod

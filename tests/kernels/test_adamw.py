@@ -93,6 +93,84 @@ def test_non_contiguous_tensors_take_the_reference():
     assert_close_scaled(p2, p, 1e-6, "p")
 
 
+SIZES = [1, 600, 2048 + 37, 5000]  # one block, a partial block, several blocks with a masked tail
+ALIGNED = [16, 2048, 4096 + 48]  # every size a multiple of 16: the kernel's vectorized variant
+
+
+def many(with_ema: bool, sizes: list = SIZES) -> list:
+    """(p, g, m, v, copy, ema or None) per size."""
+    return [tensors(n, torch.bfloat16) + ((torch.randn(n, device=DEVICE) if with_ema else None),) for n in sizes]
+
+
+def cloned(ts: list) -> list:
+    return [tuple(None if t is None else t.clone() for t in group) for group in ts]
+
+
+@pytest.mark.parametrize("with_ema", [True, False])
+@pytest.mark.parametrize("sizes", [SIZES, ALIGNED])
+def test_one_launch_over_many_tensors_is_each_tensors_update(with_ema, sizes):
+    ts = many(with_ema, sizes)
+    alone = cloned(ts)
+    launch = adamw.MultiTensorAdamW(sizes, torch.device(DEVICE))
+    s = scalars(step=3, grad_scale=2.5)
+    launch(ts, s, **HYPER, ema_weight=1e-2)
+    for p, g, m, v, copy, ema in alone:
+        adamw.adamw_master_(p, g, m, v, copy, s, **HYPER, ema=ema, ema_weight=1e-2)
+    assert launch.table[:, 6].tolist() == sizes  # the one-launch kernel ran (its table holds the tensors)
+    for got, want in zip(ts, alone):
+        assert all(a is None or torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_one_launch_skips_everything_on_found_inf():
+    ts = many(True)
+    before = cloned(ts)
+    adamw.MultiTensorAdamW(SIZES, torch.device(DEVICE))(ts, scalars(step=1, found_inf=1.0), **HYPER, ema_weight=0.5)
+    for got, want in zip(ts, before):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_one_launch_takes_each_tensor_alone_when_one_is_misaligned():
+    ts = many(False)
+    p = ts[1][0]
+    shifted = torch.empty(p.numel() + 1, device=DEVICE)[1:].copy_(p)  # contiguous, 4 bytes past an aligned address
+    ts[1] = (shifted,) + ts[1][1:]
+    alone = cloned(ts)
+    launch = adamw.MultiTensorAdamW(SIZES, torch.device(DEVICE))
+    launch(ts, scalars(2), **HYPER)
+    for p, g, m, v, copy, ema in alone:
+        adamw.adamw_master_(p, g, m, v, copy, scalars(2), **HYPER)
+    assert not launch.table.any()
+    for got, want in zip(ts, alone):
+        assert all(a is None or torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.gpu
+def test_one_launch_in_a_cuda_graph_reads_the_captured_tensors():
+    """A launch captured in a CUDA graph updates the tensors it was captured with, once commit() has run, although
+    eager calls with other tensors ran before the capture and between it and the replay."""
+    launch = adamw.MultiTensorAdamW(SIZES, torch.device("cuda"))
+    launch(many(True), scalars(1), **HYPER, ema_weight=0.1)  # eager: the table holds these addresses
+    ts = many(True)
+    alone = cloned(ts)
+    s = scalars(2, grad_scale=1.5)
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        launch(ts, s, **HYPER, ema_weight=0.1)
+    launch.commit()
+    later = many(True)
+    later_alone = cloned(later)
+    launch(later, scalars(1), **HYPER, ema_weight=0.1)  # eager, after the capture: its own addresses, not the graph's
+    graph.replay()
+    torch.cuda.synchronize()
+    for p, g, m, v, copy, ema in alone:
+        adamw.adamw_master_(p, g, m, v, copy, s, **HYPER, ema=ema, ema_weight=0.1)
+    for p, g, m, v, copy, ema in later_alone:
+        adamw.adamw_master_(p, g, m, v, copy, scalars(1), **HYPER, ema=ema, ema_weight=0.1)
+    for got, want in zip(ts + later, alone + later_alone):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 @pytest.mark.gpu
 def test_adamw_master_on_a_large_tensor():
     """A DiT-XL/2 fc1-sized weight: every program's block, the last one partial."""
