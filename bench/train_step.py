@@ -49,6 +49,8 @@ A "+modifier" changes one thing of the variant before it (several may follow, e.
     +random-init  the zero-initialized weights (adaLN modulations, final layer) drawn from N(0, 0.02^2) before timing
     +separate-ema  graph, bf16: the EMA of the weights with bf16 copies as its own update beside the next step (12 bytes
                  a weight; the default: inside their AdamW pass, 8 bytes; the other parameters' EMA stays beside the next step)
+    +blaslt      every GEMM through cuBLASLt (torch.backends.cuda.preferred_blas_library("cublaslt"); the default:
+                 cuBLAS, with cuBLASLt where PyTorch fuses a bias)
     +blocks-only  per-block compile of the blocks alone (the default, as train.py on one process: also the patch +
                  position embedding, the timestep embedder and the final layer; compile_blocks(ends=True))
 
@@ -116,6 +118,7 @@ class Variant:
     skip_ema: bool = False  # diagnostic, graph: the EMA update left out of the step
     random_init: bool = False  # zero-initialized weights drawn at random first (real gradients from the first step)
     fused_ema: bool = True  # graph with bf16 copies: the matmul weights' EMA updated in the AdamW pass
+    blas: str = ""  # torch.backends.cuda.preferred_blas_library for the run ("": PyTorch's default, cuBLAS)
 
 
 VARIANTS = {
@@ -156,6 +159,7 @@ MODIFIERS = {  # "+name" after a variant: one change to it
     "no-ema": dict(skip_ema=True),
     "random-init": dict(random_init=True),
     "separate-ema": dict(fused_ema=False),
+    "blaslt": dict(blas="cublaslt"),
 }
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
@@ -314,12 +318,15 @@ def make_step(model: nn.Module, dtype: torch.dtype, device: torch.device):
 
 @contextlib.contextmanager
 def knobs(v: Variant):
-    """The variant's global switches (bf16 split reductions in cuBLAS, inductor's coordinate descent), restored after."""
+    """The variant's global switches (bf16 split reductions in cuBLAS, the BLAS library, inductor's coordinate descent),
+    restored after."""
     import torch._inductor.config as inductor_config
 
     matmul = torch.backends.cuda.matmul
-    before = matmul.allow_bf16_reduced_precision_reduction
+    before, blas = matmul.allow_bf16_reduced_precision_reduction, torch.backends.cuda.preferred_blas_library()
     matmul.allow_bf16_reduced_precision_reduction = v.reduced_precision_reduction
+    if v.blas:
+        torch.backends.cuda.preferred_blas_library(v.blas)
     try:
         switches = {"coordinate_descent_tuning": v.coordinate_descent, "aggressive_fusion": v.aggressive_fusion}
         if v.persistent_tma:
@@ -329,6 +336,7 @@ def knobs(v: Variant):
             yield
     finally:
         matmul.allow_bf16_reduced_precision_reduction = before
+        torch.backends.cuda.preferred_blas_library(blas)
 
 
 def run(name: str, batch: int, args: argparse.Namespace, device: torch.device) -> dict:
