@@ -60,9 +60,9 @@ class MultiTensorAdamW:
         self.sizes = list(sizes)
         self.block, self.warps = (block, warps) if block else _ops.adamw_block_size() if _ops is not None else (1024, 4)
         counts = [-(-n // self.block) for n in self.sizes]
-        tensor = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
-        block = torch.cat([torch.arange(c) for c in counts]) if counts else torch.zeros(0, dtype=torch.int64)
-        self.blocks = torch.stack([tensor, block], dim=1).to(device=device, dtype=torch.int32)  # (programs, 2)
+        tensor_of = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+        block_of = torch.cat([torch.arange(c) for c in counts]) if counts else torch.zeros(0, dtype=torch.int64)
+        self.blocks = torch.stack([tensor_of, block_of], dim=1).to(device=device, dtype=torch.int32)  # (programs, 2)
         self.table = torch.zeros((len(self.sizes), 8), dtype=torch.int64, device=device)  # per tensor: 6 addresses, n, 0
         self.graph_table = torch.zeros_like(self.table)  # what a captured call reads
         self.pending = None  # the addresses of a captured call, for commit()

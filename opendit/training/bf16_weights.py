@@ -5,10 +5,9 @@ gradient is cast back to fp32 for AdamW: 12 bytes a weight a step that move noth
 with bf16 copies in place of those weights (torch.func.functional_call); the copies hold exactly what autocast's cast
 would (round to nearest even), so the forward, the loss and the gradients are the same. AdamW (kernels/adamw.py)
 updates each fp32 master from its copy's bf16 gradient and rewrites the copy in the same pass, one launch over all
-the weights of a param group. Everything else reads
-the masters (model.parameters()): checkpoints, the EMA, previews; the moments live in the optimizer's state in
-torch AdamW's layout, so checkpoints are the plain step's. Biases, embeddings and other parameters keep the plain path
-(autocast casts them; fused AdamW updates them).
+the weights of a param group. Everything else reads the masters (model.parameters()): checkpoints, the EMA,
+previews; the moments live in the optimizer's state in torch AdamW's layout, so checkpoints are the plain step's.
+Biases, embeddings and other parameters keep the plain path (autocast casts them; fused AdamW updates them).
 """
 import torch
 import torch.nn as nn
@@ -81,11 +80,11 @@ class Bf16Weights:
             group = self.optimizer.param_groups[index]  # the current dict: lr (a device tensor in the CUDA graph), betas, ...
             beta1, beta2 = group["betas"]
             scalars = adamw_scalars(group["lr"], states[members[0]]["step"], beta1, beta2, grad_scale, found_inf)
-            key = (index, tuple(members))
             if not self.one_launch:
                 for p, g, m, v, copy, ema in tensors:
                     adamw_master_(p, g, m, v, copy, scalars, beta1, beta2, group["weight_decay"], group["eps"], ema, self.ema_weight)
                 continue
+            key = (index, tuple(members))
             if key not in self.launches:
                 self.launches[key] = MultiTensorAdamW([t[0].numel() for t in tensors], self.masters[members[0]].device)
             self.launches[key](tensors, scalars, beta1, beta2, group["weight_decay"], group["eps"], self.ema_weight)
