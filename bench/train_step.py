@@ -369,8 +369,10 @@ def run(name: str, batch: int, args: argparse.Namespace, device: torch.device) -
 
 
 def attention_bench(args: argparse.Namespace, batch: int, device: torch.device) -> None:
-    """Each SDPA backend alone at this model's attention shape, bf16, forward and forward + backward; where the head
-    dim is not a power of two, also with q, k, v zero-padded to wider head dims (the padding and slicing timed too)."""
+    """Each SDPA backend alone at this model's attention shape, bf16, forward and forward + backward: q, k, v
+    contiguous (B, H, N, d), and as the model lays them out, views of its qkv projection's (B, N, 3, H, d) output
+    (their gradients stacked back into it, as autograd does in the model); where the head dim is not a power of two,
+    also with q, k, v zero-padded to wider head dims (the padding and slicing timed too)."""
     with torch.device("meta"):
         probe = DiT_models[args.model](**model_kwargs(args))
     heads, tokens, depth = probe.num_heads, probe.x_embedder.num_patches, len(probe.blocks)
@@ -380,10 +382,14 @@ def attention_bench(args: argparse.Namespace, batch: int, device: torch.device) 
     print(f"\nattention alone, {' x '.join(map(str, shape))} (B x H x N x d), bf16, x {depth} blocks per step:\n")
     print("| SDPA backend | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | ms per step (x blocks) |\n|---|---:|---:|---:|---:|")
     q, k, v = (torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    qkv = torch.randn(batch, tokens, 3, heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)  # the model's layout
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    widths = [head_dim] + ([w for w in (80, 96, 128) if w > head_dim] if head_dim & (head_dim - 1) else [])
+    padded = [w for w in (80, 96, 128) if w > head_dim] if head_dim & (head_dim - 1) else []
+    widths = [head_dim, 0] + padded  # 0: the packed layout
 
     def attention(width: int) -> torch.Tensor:
+        if width == 0:  # packed: strided (B, H, N, d) views, as models/attention.py makes them
+            return F.scaled_dot_product_attention(*qkv.permute(2, 0, 3, 1, 4).unbind(0))
         if width == head_dim:
             return F.scaled_dot_product_attention(q, k, v)
         qp, kp, vp = (F.pad(t, (0, width - head_dim)) for t in (q, k, v))  # zeros: same scores, zero extra outputs
@@ -406,7 +412,7 @@ def attention_bench(args: argparse.Namespace, batch: int, device: torch.device) 
 
     for name in ("cudnn", "flash", "efficient") if device.type == "cuda" else ("math",):
         for width in widths:
-            label = name if width == head_dim else f"{name}, head dim padded to {width}"
+            label = name if width == head_dim else f"{name}, views of packed (B, N, 3, H, d)" if width == 0 else f"{name}, head dim padded to {width}"
             try:
                 with sdpa_kernel([BACKENDS[name]]):
                     row(label, lambda w=width: attention(w))
