@@ -385,11 +385,12 @@ def attention_bench(args: argparse.Namespace, batch: int, device: torch.device) 
     qkv = torch.randn(batch, tokens, 3, heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)  # the model's layout
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     padded = [w for w in (80, 96, 128) if w > head_dim] if head_dim & (head_dim - 1) else []
-    widths = [head_dim, 0] + padded  # 0: the packed layout
+
+    def packed() -> torch.Tensor:
+        """q, k, v as strided (B, H, N, d) views of the packed qkv, as models/attention.py makes them."""
+        return F.scaled_dot_product_attention(*qkv.permute(2, 0, 3, 1, 4).unbind(0))
 
     def attention(width: int) -> torch.Tensor:
-        if width == 0:  # packed: strided (B, H, N, d) views, as models/attention.py makes them
-            return F.scaled_dot_product_attention(*qkv.permute(2, 0, 3, 1, 4).unbind(0))
         if width == head_dim:
             return F.scaled_dot_product_attention(q, k, v)
         qp, kp, vp = (F.pad(t, (0, width - head_dim)) for t in (q, k, v))  # zeros: same scores, zero extra outputs
@@ -411,11 +412,12 @@ def attention_bench(args: argparse.Namespace, batch: int, device: torch.device) 
         print(f"| {label} | {times[0]:.3f} | {times[1]:.3f} | {3.5 * flops / times[1] / 1e9:.0f} | {depth * times[1]:.1f} |", flush=True)
 
     for name in ("cudnn", "flash", "efficient") if device.type == "cuda" else ("math",):
-        for width in widths:
-            label = name if width == head_dim else f"{name}, views of packed (B, N, 3, H, d)" if width == 0 else f"{name}, head dim padded to {width}"
+        cases = [(name, partial(attention, head_dim)), (f"{name}, views of packed (B, N, 3, H, d)", packed)]
+        cases += [(f"{name}, head dim padded to {w}", partial(attention, w)) for w in padded]
+        for label, fn in cases:
             try:
                 with sdpa_kernel([BACKENDS[name]]):
-                    row(label, lambda w=width: attention(w))
+                    row(label, fn)
             except RuntimeError as e:
                 print(f"| {label} | failed: {str(e).splitlines()[0][:100]} | | | |")
 

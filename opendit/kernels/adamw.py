@@ -49,6 +49,12 @@ def adamw_master_(p, g, m, v, copy, scalars, beta1: float, beta2: float, weight_
     _ops.adamw_master_(p, g, m, v, copy, scalars, beta1, beta2, weight_decay, eps, ema, ema_weight)
 
 
+def adamw_each_(tensors: list, scalars, beta1: float, beta2: float, weight_decay: float, eps: float, ema_weight: float = 0.0) -> None:
+    """adamw_master_ on each (p, g, m, v, copy, ema or None) of tensors, one launch each."""
+    for p, g, m, v, copy, ema in tensors:
+        adamw_master_(p, g, m, v, copy, scalars, beta1, beta2, weight_decay, eps, ema, ema_weight)
+
+
 class MultiTensorAdamW:
     """adamw_master_ over a fixed list of tensor sizes in one launch per call. Which block of which tensor each program
     updates is fixed by the sizes; the tensors' addresses go to a device table at every call, except in a call being
@@ -58,6 +64,7 @@ class MultiTensorAdamW:
 
     def __init__(self, sizes: list, device: torch.device, block: int = 0, warps: int = 0):
         self.sizes = list(sizes)
+        self.sizes_aligned = all(n % 16 == 0 for n in self.sizes)  # the kernel's vectorized variant
         self.block, self.warps = (block, warps) if block else _ops.adamw_block_size() if _ops is not None else (1024, 4)
         counts = [-(-n // self.block) for n in self.sizes]
         tensor_of = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
@@ -70,9 +77,7 @@ class MultiTensorAdamW:
     def __call__(self, tensors: list, scalars, beta1: float, beta2: float, weight_decay: float, eps: float, ema_weight: float = 0.0) -> None:
         """tensors: per size given, (p, g, m, v, copy, ema or None) as adamw_master_ takes them (all with an EMA or none)."""
         if not self._fits(tensors):
-            for p, g, m, v, copy, ema in tensors:
-                adamw_master_(p, g, m, v, copy, scalars, beta1, beta2, weight_decay, eps, ema, ema_weight)
-            return
+            return adamw_each_(tensors, scalars, beta1, beta2, weight_decay, eps, ema_weight)
         rows = torch.tensor([[t.data_ptr() for t in (p, g, m, v, copy, p if ema is None else ema)] + [p.numel(), 0] for p, g, m, v, copy, ema in tensors])
         table = self.table
         if table.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -81,7 +86,7 @@ class MultiTensorAdamW:
             table.copy_(rows)
         has_ema = tensors[0][5] is not None
         _ops.adamw_multi_(table, self.blocks, scalars, beta1, beta2, weight_decay, eps, ema_weight, tensors[0][1].dtype, has_ema, self.block, self.warps,
-                         all(n % 16 == 0 for n in self.sizes))
+                         self.sizes_aligned)
 
     def commit(self) -> None:
         """After a CUDA-graph capture: the captured call's addresses into the table that the graph reads."""

@@ -12,7 +12,7 @@ Biases, embeddings and other parameters keep the plain path (autocast casts them
 import torch
 import torch.nn as nn
 
-from opendit.kernels.adamw import MultiTensorAdamW, adamw_master_, adamw_scalars
+from opendit.kernels.adamw import MultiTensorAdamW, adamw_each_, adamw_scalars
 
 _MATMULS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -80,14 +80,11 @@ class Bf16Weights:
             group = self.optimizer.param_groups[index]  # the current dict: lr (a device tensor in the CUDA graph), betas, ...
             beta1, beta2 = group["betas"]
             scalars = adamw_scalars(group["lr"], states[members[0]]["step"], beta1, beta2, grad_scale, found_inf)
-            if not self.one_launch:
-                for p, g, m, v, copy, ema in tensors:
-                    adamw_master_(p, g, m, v, copy, scalars, beta1, beta2, group["weight_decay"], group["eps"], ema, self.ema_weight)
-                continue
             key = (index, tuple(members))
-            if key not in self.launches:
+            if self.one_launch and key not in self.launches:
                 self.launches[key] = MultiTensorAdamW([t[0].numel() for t in tensors], self.masters[members[0]].device)
-            self.launches[key](tensors, scalars, beta1, beta2, group["weight_decay"], group["eps"], self.ema_weight)
+            update = self.launches[key] if self.one_launch else adamw_each_
+            update(tensors, scalars, beta1, beta2, group["weight_decay"], group["eps"], self.ema_weight)
 
     def commit(self) -> None:
         """After a CUDA-graph capture of step(): the captured launches' addresses into the tables they read."""
