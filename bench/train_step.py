@@ -49,6 +49,9 @@ A "+modifier" changes one thing of the variant before it (several may follow, e.
     +random-init  the zero-initialized weights (adaLN modulations, final layer) drawn from N(0, 0.02^2) before timing
     +separate-ema  graph, bf16: the EMA of the weights with bf16 copies as its own update beside the next step (12 bytes
                  a weight; the default: inside their AdamW pass, 8 bytes; the other parameters' EMA stays beside the next step)
+    +separate-boundaries  with kernels: each block's last gate + residual and the next block's (or the final layer's)
+                 LayerNorm + modulate as two kernels (the default: one, KernelChoice.fused_boundaries, as train.py
+                 on one process or DDP)
     +blaslt      every GEMM through cuBLASLt (torch.backends.cuda.preferred_blas_library("cublaslt"); the default:
                  cuBLAS, with cuBLASLt where PyTorch fuses a bias)
     +blocks-only  per-block compile of the blocks alone (the default, as train.py on one process: also the patch +
@@ -111,6 +114,7 @@ class Variant:
     persistent_tma: bool = False  # torch._inductor.config.triton.enable_persistent_tma_matmul (Hopper TMA GEMM templates)
     fused_gelu: bool = True  # with kernels: fc1's bias + GELU as our Triton kernel too (KernelChoice.fused_gelu)
     fused_residual_norm: bool = True  # with kernels: the attention's gate + residual and the MLP's adaLN as one kernel
+    fused_boundaries: bool = True  # with kernels: each block's last gate + residual and the next layer's adaLN as one kernel
     bf16_weights: bool = True  # graph, bf16: forward and backward on bf16 copies of the matmul weights (bf16_weights.py)
     compile_ends: bool = True  # compile "blocks": also the patch + position embedding, timestep embedder and final layer
     one_launch: bool = True  # graph with bf16 copies: their AdamW as one launch (MultiTensorAdamW), else one per weight
@@ -160,6 +164,7 @@ MODIFIERS = {  # "+name" after a variant: one change to it
     "random-init": dict(random_init=True),
     "separate-ema": dict(fused_ema=False),
     "blaslt": dict(blas="cublaslt"),
+    "separate-boundaries": dict(fused_boundaries=False),
 }
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
@@ -266,6 +271,7 @@ def build(name: str, args: argparse.Namespace, device: torch.device) -> nn.Modul
     if v.bf16_residual:
         model.kernels.low_precision_residual = True
     model.kernels.fused_gelu = v.kernels and v.fused_gelu
+    model.kernels.fused_boundaries = v.kernels and v.fused_boundaries
     if v.compile == "blocks":
         compile_blocks(model, v.compile_mode, ends=v.compile_ends)
     elif v.compile == "model":

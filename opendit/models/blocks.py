@@ -40,6 +40,8 @@ class KernelChoice:
     low_precision_residual: bool = False  # under autocast, carry the residual stream in the autocast dtype (bf16), not fp32
     gelu_epilogue: bool = False  # CUDA, no autograd (sampling): fc1 + bias + tanh GELU as one cuBLASLt GEMM epilogue
     fused_gelu: bool = False  # with autograd (training): fc1's bias + tanh GELU as one Triton kernel, forward and backward
+    fused_boundaries: bool = False  # with fused_adaln, DiT: each block's last gate + residual and the next block's (or the
+    # final layer's) LayerNorm + modulate as one kernel; the model computes every modulation before the blocks
 
 
 def add_gated_norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
@@ -92,15 +94,22 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), self.kernels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
-    def forward(self, x: torch.Tensor, c: Optional[torch.Tensor], mod: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: (N, T, D); c: (N, D); mod: adaLN_modulation(c) (N, 6D) computed beforehand, used in place of c."""
+    def forward(self, x: torch.Tensor, c: Optional[torch.Tensor], mod: Optional[torch.Tensor] = None, h: Optional[torch.Tensor] = None,
+                next_mod: Optional[torch.Tensor] = None):
+        """x: (N, T, D); c: (N, D); mod: adaLN_modulation(c) (N, 6D) computed beforehand, used in place of c.
+        h: this block's norm1 + modulate of x, computed by the block before. next_mod: the next layer's modulation
+        (its shift and scale first): the block then returns (x, that layer's LayerNorm + modulate of x)."""
         mod = self.adaLN_modulation(c) if mod is None else mod
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
         fused = self.kernels.fused_adaln
-        y = self.attn(norm_modulate(self.norm1, x, shift_msa, scale_msa, fused))
+        h = norm_modulate(self.norm1, x, shift_msa, scale_msa, fused) if h is None else h
+        y = self.attn(h)
         x, h = add_gated_norm_modulate(self.norm2, x, gate_msa, y, shift_mlp, scale_mlp, fused)  # x += gate * y; h = adaLN(x)
-        x = add_gated(x, gate_mlp, self.mlp(h), fused)
-        return x  # (N, T, D)
+        if next_mod is None:
+            return add_gated(x, gate_mlp, self.mlp(h), fused)  # (N, T, D)
+        D = x.shape[-1]
+        shift, scale = next_mod[:, :D], next_mod[:, D : 2 * D]
+        return add_gated_norm_modulate(self.norm1, x, gate_mlp, self.mlp(h), shift, scale, fused)  # every norm here: eps 1e-6, no affine
 
 
 class FinalLayer(nn.Module):
@@ -113,7 +122,9 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
         self.kernels = kernels or KernelChoice()
 
-    def forward(self, x: torch.Tensor, c: Optional[torch.Tensor], mod: Optional[torch.Tensor] = None) -> torch.Tensor:
-        shift, scale = (self.adaLN_modulation(c) if mod is None else mod).chunk(2, dim=1)
-        x = norm_modulate(self.norm_final, x, shift, scale, self.kernels.fused_adaln)
-        return self.linear(x)  # (N, T, patch_numel * out_channels)
+    def forward(self, x: torch.Tensor, c: Optional[torch.Tensor], mod: Optional[torch.Tensor] = None, h: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """h: the LayerNorm + modulate of x, computed by the last block (x is not read then)."""
+        if h is None:
+            shift, scale = (self.adaLN_modulation(c) if mod is None else mod).chunk(2, dim=1)
+            h = norm_modulate(self.norm_final, x, shift, scale, self.kernels.fused_adaln)
+        return self.linear(h)  # (N, T, patch_numel * out_channels)

@@ -170,10 +170,26 @@ class DiT(nn.Module):
         if self.kernels.low_precision_residual and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))  # the residual stream in bf16: half the bytes per add
         c, mods = self.conditioning(t, y, text, modulation)
-        for block, mod in zip(self.blocks, mods):
-            x = block(x, c, mod)  # (N, T, D); sequence parallelism (applied from outside) splits T at the first block
-        x = self.final_layer(x, c, mods[-1])  # (N, T, patch_numel * out_channels), gathered again under sequence parallelism
+        if self.kernels.fused_adaln and self.kernels.fused_boundaries:
+            x = self.blocks_fused_boundaries(x, c, mods)
+        else:
+            for block, mod in zip(self.blocks, mods):
+                x = block(x, c, mod)  # (N, T, D); sequence parallelism (applied from outside) splits T at the first block
+            x = self.final_layer(x, c, mods[-1])  # (N, T, patch_numel * out_channels), gathered again under sequence parallelism
         return self.unpatchify(x, shape).float()  # (N, out_channels, ...)
+
+    def layer_modulations(self, c: torch.Tensor) -> List[torch.Tensor]:
+        """Every block's and the final layer's adaLN_modulation(c): (N, 6D) per block, then (N, 2D)."""
+        return [layer.adaLN_modulation(c) for layer in (*self.blocks, self.final_layer)]
+
+    def blocks_fused_boundaries(self, x: torch.Tensor, c: Optional[torch.Tensor], mods: list) -> torch.Tensor:
+        """The blocks and the final layer, each block handing the next its LayerNorm + modulate of the residual stream
+        (KernelChoice.fused_boundaries: one process or DDP, no sequence parallelism or recomputation)."""
+        mods = self.layer_modulations(c) if mods[0] is None else mods  # (N, 6D) per block, (N, 2D)
+        h = None
+        for block, mod, next_mod in zip(self.blocks, mods, mods[1:]):
+            x, h = block(x, None, mod, h=h, next_mod=next_mod)  # (N, T, D) each
+        return self.final_layer(x, None, mods[-1], h=h)  # (N, T, patch_numel * out_channels)
 
     def forward_with_cfg(
         self,

@@ -51,3 +51,40 @@ def test_fused_adaln_model_compiles_without_graph_breaks():
     t, y = torch.tensor([1, 500, 999], device=DEVICE), torch.tensor([0, 3, 4], device=DEVICE)
     assert_same_outputs_and_grads(ref, fused, x, t, y)
     torch._dynamo.reset()
+
+
+def test_fused_boundaries_match_the_separate_kernels(monkeypatch):
+    """Each block's last gate + residual fused with the next layer's LayerNorm + modulate (the default of a training
+    parallelize with the kernels): the same outputs and gradients as the separate kernels, and no separate gate +
+    residual left."""
+    import opendit.kernels
+
+    torch.manual_seed(0)
+    model = DiT_models["DiT-S/2"](input_size=4, num_classes=5, depth=3, hidden_size=24, num_heads=3).to(DEVICE)
+    for p in model.parameters():
+        p.data.normal_(0, 0.1)
+    separate = parallelize(copy.deepcopy(model), fused_adaln=True)
+    separate.kernels.fused_boundaries = False
+    fused = parallelize(model, fused_adaln=True)
+    assert fused.kernels.fused_boundaries
+    calls = []
+    gate_residual = opendit.kernels.gate_residual
+    monkeypatch.setattr(opendit.kernels, "gate_residual", lambda *a: calls.append(1) or gate_residual(*a))
+    x = torch.randn(3, 4, 4, 4, device=DEVICE)
+    t, y = torch.tensor([1, 500, 999], device=DEVICE), torch.tensor([0, 3, 4], device=DEVICE)
+    separate(x, t, y)
+    assert len(calls) == 3  # one per block
+    calls.clear()
+    fused(x, t, y)
+    assert not calls
+    assert_same_outputs_and_grads(separate, fused, x, t, y)
+
+
+def test_parallelize_fuses_boundaries_only_where_the_model_runs_its_blocks_whole():
+    """Sampling (plugin None), recomputation and sequence parallelism keep the blocks' own boundaries."""
+    def flag(**kwargs):
+        model = DiT_models["DiT-S/2"](input_size=4, num_classes=5, depth=1, hidden_size=24, num_heads=3)
+        return parallelize(model, **kwargs).kernels.fused_boundaries
+
+    assert flag(fused_adaln=True) and flag(fused_adaln=True, plugin="ddp")
+    assert not flag() and not flag(fused_adaln=True, plugin=None) and not flag(fused_adaln=True, grad_checkpoint=True)

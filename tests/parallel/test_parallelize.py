@@ -15,6 +15,7 @@ def test_compile_and_checkpointing_are_wired_per_block(dt):
     # One process: what runs around the blocks too (the patch + position embedding, timestep embedder, final layer).
     assert model.final_layer._compiled_call_impl is not None and model.t_embedder._compiled_call_impl is not None
     assert "embed" in vars(model) and hasattr(model.embed, "_torchdynamo_orig_callable")  # the method, compiled
+    assert hasattr(model.layer_modulations, "_torchdynamo_orig_callable")  # read with fused block boundaries
 
 
 def test_grad_checkpointing_gives_the_same_gradients(dt):
@@ -36,7 +37,7 @@ def test_compile_mode_reaches_torch_compile_of_every_block(dt, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs.get("mode")) or real(fn, **kwargs))
     parallelize(dt.tiny_model(), compile=True)
     parallelize(dt.tiny_model(), compile=True, compile_mode="max-autotune-no-cudagraphs")
-    compiled = len(dt.tiny_model().blocks) + 3  # the blocks, the embedding, the timestep embedder, the final layer
+    compiled = len(dt.tiny_model().blocks) + 4  # the blocks, the embedding, the modulations, the timestep embedder, the final layer
     assert seen == [None] * compiled + ["max-autotune-no-cudagraphs"] * compiled
 
 
