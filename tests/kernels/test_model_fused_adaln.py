@@ -88,3 +88,24 @@ def test_parallelize_fuses_boundaries_only_where_the_model_runs_its_blocks_whole
 
     assert flag(fused_adaln=True) and flag(fused_adaln=True, plugin="ddp")
     assert not flag() and not flag(fused_adaln=True, plugin=None) and not flag(fused_adaln=True, grad_checkpoint=True)
+
+
+def ddp_with_fused_boundaries(rank, world_size, dt):
+    from opendit.parallel.mesh import build_mesh
+
+    dt.init()
+    reference = parallelize(dt.tiny_model(), fused_adaln=True)  # one process, the separate kernels
+    reference.kernels.fused_boundaries = False
+    dt.loss_on(reference, 0).backward()
+    model = dt.tiny_model()
+    train_model = parallelize(model, mesh=build_mesh(world_size, 1, dt.device_type), plugin="ddp", fused_adaln=True)
+    assert model.kernels.fused_boundaries
+    dt.loss_on(train_model, 0, rank, world_size).backward()
+    for (name, a), b in zip(reference.named_parameters(), model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_ddp_with_fused_boundaries_matches_one_process(dt):
+    """DDP (gloo, 2 ranks, half the batch each) with the fused boundaries: the gradients of one process with the
+    separate kernels, so DDP sees every parameter used once the modulations move before the blocks."""
+    dt.run(ddp_with_fused_boundaries, 2, dt)
