@@ -458,7 +458,7 @@ def separate_norm(on: bool):
 
 KERNEL_KINDS = [  # profiler kernel names -> what they do (first match wins)
     ("attention", ("fmha", "cudnn", "flash", "attention")),
-    ("optimizer / EMA / clip", ("multi_tensor", "fused_adam", "foreach", "lerp", "_adamw_master")),
+    ("optimizer / EMA / clip", ("multi_tensor", "fused_adam", "foreach", "lerp", "_adamw_")),
     ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "sm90")),
     ("Triton (ours: adaLN, gate + residual, bias + GELU)", ("_adaln_", "_gate_res_", "_bias_gelu_")),
     ("Triton (inductor)", ("triton",)),
