@@ -40,11 +40,16 @@ def adamw_master_ref(p, g, m, v, copy, scalars, beta1: float, beta2: float, weig
     copy.copy_(p)
 
 
+def _kernel_takes(p, g, m, v, copy, ema) -> bool:
+    """Whether the Triton kernel takes these (else the reference runs): kernels here, fp32 p, bf16 copy, all contiguous."""
+    every = (p, g, m, v, copy) + (() if ema is None else (ema,))
+    return is_available(p) and p.dtype == torch.float32 and copy.dtype == torch.bfloat16 and all(t.is_contiguous() for t in every)
+
+
 def adamw_master_(p, g, m, v, copy, scalars, beta1: float, beta2: float, weight_decay: float, eps: float, ema=None, ema_weight: float = 0.0) -> None:
     """One AdamW step, in place, of fp32 master p and moments m, v from gradient g; writes p into copy (e.g. bf16).
     ema (fp32, like p): also ema += ema_weight * (new p - ema), the EMA update (ema_weight = 1 - decay) in the same pass."""
-    contiguous = all(t.is_contiguous() for t in (p, g, m, v, copy) + (() if ema is None else (ema,)))
-    if not is_available(p) or p.dtype != torch.float32 or copy.dtype != torch.bfloat16 or not contiguous:
+    if not _kernel_takes(p, g, m, v, copy, ema):
         return adamw_master_ref(p, g, m, v, copy, scalars, beta1, beta2, weight_decay, eps, ema, ema_weight)
     _ops.adamw_master_(p, g, m, v, copy, scalars, beta1, beta2, weight_decay, eps, ema, ema_weight)
 
@@ -65,7 +70,9 @@ class MultiTensorAdamW:
     def __init__(self, sizes: list, device: torch.device, block: int = 0, warps: int = 0):
         self.sizes = list(sizes)
         self.sizes_aligned = all(n % 16 == 0 for n in self.sizes)  # the kernel's vectorized variant
-        self.block, self.warps = (block, warps) if block else _ops.adamw_block_size() if _ops is not None else (1024, 4)
+        if not block:  # the per-weight kernel's (any value where there are no kernels: _fits refuses them)
+            block, warps = _ops.adamw_block_size() if _ops is not None else (1024, 4)
+        self.block, self.warps = block, warps
         counts = [-(-n // self.block) for n in self.sizes]
         tensor_of = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
         block_of = torch.cat([torch.arange(c) for c in counts]) if counts else torch.zeros(0, dtype=torch.int64)
@@ -95,16 +102,17 @@ class MultiTensorAdamW:
             self.pending = None
 
     def _fits(self, tensors: list) -> bool:
-        """Whether the one-launch kernel can take these: as adamw_master_'s kernel, plus one gradient dtype, EMAs for all
-        or none, and 16-byte aligned addresses."""
-        if not tensors or [t[0].numel() for t in tensors] != self.sizes or not is_available(self.table):
+        """Whether the one-launch kernel can take these: as adamw_master_'s kernel, plus fp32 moments and EMAs, one
+        gradient dtype, EMAs for all or none, the table's device and 16-byte aligned addresses."""
+        if not tensors or [t[0].numel() for t in tensors] != self.sizes:
             return False
         g_dtype, has_ema = tensors[0][1].dtype, tensors[0][5] is not None
         for p, g, m, v, copy, ema in tensors:
-            fp32 = (p, m, v) + ((ema,) if has_ema else ())
-            every = fp32 + (g, copy)
-            if (ema is not None) != has_ema or g.dtype != g_dtype or g_dtype not in (torch.bfloat16, torch.float16, torch.float32) or copy.dtype != torch.bfloat16:
+            if not _kernel_takes(p, g, m, v, copy, ema) or (ema is not None) != has_ema or g.dtype != g_dtype:
                 return False
-            if any(t.dtype != torch.float32 for t in fp32) or any(t.device != self.table.device or not t.is_contiguous() or t.data_ptr() % 16 for t in every):
+            every = (p, g, m, v, copy) + ((ema,) if has_ema else ())
+            if g_dtype not in (torch.bfloat16, torch.float16, torch.float32) or any(t.dtype != torch.float32 for t in (m, v) + every[5:]):
+                return False
+            if any(t.device != self.table.device or t.data_ptr() % 16 for t in every):
                 return False
         return True
