@@ -7,6 +7,7 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from opendit.models.blocks import DiTBlock, FinalLayer, KernelChoice
 from opendit.models.embed import LabelEmbedder, PatchEmbed, TimestepEmbedder
@@ -179,8 +180,14 @@ class DiT(nn.Module):
         return self.unpatchify(x, shape).float()  # (N, out_channels, ...)
 
     def layer_modulations(self, c: torch.Tensor) -> List[torch.Tensor]:
-        """Every block's and the final layer's adaLN_modulation(c): (N, 6D) per block, then (N, 2D)."""
-        return [layer.adaLN_modulation(c) for layer in (*self.blocks, self.final_layer)]
+        """Every block's and the final layer's adaLN_modulation(c): (N, 6D) per block, then (N, 2D), as one GEMM over
+        their stacked weights (depth + 1 small GEMMs forward and backward would each wait on its launch)."""
+        layers = [layer.adaLN_modulation for layer in (*self.blocks, self.final_layer)]
+        if not all(type(layer[0]) is nn.SiLU and type(layer[-1]) is nn.Linear for layer in layers):  # e.g. float8 linears
+            return [layer(c) for layer in layers]
+        weight = torch.cat([layer[-1].weight for layer in layers])  # (depth * 6D + 2D, D)
+        bias = torch.cat([layer[-1].bias for layer in layers])  # (depth * 6D + 2D,)
+        return list(F.linear(F.silu(c), weight, bias).split(self.modulation_widths(), dim=1))  # (N, 6D) per block, (N, 2D)
 
     def blocks_fused_boundaries(self, x: torch.Tensor, c: Optional[torch.Tensor], mods: list) -> torch.Tensor:
         """The blocks and the final layer, each block handing the next its LayerNorm + modulate of the residual stream

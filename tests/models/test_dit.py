@@ -208,6 +208,28 @@ def test_low_precision_residual_only_changes_rounding_under_autocast():
     assert (out - ref).norm() < 2 * (ref_bf16 - ref).norm() + 1e-3
 
 
+def test_layer_modulations_are_the_per_layer_modules():
+    """layer_modulations (the fused-boundaries path: one GEMM over the stacked adaLN weights) gives every block's and
+    the final layer's adaLN_modulation(c), and the same gradients for c and every weight and bias, in float64."""
+    torch.manual_seed(0)
+    model = DiT_models["DiT-S/2"](input_size=8, num_classes=10, depth=3, hidden_size=32, num_heads=4).double()
+    layers = [*model.blocks, model.final_layer]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.1 * torch.randn_like(p))  # adaLN-Zero would make every modulation and its weight gradient zero
+    c = torch.randn(2, 32, dtype=torch.float64, requires_grad=True)
+    params = [c] + [p for layer in layers for p in layer.adaLN_modulation.parameters()]
+    mods, refs = model.layer_modulations(c), [layer.adaLN_modulation(c) for layer in layers]
+    assert [m.shape for m in mods] == [(2, 6 * 32)] * 3 + [(2, 2 * 32)]
+    for m, r in zip(mods, refs):
+        torch.testing.assert_close(m, r, rtol=1e-12, atol=1e-12)
+    w = [torch.randn_like(r) for r in refs]  # a different weight per output: a swapped split would change the gradients
+    got = torch.autograd.grad(sum((m * wi).sum() for m, wi in zip(mods, w)), params)
+    want = torch.autograd.grad(sum((r * wi).sum() for r, wi in zip(refs, w)), params)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("name,shape", [("DiT-S/2", (2, 4, 8, 8)), ("VDiT-S/1x2x2", (2, 4, 2, 8, 8)), ("Latte-S/1x2x2", (2, 4, 2, 8, 8))])
 def test_precomputed_modulation_replaces_the_conditions(name, shape):
     """forward(..., modulation=modulations(condition(t, y, text))) is forward(t, y, text) exactly; every block's and
