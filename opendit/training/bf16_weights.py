@@ -1,13 +1,15 @@
-"""bf16 working copies of the matmul weights: the CUDA-graph step's forward and backward run on them.
+"""bf16 working copies of the matmul weights and biases: the CUDA-graph step's forward and backward run on them.
 
-Under bf16 autocast every Linear / Conv weight is cast from its fp32 master to bf16 at each step, and its bf16
-gradient is cast back to fp32 for AdamW: 12 bytes a weight a step that move nothing new. Here the step calls the model
-with bf16 copies in place of those weights (torch.func.functional_call); the copies hold exactly what autocast's cast
-would (round to nearest even), so the forward, the loss and the gradients are the same. AdamW (kernels/adamw.py)
-updates each fp32 master from its copy's bf16 gradient and rewrites the copy in the same pass, one launch over all
-the weights of a param group. Everything else reads the masters (model.parameters()): checkpoints, the EMA,
-previews; the moments live in the optimizer's state in torch AdamW's layout, so checkpoints are the plain step's.
-Biases, embeddings and other parameters keep the plain path (autocast casts them; fused AdamW updates them).
+Under bf16 autocast every Linear / Conv weight and bias is cast from its fp32 master to bf16 at each step, and its
+bf16 gradient is cast back to fp32 for AdamW: 12 bytes a weight a step that move nothing new, and two small kernels
+a bias that wait on their launches. Here the step calls the model with bf16 copies in place of those parameters
+(torch.func.functional_call); the copies hold exactly what autocast's cast would (round to nearest even), so the
+forward, the loss and the gradients are the same. fc1's bias, which the Triton bias + GELU kernel reads (fp32 maths
+inside), then comes in bf16 too, as autocast gives every other bias. AdamW (kernels/adamw.py) updates each fp32
+master from its copy's bf16 gradient and rewrites the copy in the same pass, one launch over all the copies of a
+param group. Everything else reads the masters (model.parameters()): checkpoints, the EMA, previews; the moments
+live in the optimizer's state in torch AdamW's layout, so checkpoints are the plain step's. Embeddings and other
+parameters keep the plain path (fused AdamW updates them).
 """
 import torch
 import torch.nn as nn
@@ -15,10 +17,11 @@ import torch.nn as nn
 from opendit.kernels.adamw import MultiTensorAdamW, adamw_each_, adamw_scalars
 
 _MATMULS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+COPIED = ("weight", "bias")  # which of a matmul module's parameters get copies (bench/train_step.py +fp32-biases: weights only)
 
 
 class Bf16Weights:
-    """bf16 copies of a model's trainable Linear / Conv weights, used by bind(); step() is their AdamW."""
+    """bf16 copies of a model's trainable Linear / Conv weights and biases, used by bind(); step() is their AdamW."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, dtype: torch.dtype = torch.bfloat16):
         if not all(group.get("fused") for group in optimizer.param_groups):
@@ -26,11 +29,12 @@ class Bf16Weights:
         group_of = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
         self.names, self.masters, self.groups = [], [], []  # groups: indices (load_state_dict replaces the group dicts)
         for prefix, module in model.named_modules():
-            w = getattr(module, "weight", None)
-            if isinstance(module, _MATMULS) and isinstance(w, nn.Parameter) and id(w) in group_of and type(w.data) is torch.Tensor and w.dtype == torch.float32:
-                self.names.append(f"{prefix}.weight" if prefix else "weight")
-                self.masters.append(w)
-                self.groups.append(group_of[id(w)])
+            for attr in COPIED if isinstance(module, _MATMULS) else ():
+                w = getattr(module, attr)
+                if isinstance(w, nn.Parameter) and id(w) in group_of and type(w.data) is torch.Tensor and w.dtype == torch.float32:
+                    self.names.append(f"{prefix}.{attr}" if prefix else attr)
+                    self.masters.append(w)
+                    self.groups.append(group_of[id(w)])
         self.copies = [w.detach().to(dtype).requires_grad_() for w in self.masters]
         self.optimizer = optimizer
         self.emas, self.ema_weight = None, 0.0  # fuse_ema(): the masters' EMA, updated in the AdamW pass

@@ -1,4 +1,4 @@
-"""bf16 working copies of the matmul weights: the forward, loss and gradients autocast gives, and the same training
+"""bf16 working copies of the matmul weights and biases: the forward, loss and gradients autocast gives, and the same training
 run (weights, moments, EMA) as the plain bf16 step; the CUDA-graph step uses them under bf16."""
 import pytest
 import torch
@@ -28,8 +28,8 @@ def test_copies_give_autocasts_loss_and_gradients_exactly():
         p.data.add_(0.01 * torch.randn_like(p))
     opt = ShardedAdamW(list(model.parameters()), lr=1e-3, fused=True)
     weights = Bf16Weights(model, opt)
-    assert "blocks.0.attn.qkv.weight" in weights.names and "x_embedder.proj.weight" in weights.names  # Linear and Conv2d
-    assert not any(name.endswith("bias") or "embedding_table" in name for name in weights.names)
+    assert {"blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias", "x_embedder.proj.weight", "x_embedder.proj.bias"} <= set(weights.names)  # Linear, Conv2d
+    assert len(weights.names) == 2 * (2 * 5 + 5) and not any("embedding_table" in name for name in weights.names)  # 5 a block; patch, t, final
     x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 500, 999]), torch.tensor([0, 3, 9])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plain = model(x, t, y)
