@@ -52,6 +52,10 @@ A "+modifier" changes one thing of the variant before it (several may follow, e.
     +separate-boundaries  with kernels: each block's last gate + residual and the next block's (or the final layer's)
                  LayerNorm + modulate as two kernels (the default: one, KernelChoice.fused_boundaries, as train.py
                  on one process or DDP)
+    +fp32-biases  graph with bf16 copies: copies of the matmul weights only, the biases cast by autocast at every step
+                 (the default: the biases copied too)
+    +per-layer-mods  fused boundaries: each layer's adaLN modulation as its own GEMM (the default: one GEMM over the
+                 stacked weights of every layer, DiT.layer_modulations)
     +blaslt      every GEMM through cuBLASLt (torch.backends.cuda.preferred_blas_library("cublaslt"); the default:
                  cuBLAS, with cuBLASLt where PyTorch fuses a bias)
     +blocks-only  per-block compile of the blocks alone (the default, as train.py on one process: also the patch +
@@ -70,6 +74,7 @@ import os
 import sys
 import time
 import traceback
+import unittest.mock
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Optional
@@ -86,6 +91,7 @@ from opendit.models import DiT_models  # noqa: E402
 from opendit.models.attention import Attention  # noqa: E402
 from opendit.parallel.parallelize import compile_blocks, enable_fast_attention, enable_fused_adaln  # noqa: E402
 from opendit.parallel.mesh import ParallelMesh  # noqa: E402
+from opendit.training import bf16_weights  # noqa: E402
 from opendit.training.ema import ShardedEMA  # noqa: E402
 from opendit.training.graph_step import CudaGraphStep  # noqa: E402
 from opendit.training.guard import DivergenceGuard  # noqa: E402
@@ -123,6 +129,8 @@ class Variant:
     random_init: bool = False  # zero-initialized weights drawn at random first (real gradients from the first step)
     fused_ema: bool = True  # graph with bf16 copies: the matmul weights' EMA updated in the AdamW pass
     blas: str = ""  # torch.backends.cuda.preferred_blas_library for the run ("": PyTorch's default, cuBLAS)
+    bf16_biases: bool = True  # graph with bf16 copies: the matmul modules' biases copied too (bf16_weights.COPIED)
+    stacked_mods: bool = True  # fused boundaries: every layer's adaLN modulation as one GEMM (DiT.layer_modulations)
 
 
 VARIANTS = {
@@ -165,6 +173,8 @@ MODIFIERS = {  # "+name" after a variant: one change to it
     "separate-ema": dict(fused_ema=False),
     "blaslt": dict(blas="cublaslt"),
     "separate-boundaries": dict(fused_boundaries=False),
+    "per-layer-mods": dict(stacked_mods=False),
+    "fp32-biases": dict(bf16_biases=False),
 }
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
@@ -272,6 +282,8 @@ def build(name: str, args: argparse.Namespace, device: torch.device) -> nn.Modul
         model.kernels.low_precision_residual = True
     model.kernels.fused_gelu = v.kernels and v.fused_gelu
     model.kernels.fused_boundaries = v.kernels and v.fused_boundaries
+    if not v.stacked_mods:
+        model.layer_modulations = lambda c: [layer.adaLN_modulation(c) for layer in (*model.blocks, model.final_layer)]
     if v.compile == "blocks":
         compile_blocks(model, v.compile_mode, ends=v.compile_ends)
     elif v.compile == "model":
@@ -337,8 +349,8 @@ def knobs(v: Variant):
         switches = {"coordinate_descent_tuning": v.coordinate_descent, "aggressive_fusion": v.aggressive_fusion}
         if v.persistent_tma:
             switches["triton.enable_persistent_tma_matmul"] = True
-        with inductor_config.patch(switches), \
-                separate_norm(not v.fused_residual_norm):
+        with inductor_config.patch(switches), separate_norm(not v.fused_residual_norm), \
+                unittest.mock.patch.object(bf16_weights, "COPIED", bf16_weights.COPIED if v.bf16_biases else ("weight",)):
             yield
     finally:
         matmul.allow_bf16_reduced_precision_reduction = before
