@@ -33,6 +33,7 @@ A "+modifier" changes one thing of the variant before it (several may follow, e.
     +no-rpr      torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False (PyTorch's default: True)
     +attn-cudnn, +attn-flash, +attn-efficient  attention through that SDPA backend only
     +kernels     our Triton kernels (custom ops) inside the compiled blocks, as --enable_modulate_kernel
+    +bf16res     the residual stream in bf16 (KernelChoice.low_precision_residual), as --bf16_residual
     +aggressive  inductor's aggressive_fusion (fuses nodes without shared reads too)
     +no-gelu     with kernels: leave fc1's bias + GELU to PyTorch / inductor (the kernels' default: our Triton pass)
     +eager-loss  step / graph: the diffusion's loss terms uncompiled (default with compile: compiled, as train.py --compile)
@@ -159,6 +160,7 @@ MODIFIERS = {  # "+name" after a variant: one change to it
     "attn-flash": dict(attention="flash"),
     "attn-efficient": dict(attention="efficient"),
     "kernels": dict(kernels=True),
+    "bf16res": dict(bf16_residual=True),
     "aggressive": dict(aggressive_fusion=True),
     "no-gelu": dict(fused_gelu=False),
     "separate-norm": dict(fused_residual_norm=False),
