@@ -1,0 +1,33 @@
+"""The training benchmarks run end to end on the CPU (--tiny): every row timed, unknown names refused in one line."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def bench(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def test_train_step_times_each_variant_and_its_modifiers():
+    variants = "flash,kernels+per-layer-mods+fp32-biases+bf16res"
+    out = bench("train_step.py", "--tiny", "--model", "DiT-S/2", "--batch_sizes", "2", "--variants", variants)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| ") and "| 2 |" in line]
+    assert [r[1].strip() for r in rows] == variants.split(",")
+    assert all(float(r[3]) > 0 for r in rows), out.stdout  # img/s measured, not "failed" or "OOM"
+
+
+def test_train_step_refuses_an_unknown_modifier_in_one_line():
+    out = bench("train_step.py", "--tiny", "--variants", "flash+no-such-thing")
+    assert out.returncode != 0 and "unknown variant part(s) ['no-such-thing']" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_kernel_owners_runs_and_refuses_graph_variants():
+    out = bench("kernel_owners.py", "--tiny", "--model", "DiT-S/2", "--variant", "step+bf16res")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| kernels per step | us per call | kernel | launched by (innermost first) |" in out.stdout
+    out = bench("kernel_owners.py", "--tiny", "--variant", "graph")
+    assert out.returncode != 0 and "--variant graph: a CUDA-graph replay" in out.stderr and "Traceback" not in out.stderr
