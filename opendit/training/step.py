@@ -40,7 +40,7 @@ class TrainStep:
     grad_clip: float
     ema_decay: float
     guard: DivergenceGuard
-    weights: Optional[Bf16Weights] = None  # bf16 copies of the matmul weights, run in their place (the CUDA-graph step)
+    weights: Optional[Bf16Weights] = None  # bf16 copies of the matmul weights and biases, run in their place (the CUDA-graph step)
 
     def __post_init__(self):
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
