@@ -6,8 +6,9 @@ initialisation, torch.compile and autotuning happen there), the next one capture
 that copies the batch into static inputs and replays it. Timesteps and noise are drawn outside the graph, as the eager
 step draws them; the LR reaches the fused AdamW kernel through a device tensor, so the schedule keeps working.
 The EMA update is deferred (ema.py): it overlaps the next step's forward and backward on a second stream. Under bf16
-autocast the forward and backward run on bf16 copies of the matmul weights and biases that AdamW keeps current (bf16_weights.py);
-their masters' EMA moves inside that AdamW pass (it has the new weights in registers), the rest beside the next step.
+autocast the forward and backward run on bf16 copies of the matmul weights and biases that AdamW keeps current
+(bf16_weights.py); their masters' EMA moves inside that AdamW pass (it has the new weights in registers), the rest
+beside the next step.
 One process, CUDA, bf16/fp32 (no fp16 loss scaler), no sequence parallelism: check_graph_step refuses the rest.
 """
 from typing import Optional
