@@ -285,7 +285,7 @@ def build(name: str, args: argparse.Namespace, device: torch.device) -> nn.Modul
     model.kernels.fused_gelu = v.kernels and v.fused_gelu
     model.kernels.fused_boundaries = v.kernels and v.fused_boundaries
     if not v.stacked_mods:
-        model.layer_modulations = lambda c: [layer.adaLN_modulation(c) for layer in (*model.blocks, model.final_layer)]
+        model.layer_modulations = lambda c: [layer(c) for layer in model.adaln_layers()]
     if v.compile == "blocks":
         compile_blocks(model, v.compile_mode, ends=v.compile_ends)
     elif v.compile == "model":

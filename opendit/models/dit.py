@@ -136,15 +136,18 @@ class DiT(nn.Module):
             c = c + self.text_embedder(text.to(self.text_embedder.weight.dtype))  # (N, D)
         return c
 
+    def adaln_layers(self) -> List[nn.Module]:
+        """Every block's adaLN_modulation (SiLU, Linear to 6D) and the final layer's (to 2D), in order."""
+        return [layer.adaLN_modulation for layer in (*self.blocks, self.final_layer)]
+
     def modulation_widths(self) -> List[int]:
         """The widths of every block's adaLN output (6D) and the final layer's (2D), in order."""
-        return [block.adaLN_modulation[-1].out_features for block in self.blocks] + [self.final_layer.adaLN_modulation[-1].out_features]
+        return [layer[-1].out_features for layer in self.adaln_layers()]
 
     def modulations(self, c: torch.Tensor) -> torch.Tensor:
         """Every block's and the final layer's adaLN_modulation(c), side by side: (N, D) -> (N, depth * 6D + 2D).
         forward(..., modulation=) takes them in place of t, y and text (sampling computes a schedule's at once)."""
-        layers = [block.adaLN_modulation for block in self.blocks] + [self.final_layer.adaLN_modulation]
-        widths, out, start = self.modulation_widths(), None, 0
+        layers, widths, out, start = self.adaln_layers(), self.modulation_widths(), None, 0
         for layer, width in zip(layers, widths):
             mod = layer(c)  # (N, width), in the autocast dtype under autocast
             out = mod.new_empty(len(c), sum(widths)) if out is None else out  # filled in place: no concatenated copy
@@ -182,7 +185,7 @@ class DiT(nn.Module):
     def layer_modulations(self, c: torch.Tensor) -> List[torch.Tensor]:
         """Every block's and the final layer's adaLN_modulation(c): (N, 6D) per block, then (N, 2D), as one GEMM over
         their stacked weights (depth + 1 small GEMMs forward and backward would each wait on its launch)."""
-        layers = [layer.adaLN_modulation for layer in (*self.blocks, self.final_layer)]
+        layers = self.adaln_layers()
         if not all(type(layer[0]) is nn.SiLU and type(layer[-1]) is nn.Linear for layer in layers):  # e.g. float8 linears
             return [layer(c) for layer in layers]
         weight = torch.cat([layer[-1].weight for layer in layers])  # (depth * 6D + 2D, D)
