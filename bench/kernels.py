@@ -2,6 +2,8 @@
 
     python bench/kernels.py [--shapes 256x256x1152,32x256x1152] [--dtype bf16] [--ops adaln,gate,gelu]
 
+boundary is the block boundary's backward (gate + residual, then LayerNorm + modulate: `gate_res_adaln_bwd`) alone,
+for each rows-per-program and launch config (C being the model's width).
 gelu is fc1's bias + tanh GELU (training), C being the MLP's hidden width (3072 for DiT-B, 4608 for DiT-XL); its
 section also times the backward at several programs per SM (the rows each program sums the bias gradient over).
 
@@ -33,7 +35,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated BxNxC")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--ops", default="adaln,gate", help="comma-separated subset of adaln,gate,gelu")
+    p.add_argument("--ops", default="adaln,gate", help="comma-separated subset of adaln,gate,gelu,boundary")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     return p.parse_args()
 
@@ -124,6 +126,47 @@ def gelu_sweep(shapes, dtype) -> None:
     print(flush=True)
 
 
+def boundary_sweep(shapes, dtype) -> None:
+    """The block boundary's backward alone, for each rows per program x (BLOCK_M, num_warps); the default marked."""
+    from opendit.kernels import _triton_ops as ops
+
+    dev = torch.device("cuda", 0)
+    print("| B x N x C | rows per program | programs | BLOCK_M | warps | bwd µs | GB/s | default |\n|---|---:|---:|---:|---:|---:|---:|---|")
+    for B, N, C in shapes:
+        s = torch.empty((), dtype=dtype).element_size()
+        n_sets = 3
+
+        def make():
+            t = [torch.randn(B, N, C, device="cuda", dtype=dtype) for _ in range(4)]  # dout, dh, out, y
+            mod = torch.randn(B, 6 * C, device="cuda", dtype=dtype)
+            stats = torch.randn(B * N, device="cuda"), torch.rand(B * N, device="cuda") + 0.5
+            return (*t, mod[:, 2 * C:3 * C], mod[:, C:2 * C], *stats)
+
+        sets = [make() for _ in range(n_sets)]
+        moved = 6 * s * B * N * C  # reads dout, dh, out, y; writes dx, dy
+        default_rp = ops.bwd_rows_per_program(B, N, dev)
+        bc = triton_next_pow2(C)
+        for rp in sorted({16, 32, 48, 64, 96, 128, 256, default_rp}):
+            if rp > N:
+                continue
+            for bm in (1, 2, 4, 8):
+                for w in (4, 8, 16):
+                    if not 4 <= bm * bc // (32 * w) <= 128:
+                        continue
+                    cfg = dict(BLOCK_M=bm, num_warps=w)
+                    calls = [lambda a=a: ops.gate_res_adaln_bwd_partials(*a, dtype, config=cfg, rows_per_prog=rp) for a in sets]
+                    t = gpu_time_us(calls)
+                    mark = "rows" if rp == default_rp else ""
+                    print(f"| {B}x{N}x{C} | {rp} | {B * -(-N // rp)} | {bm} | {w} | {t:.1f} | {moved / t / 1e3:.0f} | {mark} |", flush=True)
+        del sets
+        torch.cuda.empty_cache()
+    print(flush=True)
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
 def main() -> None:
     args = parse_args()
     if not torch.cuda.is_available():
@@ -148,6 +191,9 @@ def main() -> None:
           f"triton {triton.__version__}, dtype {args.dtype}, autotune {'on' if fa._ops.AUTOTUNE else 'off'}\n")
 
     for op in [o for o in args.ops.split(",") if o]:
+        if op == "boundary":
+            boundary_sweep(shapes, dtype)
+            continue
         title, make_case, count_bytes, fused, ref = ops[op]
         impls = {"fused (triton)": fused, "eager": ref}
         if not args.no_compile:

@@ -54,13 +54,16 @@ def _prune(configs, named_args, **kwargs):
     return ok or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"], c.num_warps))]
 
 
-def _autotuned(kernel, candidates: list[dict]):
-    """The autotuned twin of a @triton.jit kernel (keyed on N, C and the dtypes)."""
+def _autotuned(kernel, candidates: list[dict], key: tuple[str, ...] = ("N", "C")):
+    """The autotuned twin of a @triton.jit kernel (keyed on `key` and the dtypes)."""
     configs = []
     for c in candidates:
         c = dict(c)
         configs.append(triton.Config(c, num_warps=c.pop("num_warps"), num_stages=1))
-    return triton.autotune(configs=configs, key=["N", "C"], prune_configs_by={"early_config_prune": _prune})(kernel)
+    return triton.autotune(configs=configs, key=list(key), prune_configs_by={"early_config_prune": _prune})(kernel)
+
+
+BWD_KEY = ("N", "C", "rows_per_prog")  # a backward's best tile depends on the rows each program sums over
 
 
 def _launch(kernel, tuned, grid, args, block_c: int, config: dict | None, heuristic: dict):
@@ -84,10 +87,12 @@ def _num_programs_target(device: torch.device, per_sm: int = 2) -> int:
 
 
 def bwd_rows_per_program(B: int, N: int, device: torch.device, per_sm: int = 2) -> int:
-    """Rows of one sample handled by one backward program (a multiple of _BWD_ROW_ALIGN)."""
+    """Rows of one sample handled by one backward program (a multiple of _BWD_ROW_ALIGN), so that the B * T programs
+    fill at most one wave of the target: a second, partial wave costs more than the larger tiles (DiT-XL/2, batch 128:
+    384 programs took 200 us where 256 took 155, docs/benchmarks.md)."""
     if INTERPRET:
         return 8  # small, so the CPU tests cover several tiles per sample and a loop per tile
-    tiles = max(1, triton.cdiv(_num_programs_target(device, per_sm), B))
+    tiles = max(1, _num_programs_target(device, per_sm) // B)
     return triton.cdiv(triton.cdiv(N, tiles), _BWD_ROW_ALIGN) * _BWD_ROW_ALIGN
 
 
@@ -217,7 +222,7 @@ def _adaln_bwd_kernel(
 FWD_CANDIDATES = _candidates([dict(TILES=1, PREFETCH=False), dict(TILES=8, PREFETCH=True)])
 BWD_CANDIDATES = _candidates([dict(PREFETCH=True)])
 _adaln_fwd_tuned = _autotuned(_adaln_fwd_kernel, FWD_CANDIDATES)
-_adaln_bwd_tuned = _autotuned(_adaln_bwd_kernel, BWD_CANDIDATES)
+_adaln_bwd_tuned = _autotuned(_adaln_bwd_kernel, BWD_CANDIDATES, BWD_KEY)
 
 
 def adaln_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, config=None):
@@ -318,7 +323,7 @@ def _gate_res_bwd_kernel(
 
 GATE_CANDIDATES = _candidates([{}])
 _gate_res_fwd_tuned = _autotuned(_gate_res_fwd_kernel, GATE_CANDIDATES)
-_gate_res_bwd_tuned = _autotuned(_gate_res_bwd_kernel, GATE_CANDIDATES)
+_gate_res_bwd_tuned = _autotuned(_gate_res_bwd_kernel, GATE_CANDIDATES, BWD_KEY)
 
 
 def gate_res_fwd(x, gate, y, out_dtype: torch.dtype, config=None) -> torch.Tensor:
@@ -440,7 +445,7 @@ def _gate_res_adaln_bwd_kernel(
 
 
 _gate_res_adaln_fwd_tuned = _autotuned(_gate_res_adaln_fwd_kernel, GATE_CANDIDATES)
-_gate_res_adaln_bwd_tuned = _autotuned(_gate_res_adaln_bwd_kernel, GATE_CANDIDATES)
+_gate_res_adaln_bwd_tuned = _autotuned(_gate_res_adaln_bwd_kernel, GATE_CANDIDATES, BWD_KEY)
 
 
 def gate_res_adaln_fwd(x, gate, y, shift, scale, eps: float, out_dtype: torch.dtype, config=None):
@@ -644,7 +649,7 @@ def _bias_gelu_bwd_kernel(
 GELU_BWD_PROGRAMS_PER_SM = 4  # measured best of 2-32 on an H200 at DiT-B and DiT-XL widths (docs/benchmarks.md)
 _bias_gelu_fwd_tuned = _autotuned(_bias_gelu_fwd_kernel, GATE_CANDIDATES)
 GELU_BWD_CANDIDATES = _candidates([dict(PREFETCH=False), dict(PREFETCH=True)])
-_bias_gelu_bwd_tuned = _autotuned(_bias_gelu_bwd_kernel, GELU_BWD_CANDIDATES)
+_bias_gelu_bwd_tuned = _autotuned(_bias_gelu_bwd_kernel, GELU_BWD_CANDIDATES, BWD_KEY)
 
 
 def bias_gelu_fwd(h: torch.Tensor, bias: torch.Tensor, config=None) -> torch.Tensor:
