@@ -57,6 +57,8 @@ A "+modifier" changes one thing of the variant before it (several may follow, e.
                  (the default: the biases copied too)
     +per-layer-mods  fused boundaries: each layer's adaLN modulation as its own GEMM (the default: one GEMM over the
                  stacked weights of every layer, DiT.layer_modulations)
+    +gemm-biases  fused boundaries: proj's and fc2's biases in their GEMMs, their gradients summed by inductor (the
+                 default: added in the boundary kernels, which sum their gradients too; blocks.without_bias)
     +blaslt      every GEMM through cuBLASLt (torch.backends.cuda.preferred_blas_library("cublaslt"); the default:
                  cuBLAS, with cuBLASLt where PyTorch fuses a bias)
     +blocks-only  per-block compile of the blocks alone (the default, as train.py on one process: also the patch +
@@ -89,6 +91,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from opendit.diffusion import create_diffusion  # noqa: E402
 from opendit.models import DiT_models  # noqa: E402
+from opendit.models import blocks  # noqa: E402
 from opendit.models.attention import Attention  # noqa: E402
 from opendit.parallel.parallelize import compile_blocks, enable_fast_attention, enable_fused_adaln  # noqa: E402
 from opendit.parallel.mesh import ParallelMesh  # noqa: E402
@@ -132,6 +135,7 @@ class Variant:
     blas: str = ""  # torch.backends.cuda.preferred_blas_library for the run ("": PyTorch's default, cuBLAS)
     bf16_biases: bool = True  # graph with bf16 copies: the matmul modules' biases copied too (bf16_weights.COPIED)
     stacked_mods: bool = True  # fused boundaries: every layer's adaLN modulation as one GEMM (DiT.layer_modulations)
+    boundary_biases: bool = True  # fused boundaries: proj's and fc2's biases added (and summed backward) in the boundary kernels
 
 
 VARIANTS = {
@@ -177,6 +181,7 @@ MODIFIERS = {  # "+name" after a variant: one change to it
     "separate-boundaries": dict(fused_boundaries=False),
     "per-layer-mods": dict(stacked_mods=False),
     "fp32-biases": dict(bf16_biases=False),
+    "gemm-biases": dict(boundary_biases=False),
 }
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
@@ -352,7 +357,8 @@ def knobs(v: Variant):
         if v.persistent_tma:
             switches["triton.enable_persistent_tma_matmul"] = True
         with inductor_config.patch(switches), separate_norm(not v.fused_residual_norm), \
-                unittest.mock.patch.object(bf16_weights, "COPIED", bf16_weights.COPIED if v.bf16_biases else ("weight",)):
+                unittest.mock.patch.object(bf16_weights, "COPIED", bf16_weights.COPIED if v.bf16_biases else ("weight",)), \
+                unittest.mock.patch.object(blocks, "without_bias", blocks.without_bias if v.boundary_biases else lambda linear, x: (linear(x), None)):
             yield
     finally:
         matmul.allow_bf16_reduced_precision_reduction = before
@@ -455,12 +461,10 @@ def attention_bench(args: argparse.Namespace, batch: int, device: torch.device) 
 @contextlib.contextmanager
 def separate_norm(on: bool):
     """DiT blocks' gate + residual and the next LayerNorm + modulate as two functions (two kernels) while on."""
-    import opendit.models.blocks as blocks
-
     fused = blocks.add_gated_norm_modulate
 
-    def separate(norm, x, gate, y, shift, scale, fused_kernels):
-        x = blocks.add_gated(x, gate, y, fused_kernels)
+    def separate(norm, x, gate, y, shift, scale, fused_kernels, bias=None):
+        x = blocks.add_gated(x, gate, y if bias is None else y + bias, fused_kernels)
         return x, blocks.norm_modulate(norm, x, shift, scale, fused_kernels)
 
     blocks.add_gated_norm_modulate = separate if on else fused

@@ -66,12 +66,12 @@ def _autotuned(kernel, candidates: list[dict], key: tuple[str, ...] = ("N", "C")
 BWD_KEY = ("N", "C", "rows_per_prog")  # a backward's best tile depends on the rows each program sums over
 
 
-def _launch(kernel, tuned, grid, args, block_c: int, config: dict | None, heuristic: dict):
-    """Launch with `config` if given, else autotuned, else `heuristic`."""
+def _launch(kernel, tuned, grid, args, block_c: int, config: dict | None, heuristic: dict, **constexprs):
+    """Launch with `config` if given, else autotuned, else `heuristic` (`constexprs`: the kernel's other switches)."""
     if config is None and AUTOTUNE:
-        tuned[grid](*args, BLOCK_C=block_c)
+        tuned[grid](*args, BLOCK_C=block_c, **constexprs)
     else:
-        kernel[grid](*args, BLOCK_C=block_c, **{"num_stages": 1, **(config or heuristic)})
+        kernel[grid](*args, BLOCK_C=block_c, **constexprs, **{"num_stages": 1, **(config or heuristic)})
 
 
 @functools.lru_cache(maxsize=None)
@@ -371,14 +371,15 @@ def gate_res_bwd(dout, gate, y, config=None):
 # Inside a DiT block the attention branch's residual update feeds the MLP's LayerNorm: x1 = x + gate * y and
 # h = LN(x1) * (1 + scale) + shift in one pass (x1 rounded to its dtype first, as the two kernels would). Its backward
 # adds x1's own gradient (from the next residual update) to the LayerNorm's, where autograd would add them in a
-# separate pass, and writes dx and dy from the sum.
+# separate pass, and writes dx and dy from the sum. With HAS_BIAS, y is the branch's last GEMM without its bias: the
+# kernels add the bias (y + bias in fp32) and the backward sums its gradient (the sum of dy) with the others.
 
 
 @triton.jit
 def _gate_res_adaln_fwd_kernel(
-    X, GATE, Y, OUT, H, SHIFT, SCALE, MEAN, RSTD,  # x, y, out, h: (B*N, C); modulation rows; mean, rstd: (B*N,)
+    X, GATE, Y, BIAS, OUT, H, SHIFT, SCALE, MEAN, RSTD,  # x, y, out, h: (B*N, C); bias: (C,); modulation rows; mean, rstd: (B*N,)
     N, C, gate_stride, shift_stride, scale_stride, eps,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     b = tl.program_id(1)
     rows_n = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -393,6 +394,8 @@ def _gate_res_adaln_fwd_kernel(
     shift = tl.load(SHIFT + b * shift_stride + cols, mask=col_ok, other=0.0).to(tl.float32)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     x1 = (x + gate[None, :] * y).to(OUT.dtype.element_ty)
     tl.store(OUT + offs, x1, mask=mask)
     x1 = x1.to(tl.float32)
@@ -405,9 +408,9 @@ def _gate_res_adaln_fwd_kernel(
 
 @triton.jit
 def _gate_res_adaln_bwd_kernel(
-    DOUT, DH, OUT, Y, GATE, SCALE, MEAN, RSTD, DX, DY, DSCALE_P, DSHIFT_P, DGATE_P,  # partials: (B, T, C) fp32
+    DOUT, DH, OUT, Y, BIAS, GATE, SCALE, MEAN, RSTD, DX, DY, DSCALE_P, DSHIFT_P, DGATE_P, DBIAS_P,  # partials: (B, T, C) fp32
     N, C, gate_stride, scale_stride, rows_per_prog, T,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     t = tl.program_id(0)
     b = tl.program_id(1)
@@ -418,6 +421,8 @@ def _gate_res_adaln_bwd_kernel(
     acc_dscale = tl.full([BLOCK_C], 0.0, tl.float32)
     acc_dshift = tl.full([BLOCK_C], 0.0, tl.float32)
     acc_dgate = tl.full([BLOCK_C], 0.0, tl.float32)
+    acc_dx1 = tl.full([BLOCK_C], 0.0, tl.float32)
+    bias = tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32) if HAS_BIAS else acc_dx1
     row_start = t * rows_per_prog
     row_end = tl.minimum(row_start + rows_per_prog, N)
     for i in range(0, rows_per_prog, BLOCK_M):
@@ -432,25 +437,29 @@ def _gate_res_adaln_bwd_kernel(
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
         dx1, xhat = _ln_modulate_grad(x1, dh, mean, rstd, mask, C, gamma)
         dx1 = tl.where(mask, dx1 + tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32), 0.0)
-        y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
         tl.store(DX + offs, dx1.to(DX.dtype.element_ty), mask=mask)
         tl.store(DY + offs, (dx1 * gate[None, :]).to(DY.dtype.element_ty), mask=mask)
         acc_dscale += _sum(dh * xhat, axis=0)
         acc_dshift += _sum(dh, axis=0)
         acc_dgate += _sum(dx1 * y, axis=0)
+        if HAS_BIAS:
+            acc_dx1 += _sum(dx1, axis=0)
     p_offs = (b.to(tl.int64) * T + t) * C + cols
     tl.store(DSCALE_P + p_offs, acc_dscale, mask=col_ok)
     tl.store(DSHIFT_P + p_offs, acc_dshift, mask=col_ok)
     tl.store(DGATE_P + p_offs, acc_dgate, mask=col_ok)
+    if HAS_BIAS:
+        tl.store(DBIAS_P + p_offs, acc_dx1 * gate, mask=col_ok)  # dy = dx1 * gate, summed over this program's rows
 
 
-_gate_res_adaln_fwd_tuned = _autotuned(_gate_res_adaln_fwd_kernel, GATE_CANDIDATES)
-_gate_res_adaln_bwd_tuned = _autotuned(_gate_res_adaln_bwd_kernel, GATE_CANDIDATES, BWD_KEY)
+_gate_res_adaln_fwd_tuned = _autotuned(_gate_res_adaln_fwd_kernel, GATE_CANDIDATES, ("N", "C", "HAS_BIAS"))
+_gate_res_adaln_bwd_tuned = _autotuned(_gate_res_adaln_bwd_kernel, GATE_CANDIDATES, BWD_KEY + ("HAS_BIAS",))
 
 
-def gate_res_adaln_fwd(x, gate, y, shift, scale, eps: float, out_dtype: torch.dtype, config=None):
-    """x, y: (B, N, C) contiguous; gate, shift, scale: (B, C) unit column stride -> out = x + gate[:, None] * y in
-    out_dtype, h = LN(out) * (1 + scale) + shift in out_dtype, mean and rstd of out (B*N,) fp32."""
+def gate_res_adaln_fwd(x, gate, y, shift, scale, eps: float, out_dtype: torch.dtype, config=None, bias=None):
+    """x, y: (B, N, C) contiguous; gate, shift, scale: (B, C) unit column stride; bias: None or (C,) -> out = x + gate[:, None]
+    * (y + bias) in out_dtype, h = LN(out) * (1 + scale) + shift in out_dtype, mean and rstd of out (B*N,) fp32."""
     B, N, C = x.shape
     out = torch.empty(x.shape, device=x.device, dtype=out_dtype)
     h = torch.empty_like(out)
@@ -460,33 +469,39 @@ def gate_res_adaln_fwd(x, gate, y, shift, scale, eps: float, out_dtype: torch.dt
         return out, h, mean, rstd
     bc = triton.next_power_of_2(C)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B)  # noqa: E731
-    args = (x, gate, y, out, h, shift, scale, mean, rstd, N, C, gate.stride(0), shift.stride(0), scale.stride(0), eps)
-    _launch(_gate_res_adaln_fwd_kernel, _gate_res_adaln_fwd_tuned, grid, args, bc, config, _heuristic(bc, 4096, 32))
+    args = (x, gate, y, gate if bias is None else bias, out, h, shift, scale, mean, rstd, N, C, gate.stride(0), shift.stride(0), scale.stride(0), eps)
+    heuristic = _heuristic(bc, 4096, 32)
+    _launch(_gate_res_adaln_fwd_kernel, _gate_res_adaln_fwd_tuned, grid, args, bc, config, heuristic, HAS_BIAS=bias is not None)
     return out, h, mean, rstd
 
 
-def gate_res_adaln_bwd_partials(dout, dh, out, y, gate, scale, mean, rstd, x_dtype: torch.dtype, config=None, rows_per_prog=None):
-    """dout, dh, out, y: (B, N, C) contiguous -> dx (in x_dtype), dy (in y.dtype), and the (3, B, T, C) fp32 partials
-    of dscale, dshift, dgate (sum over T)."""
+def gate_res_adaln_bwd_partials(dout, dh, out, y, gate, scale, mean, rstd, x_dtype: torch.dtype, config=None, rows_per_prog=None, bias=None):
+    """dout, dh, out, y: (B, N, C) contiguous; bias: None or (C,), as given forward -> dx (in x_dtype), dy (in
+    y.dtype), and the (3, B, T, C) fp32 partials of dscale, dshift, dgate (sum over T); (4, B, T, C) with a bias, the
+    fourth summing to dbias over B and T."""
     B, N, C = out.shape
     dx = torch.empty(out.shape, device=out.device, dtype=x_dtype)
     dy = torch.empty_like(y)
+    n_partials = 3 if bias is None else 4
     if B * N == 0:
-        return dx, dy, torch.zeros(3, B, 1, C, device=out.device, dtype=torch.float32)
+        return dx, dy, torch.zeros(n_partials, B, 1, C, device=out.device, dtype=torch.float32)
     rows_per_prog = rows_per_prog or bwd_rows_per_program(B, N, out.device)
     T = triton.cdiv(N, rows_per_prog)
-    partials = torch.empty(3, B, T, C, device=out.device, dtype=torch.float32)
-    args = (dout, dh, out, y, gate, scale, mean, rstd, dx, dy, partials[0], partials[1], partials[2], N, C, gate.stride(0), scale.stride(0), rows_per_prog, T)
+    partials = torch.empty(n_partials, B, T, C, device=out.device, dtype=torch.float32)
+    args = (dout, dh, out, y, gate if bias is None else bias, gate, scale, mean, rstd, dx, dy, *partials[:3], partials[-1],
+            N, C, gate.stride(0), scale.stride(0), rows_per_prog, T)
     bc = triton.next_power_of_2(C)
-    _launch(_gate_res_adaln_bwd_kernel, _gate_res_adaln_bwd_tuned, (T, B), args, bc, config, _heuristic(bc, 8192, 64))
+    heuristic = _heuristic(bc, 8192, 64)
+    _launch(_gate_res_adaln_bwd_kernel, _gate_res_adaln_bwd_tuned, (T, B), args, bc, config, heuristic, HAS_BIAS=bias is not None)
     return dx, dy, partials
 
 
-def gate_res_adaln_bwd(dout, dh, out, y, gate, scale, mean, rstd, x_dtype: torch.dtype, config=None, rows_per_prog=None):
-    """dout, dh, out, y: (B, N, C) contiguous -> dx (in x_dtype), dy (in y.dtype), and dgate, dscale, dshift (B, C) fp32."""
-    dx, dy, partials = gate_res_adaln_bwd_partials(dout, dh, out, y, gate, scale, mean, rstd, x_dtype, config, rows_per_prog)
-    dscale, dshift, dgate = partials.sum(2).unbind(0)
-    return dx, dy, dgate, dscale, dshift
+def gate_res_adaln_bwd(dout, dh, out, y, gate, scale, mean, rstd, x_dtype: torch.dtype, config=None, rows_per_prog=None, bias=None):
+    """dout, dh, out, y: (B, N, C) contiguous -> dx (in x_dtype), dy (in y.dtype), and dgate, dscale, dshift (B, C) fp32;
+    then dbias (C,) fp32 when a bias is given."""
+    dx, dy, partials = gate_res_adaln_bwd_partials(dout, dh, out, y, gate, scale, mean, rstd, x_dtype, config, rows_per_prog, bias)
+    dscale, dshift, dgate = partials[:3].sum(2).unbind(0)
+    return (dx, dy, dgate, dscale, dshift) + (() if bias is None else (partials[3].sum((0, 1)),))
 
 
 # ----------------------------------------------------------------------------- GELU + float8 row quantization

@@ -11,6 +11,8 @@ Kernel configs are autotuned per (N, C, dtypes) on first use (a few seconds); OP
 fixed heuristics instead (within a few % of the tuned configs on an H200 at C=1152).
 """
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -77,21 +79,22 @@ if _ops is not None:
         B, N, C = y.shape
         return torch.empty_like(y), y.new_empty(B, _ops.gate_res_bwd_programs(B, N, C, y.device), C, dtype=torch.float32)
 
-    def _gate_res_adaln_fwd(x: Tensor, gate: Tensor, y: Tensor, shift: Tensor, scale: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return _ops.gate_res_adaln_fwd(x, gate, y, shift, scale, eps, out_dtype)
+    def _gate_res_adaln_fwd(x: Tensor, gate: Tensor, y: Tensor, shift: Tensor, scale: Tensor, eps: float, out_dtype: torch.dtype,
+                            bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return _ops.gate_res_adaln_fwd(x, gate, y, shift, scale, eps, out_dtype, bias=bias)
 
-    def _gate_res_adaln_fwd_fake(x, gate, y, shift, scale, eps, out_dtype):
+    def _gate_res_adaln_fwd_fake(x, gate, y, shift, scale, eps, out_dtype, bias=None):
         out = x.new_empty(x.shape, dtype=out_dtype)
         stats = x.new_empty(x.shape[0] * x.shape[1], dtype=torch.float32)
         return out, torch.empty_like(out), stats, torch.empty_like(stats)
 
     def _gate_res_adaln_bwd_partials(dout: Tensor, dh: Tensor, out: Tensor, y: Tensor, gate: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor,
-                                     x_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        return _ops.gate_res_adaln_bwd_partials(dout, dh, out, y, gate, scale, mean, rstd, x_dtype)
+                                     x_dtype: torch.dtype, bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+        return _ops.gate_res_adaln_bwd_partials(dout, dh, out, y, gate, scale, mean, rstd, x_dtype, bias=bias)
 
-    def _gate_res_adaln_bwd_partials_fake(dout, dh, out, y, gate, scale, mean, rstd, x_dtype):
+    def _gate_res_adaln_bwd_partials_fake(dout, dh, out, y, gate, scale, mean, rstd, x_dtype, bias=None):
         B, N, C = out.shape
-        partials = out.new_empty(3, B, _ops.bwd_programs(B, N, out.device), C, dtype=torch.float32)
+        partials = out.new_empty(3 if bias is None else 4, B, _ops.bwd_programs(B, N, out.device), C, dtype=torch.float32)
         return out.new_empty(out.shape, dtype=x_dtype), torch.empty_like(y), partials
 
     _COMPILED = {
@@ -210,37 +213,41 @@ def gate_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch
 
 
 class GateResidualAdaLNFunction(torch.autograd.Function):
-    """Autograd wrapper of the Triton kernels of out = x + gate[:, None] * y, h = LN(out) * (1 + scale) + shift."""
+    """Autograd wrapper of the Triton kernels of out = x + gate[:, None] * (y + bias), h = LN(out) * (1 + scale) + shift."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6):
+    def forward(ctx, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
+                bias: Optional[torch.Tensor] = None):
         x3, y3 = _as_bnc(x), _as_bnc(y)  # (B, N, C)
         B, _, C = x3.shape
         gate2, shift2, scale2 = _rows(gate, B, C, "gate"), _rows(shift, B, C, "shift"), _rows(scale, B, C, "scale")  # (B, C)
         out_dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), gate.dtype)
-        out, h, mean, rstd = _launcher("gate_res_adaln_fwd")(x3, gate2, y3, shift2, scale2, eps, out_dtype)
-        ctx.save_for_backward(out, y3, gate2, scale2, mean, rstd)
+        out, h, mean, rstd = _launcher("gate_res_adaln_fwd")(x3, gate2, y3, shift2, scale2, eps, out_dtype, bias=bias)
+        ctx.save_for_backward(out, y3, gate2, scale2, mean, rstd, bias)
         ctx.meta = (x.shape, x.dtype, [(t.shape, t.dtype) for t in (gate, shift, scale)])
         return out.view(x.shape), h.view(x.shape)
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor, dh: torch.Tensor):
-        out, y3, gate2, scale2, mean, rstd = ctx.saved_tensors
+        out, y3, gate2, scale2, mean, rstd, bias = ctx.saved_tensors
         x_shape, x_dtype, (gate_meta, shift_meta, scale_meta) = ctx.meta
         dout3, dh3 = (g.reshape(out.shape).to(out.dtype).contiguous() for g in (dout, dh))  # zeros where unused (materialized)
-        dx, dy, partials = _launcher("gate_res_adaln_bwd_partials")(dout3, dh3, out, y3, gate2, scale2, mean, rstd, x_dtype)
-        dscale, dshift, dgate = partials.sum(2).unbind(0)  # (B, C) each
+        dx, dy, partials = _launcher("gate_res_adaln_bwd_partials")(dout3, dh3, out, y3, gate2, scale2, mean, rstd, x_dtype, bias=bias)
+        dscale, dshift, dgate = partials[:3].sum(2).unbind(0)  # (B, C) each
+        dbias = None if bias is None else partials[3].sum((0, 1)).to(bias.dtype)  # (C,)
         as_input = lambda g, meta: g.to(meta[1]).view(meta[0])  # noqa: E731
-        return dx.view(x_shape), as_input(dgate, gate_meta), dy.view(x_shape), as_input(dshift, shift_meta), as_input(dscale, scale_meta), None
+        return dx.view(x_shape), as_input(dgate, gate_meta), dy.view(x_shape), as_input(dshift, shift_meta), as_input(dscale, scale_meta), None, dbias
 
 
 def gate_residual_layernorm_modulate(
-    x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+    x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
+    bias: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, h): out = x + gate[:, None] * y and h = LN(out) * (1 + scale) + shift, for x, y (B, ..., C) and (B, C)
-    modulation, in one pass forward and one backward; the two separate functions where the kernels cannot run."""
+    """(out, h): out = x + gate[:, None] * (y + bias) and h = LN(out) * (1 + scale) + shift, for x, y (B, ..., C), (B, C)
+    modulation and an optional (C,) bias (the branch's last Linear's, left out of its GEMM: its gradient is summed here),
+    in one pass forward and one backward; the two separate functions where the kernels cannot run."""
     dtypes = (x.dtype, y.dtype, gate.dtype)
     if not is_available(x) or x.shape != y.shape or x.shape[-1] > _ops.MAX_BLOCK_C or x.shape[0] > _MAX_B or torch.float64 in dtypes:
-        out = gate_residual(x, gate, y)
+        out = gate_residual(x, gate, y if bias is None else y + bias.to(y.dtype))
         return out, fused_layernorm_modulate(out, shift, scale, eps)
-    return GateResidualAdaLNFunction.apply(x, gate, y, shift, scale, eps)
+    return GateResidualAdaLNFunction.apply(x, gate, y, shift, scale, eps, bias)

@@ -48,9 +48,12 @@ class Attention(nn.Module):
         self.attention_fn = attention_fn or sdpa_attention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.attend(x))
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs before the output projection: (B, N, C) -> (B, N, C)."""
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # rows ordered (q|k|v, head, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, d)
         x = self.attention_fn(q, k, v)  # (B, H, N, d)
-        x = x.transpose(1, 2).reshape(B, N, C)
-        return self.proj(x)
+        return x.transpose(1, 2).reshape(B, N, C)

@@ -45,13 +45,14 @@ class KernelChoice:
 
 
 def add_gated_norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
-                            scale: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + gate * y, modulate(norm(x + gate * y), shift, scale)); fused=True runs both as one Triton kernel."""
+                            scale: torch.Tensor, fused: bool, bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + gate * y, modulate(norm(x + gate * y), shift, scale)), y plus `bias` when given (the branch's last bias,
+    left out of its GEMM); fused=True runs both as one Triton kernel, which also sums the bias's gradient."""
     if fused:
         from opendit.kernels import gate_residual_layernorm_modulate
 
-        return gate_residual_layernorm_modulate(x, gate, y, shift, scale, eps=norm.eps)
-    x = add_gated(x, gate, y, fused)
+        return gate_residual_layernorm_modulate(x, gate, y, shift, scale, eps=norm.eps, bias=bias)
+    x = add_gated(x, gate, y if bias is None else y + bias, fused)
     return x, norm_modulate(norm, x, shift, scale, fused)
 
 
@@ -73,13 +74,24 @@ class Mlp(nn.Module):
         self.kernels = kernels or KernelChoice()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.hidden(x))
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The activation before fc2: (..., in) -> (..., hidden)."""
         if self.kernels.gelu_epilogue and x.is_cuda and not torch.is_grad_enabled() and isinstance(self.fc1, nn.Linear):  # not a Float8Linear
-            return self.fc2(linear_gelu(self.fc1, x))
+            return linear_gelu(self.fc1, x)
         if self.kernels.fused_gelu and torch.is_grad_enabled() and isinstance(self.fc1, nn.Linear):
             from opendit.kernels import bias_gelu
 
-            return self.fc2(bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias))
-        return self.fc2(self.act(self.fc1(x)))
+            return bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias)
+        return self.act(self.fc1(x))
+
+
+def without_bias(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(x W^T, b) for a plain nn.Linear with a bias, which the caller adds (in the next fused kernel); else (linear(x), None)."""
+    if type(linear) is nn.Linear and linear.bias is not None:
+        return F.linear(x, linear.weight), linear.bias
+    return linear(x), None
 
 
 class DiTBlock(nn.Module):
@@ -103,13 +115,14 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
         fused = self.kernels.fused_adaln
         h = norm_modulate(self.norm1, x, shift_msa, scale_msa, fused) if h is None else h
-        y = self.attn(h)
-        x, h = add_gated_norm_modulate(self.norm2, x, gate_msa, y, shift_mlp, scale_mlp, fused)  # x += gate * y; h = adaLN(x)
-        if next_mod is None:
-            return add_gated(x, gate_mlp, self.mlp(h), fused)  # (N, T, D)
-        D = x.shape[-1]
-        shift, scale = next_mod[:, :D], next_mod[:, D : 2 * D]
-        return add_gated_norm_modulate(self.norm1, x, gate_mlp, self.mlp(h), shift, scale, fused)  # every norm here: eps 1e-6, no affine
+        if next_mod is not None:  # every gate + residual meets a norm: proj's and fc2's biases go into those kernels
+            y, bias = without_bias(self.attn.proj, self.attn.attend(h))
+            x, h = add_gated_norm_modulate(self.norm2, x, gate_msa, y, shift_mlp, scale_mlp, fused, bias)  # x += gate * y; h = adaLN(x)
+            D = x.shape[-1]
+            y, bias = without_bias(self.mlp.fc2, self.mlp.hidden(h))
+            return add_gated_norm_modulate(self.norm1, x, gate_mlp, y, next_mod[:, :D], next_mod[:, D : 2 * D], fused, bias)  # every norm: eps 1e-6
+        x, h = add_gated_norm_modulate(self.norm2, x, gate_msa, self.attn(h), shift_mlp, scale_mlp, fused)
+        return add_gated(x, gate_mlp, self.mlp(h), fused)  # (N, T, D)
 
 
 class FinalLayer(nn.Module):

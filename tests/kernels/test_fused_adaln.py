@@ -240,22 +240,26 @@ def test_gate_residual_adaln_mixed_dtypes_and_fallback():
     torch.testing.assert_close(h, fa.layernorm_modulate_ref(out, shift64, scale64))
 
 
-def test_gate_residual_adaln_launchers():
-    """Explicit configs: several row tiles per program and per sample, masked tails (fp32 against float64)."""
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gate_residual_adaln_launchers(with_bias):
+    """Explicit configs: several row tiles per program and per sample, masked tails (fp32 against float64); with a
+    bias, y + bias goes into the residual and the bias's gradient is summed over every row of every sample."""
     ops = fa._ops
     B, N, C = 2, 13, 72
     x, y, dout, dh = (torch.randn(B, N, C, device=DEVICE) for _ in range(4))
     gate, shift, scale = (torch.randn(B, C, device=DEVICE) for _ in range(3))
-    ins64 = leaves(*(t.double() for t in (x, gate, y, shift, scale)))
-    out64 = fa.gate_residual_ref(*ins64[:3])
-    h64 = fa.layernorm_modulate_ref(out64, *ins64[3:])
+    bias = torch.randn(C, device=DEVICE) if with_bias else None
+    ins64 = leaves(*(t.double() for t in (x, gate, y, shift, scale) + ((bias,) if with_bias else ())))
+    out64 = fa.gate_residual_ref(ins64[0], ins64[1], ins64[2] + ins64[5] if with_bias else ins64[2])
+    h64 = fa.layernorm_modulate_ref(out64, *ins64[3:5])
     torch.autograd.backward([out64, h64], [dout.double(), dh.double()])
     for cfg in (dict(BLOCK_M=2, num_warps=1), dict(BLOCK_M=4, num_warps=1)):
-        out, h, mean, rstd = ops.gate_res_adaln_fwd(x, gate, y, shift, scale, 1e-6, torch.float32, config=cfg)
+        out, h, mean, rstd = ops.gate_res_adaln_fwd(x, gate, y, shift, scale, 1e-6, torch.float32, config=cfg, bias=bias)
         assert_close(out, out64, torch.float32, f"out {cfg}")
         assert_close(h, h64, torch.float32, f"h {cfg}")
-        grads = ops.gate_res_adaln_bwd(dout, dh, out, y, gate, scale, mean, rstd, torch.float32, config=cfg, rows_per_prog=6)
-        for name, g, t in zip(("dx", "dy", "dgate", "dscale", "dshift"), grads, [ins64[i] for i in (0, 2, 1, 4, 3)]):
+        grads = ops.gate_res_adaln_bwd(dout, dh, out, y, gate, scale, mean, rstd, torch.float32, config=cfg, rows_per_prog=6, bias=bias)
+        assert len(grads) == 5 + with_bias
+        for name, g, t in zip(("dx", "dy", "dgate", "dscale", "dshift", "dbias"), grads, [ins64[i] for i in (0, 2, 1, 4, 3, 5)[: len(grads)]]):
             assert_close(g, t.grad, torch.float32, f"{name} {cfg}")
 
 
@@ -385,7 +389,8 @@ def test_backward_ops_fake_shapes_match_the_kernels(B, N, C):
         "adaln_bwd_partials": (d, x, mod[1], mean, rstd),
         "gate_res_bwd_partials": (d, mod[2], y),
         "gate_res_adaln_bwd_partials": (d, d2, x, y, mod[2], mod[1], mean, rstd, torch.bfloat16),
+        "gate_res_adaln_bwd_partials with a bias": (d, d2, x, y, mod[2], mod[1], mean, rstd, torch.bfloat16, torch.randn(C, **bf)),
         "bias_gelu_bwd_partials": (d.reshape(B * N, C), x.reshape(B * N, C), torch.randn(C, **bf)),
     }
     for name, args in cases.items():
-        torch.library.opcheck(ops[name], args, test_utils=("test_faketensor",))
+        torch.library.opcheck(ops[name.split(" ")[0]], args, test_utils=("test_faketensor",))
