@@ -7,8 +7,8 @@ i.e. within 1 ulp of x.dtype. Gradients are likewise fp32 inside and rounded onc
 
 The kernels live in `_triton_ops`; without triton, for tensors off CUDA when TRITON_INTERPRET=1 was not set at
 import, for fp64, C > 16384 or B > 65535, the public functions fall back to the PyTorch reference.
-Kernel configs are autotuned per (N, C, dtypes) on first use (a few seconds); OPENDIT_TRITON_AUTOTUNE=0 uses
-fixed heuristics instead (within a few % of the tuned configs on an H200 at C=1152).
+Kernel configs are autotuned per (N, C, dtypes; the backward's rows per program) on first use (a few seconds);
+OPENDIT_TRITON_AUTOTUNE=0 uses fixed heuristics instead (within a few % of the tuned configs on an H200 at C=1152).
 """
 
 from typing import Optional
@@ -246,6 +246,8 @@ def gate_residual_layernorm_modulate(
     """(out, h): out = x + gate[:, None] * (y + bias) and h = LN(out) * (1 + scale) + shift, for x, y (B, ..., C), (B, C)
     modulation and an optional (C,) bias (the branch's last Linear's, left out of its GEMM: its gradient is summed here),
     in one pass forward and one backward; the two separate functions where the kernels cannot run."""
+    if bias is not None and bias.shape != x.shape[-1:]:
+        raise ValueError(f"bias must have shape (C,) = ({x.shape[-1]},), got {tuple(bias.shape)}")
     dtypes = (x.dtype, y.dtype, gate.dtype)
     if not is_available(x) or x.shape != y.shape or x.shape[-1] > _ops.MAX_BLOCK_C or x.shape[0] > _MAX_B or torch.float64 in dtypes:
         out = gate_residual(x, gate, y if bias is None else y + bias.to(y.dtype))
