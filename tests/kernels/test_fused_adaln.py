@@ -394,3 +394,16 @@ def test_backward_ops_fake_shapes_match_the_kernels(B, N, C):
     }
     for name, args in cases.items():
         torch.library.opcheck(ops[name.split(" ")[0]], args, test_utils=("test_faketensor",))
+
+
+@pytest.mark.parametrize("B, N", [(128, 256), (64, 256), (256, 256), (3, 37), (100, 1024), (512, 256)])
+def test_backward_programs_fill_at_most_one_wave(monkeypatch, B, N):
+    """Rows per backward program (GPU rule): every row covered, B * T programs within one wave of the 2-per-SM target
+    where B allows it (DiT-XL/2 at batch 128 on 132 SMs: 256 programs, not 384 in one and a half waves)."""
+    ops = fa._ops
+    monkeypatch.setattr(ops, "INTERPRET", False)
+    monkeypatch.setattr(ops, "_num_programs_target", lambda device, per_sm=2: per_sm * 132)
+    rows = ops.bwd_rows_per_program(B, N, torch.device("cpu"))
+    T = ops.bwd_programs(B, N, torch.device("cpu"))
+    assert rows % ops._BWD_ROW_ALIGN == 0 and T * rows >= N > (T - 1) * rows
+    assert B * T <= max(264, B)
