@@ -134,7 +134,6 @@ def boundary_sweep(shapes, dtype) -> None:
     print("| B x N x C | rows per program | programs | BLOCK_M | warps | bwd µs | GB/s | default |\n|---|---:|---:|---:|---:|---:|---:|---|")
     for B, N, C in shapes:
         s = torch.empty((), dtype=dtype).element_size()
-        n_sets = 3
 
         def make():
             t = [torch.randn(B, N, C, device="cuda", dtype=dtype) for _ in range(4)]  # dout, dh, out, y
@@ -142,10 +141,10 @@ def boundary_sweep(shapes, dtype) -> None:
             stats = torch.randn(B * N, device="cuda"), torch.rand(B * N, device="cuda") + 0.5
             return (*t, mod[:, 2 * C:3 * C], mod[:, C:2 * C], *stats)
 
-        sets = [make() for _ in range(n_sets)]
+        sets = [make() for _ in range(3)]
         moved = 6 * s * B * N * C  # reads dout, dh, out, y; writes dx, dy
         default_rp = ops.bwd_rows_per_program(B, N, dev)
-        bc = triton_next_pow2(C)
+        bc = ops.triton.next_power_of_2(C)
         for rp in sorted({16, 32, 48, 64, 96, 128, 256, default_rp}):
             if rp > N:
                 continue
@@ -157,14 +156,10 @@ def boundary_sweep(shapes, dtype) -> None:
                     calls = [lambda a=a: ops.gate_res_adaln_bwd_partials(*a, dtype, config=cfg, rows_per_prog=rp) for a in sets]
                     t = gpu_time_us(calls)
                     mark = "rows" if rp == default_rp else ""
-                    print(f"| {B}x{N}x{C} | {rp} | {B * -(-N // rp)} | {bm} | {w} | {t:.1f} | {moved / t / 1e3:.0f} | {mark} |", flush=True)
+                    print(f"| {B}x{N}x{C} | {rp} | {B * ops.triton.cdiv(N, rp)} | {bm} | {w} | {t:.1f} | {moved / t / 1e3:.0f} | {mark} |", flush=True)
         del sets
         torch.cuda.empty_cache()
     print(flush=True)
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 def main() -> None:

@@ -464,7 +464,7 @@ def separate_norm(on: bool):
     fused = blocks.add_gated_norm_modulate
 
     def separate(norm, x, gate, y, shift, scale, fused_kernels, bias=None):
-        x = blocks.add_gated(x, gate, y if bias is None else y + bias, fused_kernels)
+        x = blocks.add_gated(x, gate, y if bias is None else y + bias.to(y.dtype), fused_kernels)
         return x, blocks.norm_modulate(norm, x, shift, scale, fused_kernels)
 
     blocks.add_gated_norm_modulate = separate if on else fused

@@ -52,7 +52,7 @@ def add_gated_norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, gate: torch.Ten
         from opendit.kernels import gate_residual_layernorm_modulate
 
         return gate_residual_layernorm_modulate(x, gate, y, shift, scale, eps=norm.eps, bias=bias)
-    x = add_gated(x, gate, y if bias is None else y + bias, fused)
+    x = add_gated(x, gate, y if bias is None else y + bias.to(y.dtype), fused)  # y keeps its dtype (bf16 under autocast)
     return x, norm_modulate(norm, x, shift, scale, fused)
 
 
