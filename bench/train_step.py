@@ -69,12 +69,17 @@ a graph that inductor has already compiled in this process or on this machine lo
 `--attention_bench` first times each SDPA backend alone at the model's attention shape (fwd and fwd + bwd), and
 attention with its (N, N) scores in memory (two batched GEMMs around a softmax; eager and compiled).
 `--tiny` runs a 2-block model on small inputs (a CPU smoke check of the script itself).
+`--profile V` profiles three steps of V: the top kernels, the time by kind of kernel, then per CUDA stream the busy
+time and the idle gaps between its kernels, the longest gaps with the kernels around them (a CUDA graph's replays
+show up on streams of their own) and the gaps by the kernel that follows them.
 """
 
 import argparse
 import contextlib
+import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 import unittest.mock
@@ -311,7 +316,8 @@ def make_train_step(model: nn.Module, v: Variant):
     ema = ShardedEMA(model, lerp=v.ema_lerp)
     guard = DivergenceGuard(next(model.parameters()).device, 5)
     train_step = TrainStep(model, diffusion, opt, scaler, scheduler, ema, ParallelMesh(), v.dtype, v.dtype != torch.float32, 1.0, 0.9999, guard)
-    train_step = CudaGraphStep(train_step, overlap_ema=v.overlap_ema, bf16_weights=v.bf16_weights, fused_ema=v.fused_ema) if v.stepper == "graph" else train_step
+    if v.stepper == "graph":
+        train_step = CudaGraphStep(train_step, overlap_ema=v.overlap_ema, bf16_weights=v.bf16_weights, fused_ema=v.fused_ema)
     if train_step.weights is not None:
         train_step.weights.one_launch = v.one_launch
     if v.skip_adamw and train_step.weights is not None:
@@ -504,6 +510,49 @@ def profile(step, x, y, rows: int = 40) -> None:
     print("| kernel kind | GPU ms per step | share |\n|---|---:|---:|")
     for kind, us in sorted(shares.items(), key=lambda kv: -kv[1]):
         print(f"| {kind} | {us / 3e3:.1f} | {100 * us / total:.1f}% |")
+    stream_gaps(prof, steps=3)
+
+
+def stream_gaps(prof, steps: int, top: int = 12) -> None:
+    """Per CUDA stream: kernels, busy time and idle gaps between consecutive kernels (per step), from the trace; then
+    the longest gaps of the busiest stream with the kernels around them, and where every stream's kernels start and end."""
+    with tempfile.TemporaryDirectory() as d:
+        prof.export_chrome_trace(os.path.join(d, "trace.json"))
+        with open(os.path.join(d, "trace.json")) as f:
+            events = json.load(f)["traceEvents"]
+    streams: dict = {}
+    for e in events:
+        if e.get("cat") == "kernel" and "dur" in e:
+            streams.setdefault(e.get("args", {}).get("stream"), []).append((float(e["ts"]), float(e["dur"]), e.get("name", "")))
+    if not streams:
+        return
+    t0 = min(k[0] for ks in streams.values() for k in ks)
+    t1 = max(k[0] + k[1] for ks in streams.values() for k in ks)
+    print(f"kernels span {(t1 - t0) / steps / 1e3:.1f} ms per step over {steps} steps")
+    print("| stream | kernels per step | busy ms per step | gaps ms per step (< 5 us / 5-50 us / > 50 us) |\n|---|---:|---:|---|")
+    for stream, ks in sorted(streams.items(), key=lambda kv: -len(kv[1])):
+        ks.sort()
+        gaps = [g for g in (b[0] - (a[0] + a[1]) for a, b in zip(ks, ks[1:])) if g > 0]
+        short, mid, long = (sum(g for g in gaps if lo <= g < hi) / steps / 1e3 for lo, hi in ((0, 5), (5, 50), (50, 1e12)))
+        print(f"| {stream} | {len(ks) / steps:.0f} | {sum(k[1] for k in ks) / steps / 1e3:.1f} | {short:.2f} / {mid:.2f} / {long:.2f} |")
+    main = max(streams.values(), key=len)
+    gaps = sorted(((b[0] - (a[0] + a[1]), a, b) for a, b in zip(main, main[1:])), key=lambda g: -g[0])[:top]
+    print("| longest gaps of the busiest stream (us) | at ms | kernel before | kernel after |\n|---:|---:|---|---|")
+    for g, a, b in gaps:
+        print(f"| {g:.1f} | {(a[0] + a[1] - t0) / 1e3:.2f} | {a[2][:70]} | {b[2][:70]} |")
+    before: dict = {}
+    for a, b in zip(main, main[1:]):
+        g = b[0] - (a[0] + a[1])
+        if 0 < g < 50:
+            n, total = before.get(b[2][:70], (0, 0.0))
+            before[b[2][:70]] = (n + 1, total + g)
+    print("| gaps under 50 us, by the kernel after them | per step | us per step |\n|---|---:|---:|")
+    for name, (n, total) in sorted(before.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"| {name} | {n / steps:.0f} | {total / steps:.0f} |")
+    for stream, ks in streams.items():
+        if ks is not main:
+            runs = [f"{(k[0] - t0) / 1e3:.2f}+{k[1] / 1e3:.2f} {k[2][:24]}" for k in ks if k[1] > 50][:8]
+            print(f"stream {stream}: kernels over 50 us (start ms + ms): {'; '.join(runs)}")
 
 
 def main() -> None:
