@@ -59,6 +59,8 @@ A "+modifier" changes one thing of the variant before it (several may follow, e.
                  stacked weights of every layer, DiT.layer_modulations)
     +gemm-biases  fused boundaries: proj's and fc2's biases in their GEMMs, their gradients summed by inductor (the
                  default: added in the boundary kernels, which sum their gradients too; blocks.without_bias)
+    +fused-qkv-grad  fused boundaries: the qkv projection's backward packs dq, dk, dv and sums its bias gradient in one
+                 Triton pass (kernels/fused_qkv.py; the default: inductor's stack kernel, then a second pass for the bias)
     +blaslt      every GEMM through cuBLASLt (torch.backends.cuda.preferred_blas_library("cublaslt"); the default:
                  cuBLAS, with cuBLASLt where PyTorch fuses a bias)
     +blocks-only  per-block compile of the blocks alone (the default, as train.py on one process: also the patch +
@@ -141,6 +143,7 @@ class Variant:
     bf16_biases: bool = True  # graph with bf16 copies: the matmul modules' biases copied too (bf16_weights.COPIED)
     stacked_mods: bool = True  # fused boundaries: every layer's adaLN modulation as one GEMM (DiT.layer_modulations)
     boundary_biases: bool = True  # fused boundaries: proj's and fc2's biases added (and summed backward) in the boundary kernels
+    fused_qkv_grad: bool = False  # fused boundaries: the qkv gradient packed and its bias gradient summed in one Triton pass
 
 
 VARIANTS = {
@@ -187,6 +190,7 @@ MODIFIERS = {  # "+name" after a variant: one change to it
     "per-layer-mods": dict(stacked_mods=False),
     "fp32-biases": dict(bf16_biases=False),
     "gemm-biases": dict(boundary_biases=False),
+    "fused-qkv-grad": dict(fused_qkv_grad=True),
 }
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
@@ -294,6 +298,7 @@ def build(name: str, args: argparse.Namespace, device: torch.device) -> nn.Modul
         model.kernels.low_precision_residual = True
     model.kernels.fused_gelu = v.kernels and v.fused_gelu
     model.kernels.fused_boundaries = v.kernels and v.fused_boundaries
+    model.kernels.fused_qkv_grad = v.kernels and v.fused_qkv_grad
     if not v.stacked_mods:
         model.layer_modulations = lambda c: [layer(c) for layer in model.adaln_layers()]
     if v.compile == "blocks":

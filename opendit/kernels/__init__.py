@@ -1,4 +1,4 @@
-"""Fused Triton kernels (adaLN LayerNorm + modulate, gate + residual, bias + GELU) with PyTorch fallbacks."""
+"""Fused Triton kernels (adaLN LayerNorm + modulate, gate + residual, bias + GELU, the qkv gradient) with PyTorch fallbacks."""
 
 from .fused_adaln import (
     FusedAdaLNFunction,
@@ -12,6 +12,7 @@ from .fused_adaln import (
     layernorm_modulate_ref,
 )
 from .fused_gelu import BiasGeluFunction, bias_gelu, bias_gelu_ref
+from .fused_qkv import QkvHeadsFunction, qkv_grad_ref, qkv_heads, qkv_heads_ref
 
 __all__ = [
     "BiasGeluFunction",
@@ -26,4 +27,8 @@ __all__ = [
     "gate_residual_ref",
     "is_available",
     "layernorm_modulate_ref",
+    "QkvHeadsFunction",
+    "qkv_grad_ref",
+    "qkv_heads",
+    "qkv_heads_ref",
 ]

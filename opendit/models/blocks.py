@@ -42,6 +42,8 @@ class KernelChoice:
     fused_gelu: bool = False  # with autograd (training): fc1's bias + tanh GELU as one Triton kernel, forward and backward
     fused_boundaries: bool = False  # with fused_adaln, DiT: each block's last gate + residual and the next block's (or the
     # final layer's) LayerNorm + modulate as one kernel; the model computes every modulation before the blocks
+    fused_qkv_grad: bool = False  # with fused_boundaries: the qkv projection's backward packs dq, dk, dv and sums its bias
+    # gradient in one Triton pass (kernels/fused_qkv.py; off until measured on a GPU: bench/train_step.py +fused-qkv-grad)
 
 
 def add_gated_norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
@@ -116,7 +118,7 @@ class DiTBlock(nn.Module):
         fused = self.kernels.fused_adaln
         h = norm_modulate(self.norm1, x, shift_msa, scale_msa, fused) if h is None else h
         if next_mod is not None:  # every gate + residual meets a norm: proj's and fc2's biases go into those kernels
-            y, bias = without_bias(self.attn.proj, self.attn.attend(h))
+            y, bias = without_bias(self.attn.proj, self.attn.attend(h, self.kernels.fused_qkv_grad))
             x, h = add_gated_norm_modulate(self.norm2, x, gate_msa, y, shift_mlp, scale_mlp, fused, bias)  # x += gate * y; h = adaLN(x)
             D = x.shape[-1]
             y, bias = without_bias(self.mlp.fc2, self.mlp.hidden(h))

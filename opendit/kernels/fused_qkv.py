@@ -1,0 +1,66 @@
+"""The qkv projection split into heads, whose backward packs dq, dk, dv and sums the bias gradient in one Triton pass.
+
+Forward: `x W^T + b` (one GEMM with its bias epilogue) viewed as q, k, v of shape (B, H, N, d), as Attention splits it.
+Backward: the attention returns dq, dk, dv heads-major; autograd stacks them into dqkv (B N, 3C) in one pass and reads
+dqkv again for the bias gradient. Here one kernel writes dqkv and per-program column sums (fp32), then the two GEMMs
+(dx = dqkv W, dW = dqkv^T x) run as autograd's would. Without triton, off CUDA (unless TRITON_INTERPRET=1 at import),
+for fp64 or widths not a multiple of 16, the plain PyTorch split runs.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .fused_adaln import _launcher, _op, _ops, is_available
+
+if _ops is not None:
+    from .fused_adaln import _COMPILED  # the custom ops' registry that _launcher reads
+
+    def _qkv_grad_partials(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _ops.qkv_grad_partials(dq, dk, dv)
+
+    def _qkv_grad_partials_fake(dq, dk, dv):
+        B, H, N, D = dq.shape
+        T = _ops.qkv_grad_programs(B * N, dq.device)
+        return dq.new_empty(B * N, 3 * H * D), dq.new_empty(T, 3 * H * D, dtype=torch.float32)
+
+    _COMPILED["qkv_grad_partials"] = _op("qkv_grad_partials", _qkv_grad_partials, _qkv_grad_partials_fake)
+
+
+def qkv_heads_ref(x: torch.Tensor, weight: torch.Tensor, bias, num_heads: int) -> tuple:
+    """PyTorch reference: (q, k, v), each (B, H, N, d), from the (B, N, 3C) projection of x (B, N, C_in)."""
+    B, N, _ = x.shape
+    qkv = F.linear(x, weight, bias).reshape(B, N, 3, num_heads, -1)  # rows ordered (q|k|v, head, d)
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, d)
+
+
+def qkv_grad_ref(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch reference of the kernel: dqkv (B N, 3 H d) and its column sums (3 H d,) in fp32 (fp64 for fp64)."""
+    B, H, N, D = dq.shape
+    dqkv = torch.stack([dq, dk, dv]).permute(1, 3, 0, 2, 4).reshape(B * N, 3 * H * D)  # (3, B, H, N, d) -> (B, N, 3, H, d)
+    return dqkv, dqkv.sum(0, dtype=torch.promote_types(dq.dtype, torch.float32))
+
+
+class QkvHeadsFunction(torch.autograd.Function):
+    """Autograd wrapper: the projection and head split forward, the Triton pack + bias sum and two GEMMs backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_heads: int):
+        ctx.save_for_backward(x, weight, bias)
+        return tuple(t.detach() for t in qkv_heads_ref(x, weight, bias, num_heads))  # views of one (B, N, 3C) tensor
+
+    @staticmethod
+    def backward(ctx, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor):
+        x, weight, bias = ctx.saved_tensors
+        dqkv, dbias_p = _launcher("qkv_grad_partials")(dq, dk, dv)  # (B N, 3C) in the gradients' dtype (autocast's)
+        x2 = x.reshape(-1, x.shape[-1])  # (B N, C_in)
+        dx = (dqkv @ weight.to(dqkv.dtype)).view(x.shape).to(x.dtype)
+        dw = (dqkv.t() @ x2.to(dqkv.dtype)).to(weight.dtype)
+        return dx, dw, dbias_p.sum(0).to(bias.dtype), None  # the sum fused with what follows, under torch.compile
+
+
+def qkv_heads(x: torch.Tensor, weight: torch.Tensor, bias, num_heads: int) -> tuple:
+    """(q, k, v), each (B, H, N, d), of the projection x W^T + b of x (B, N, C_in); with the fused backward when it can."""
+    C = weight.shape[0] // 3
+    if bias is None or not is_available(x) or x.dtype == torch.float64 or _ops.qkv_grad_block_c(C) == 0:
+        return qkv_heads_ref(x, weight, bias, num_heads)
+    return QkvHeadsFunction.apply(x, weight, bias, num_heads)
