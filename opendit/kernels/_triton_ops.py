@@ -717,46 +717,41 @@ def bias_gelu_bwd(dout: torch.Tensor, h: torch.Tensor, bias: torch.Tensor, confi
 @triton.jit
 def _qkv_grad_kernel(
     DQ, DK, DV,  # (B, H, N, D), strides (s_b, s_h, s_n, 1), the same for all three
-    DQKV, DBIAS_P,  # (M, 3C) in the gradients' dtype; partials (T, 3C) fp32
-    N, C, D, M, s_b, s_h, s_n, rows_per_prog,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    DQKV, DBIAS_P,  # (M, 3C) in the gradients' dtype, C = H D; partials (T, 3C) fp32
+    N, H, M, s_b, s_h, s_n, rows_per_prog,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
 ):
+    """One program: rows_per_prog tokens of one head of q, k or v (BLOCK_C: D rounded up to a power of two)."""
     t = tl.program_id(0)
-    c0 = tl.program_id(1) * BLOCK_C  # BLOCK_C divides C: a column block lies inside one of q, k, v
-    part = c0 // C
+    part_head = tl.program_id(1)  # (q | k | v) * H + head: also the head's column block of dqkv
+    part = part_head // H
     if part == 0:
         src = DQ
     elif part == 1:
         src = DK
     else:
         src = DV
-    cols = c0 + tl.arange(0, BLOCK_C)  # of dqkv
-    within = cols - part * C  # of q, k or v: (head, d)
-    head = within // D
-    col_offs = head.to(tl.int64) * s_h + (within - head * D)
+    src += (part_head - part * H).to(tl.int64) * s_h
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < D
+    out_cols = part_head * D + cols
     acc = tl.full([BLOCK_C], 0.0, tl.float32)
     row_start = t.to(tl.int64) * rows_per_prog
     row_end = tl.minimum(row_start + rows_per_prog, M)
     for i in range(0, rows_per_prog, BLOCK_M):
         rows = row_start + i + tl.arange(0, BLOCK_M)  # token b * N + n
-        row_ok = (rows < row_end)[:, None]
+        mask = (rows < row_end)[:, None] & col_ok[None, :]
         b = rows // N
-        g = tl.load(src + (b * s_b + (rows - b * N) * s_n)[:, None] + col_offs[None, :], mask=row_ok, other=0.0)
-        tl.store(DQKV + rows[:, None] * (3 * C) + cols[None, :], g, mask=row_ok)
+        row_offs = tl.multiple_of(b * s_b + (rows - b * N) * s_n, ALIGN)  # ALIGN elements = 16 bytes: vector loads
+        g = tl.load(src + row_offs[:, None] + cols[None, :], mask=mask, other=0.0)
+        tl.store(DQKV + rows[:, None] * (3 * H * D) + out_cols[None, :], g, mask=mask)
         acc += _sum(g.to(tl.float32), axis=0)
-    tl.store(DBIAS_P + t.to(tl.int64) * (3 * C) + cols, acc)
+    tl.store(DBIAS_P + t.to(tl.int64) * (3 * H * D) + out_cols, acc, mask=col_ok)
 
 
-QKV_ROWS_PER_PROGRAM = 256  # 128 x 27 programs at DiT-XL/2 batch 128 (not tuned on a GPU yet)
-_qkv_grad_tuned = _autotuned(_qkv_grad_kernel, GATE_CANDIDATES, ("M", "C", "rows_per_prog"))
-
-
-def qkv_grad_block_c(C: int) -> int:
-    """Columns per program: the largest power of two up to 256 that divides C (0 when under 16: no kernel)."""
-    block = 256
-    while block >= 16 and C % block:
-        block //= 2
-    return block if block >= 16 else 0
+QKV_ROWS_PER_PROGRAM = 256  # 128 x 48 programs at DiT-XL/2 batch 128 (not tuned on a GPU yet)
+QKV_MAX_HEAD_DIM = 256
+_qkv_grad_tuned = _autotuned(_qkv_grad_kernel, GATE_CANDIDATES, ("M", "H", "D", "rows_per_prog"))
 
 
 def qkv_grad_programs(M: int, device: torch.device) -> int:
@@ -765,21 +760,22 @@ def qkv_grad_programs(M: int, device: torch.device) -> int:
 
 
 def qkv_grad_partials(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, config=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """dq, dk, dv: (B, H, N, D) -> dqkv (B N, 3 H D) in dq.dtype, rows (sample, token), columns (q | k | v, head, d), and
-    the (T, 3 H D) fp32 partials of its column sums (sum over T). H D must be a multiple of 16."""
+    """dq, dk, dv: (B, H, N, D), D <= QKV_MAX_HEAD_DIM -> dqkv (B N, 3 H D) in dq.dtype, rows (sample, token),
+    columns (q | k | v, head, d), and the (T, 3 H D) fp32 partials of its column sums (sum over T)."""
     B, H, N, D = dq.shape
-    C, M = H * D, B * N
+    M = B * N
     if dq.stride(-1) != 1 or not dq.stride() == dk.stride() == dv.stride():
         dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
-    dqkv = torch.empty(M, 3 * C, device=dq.device, dtype=dq.dtype)
+    dqkv = torch.empty(M, 3 * H * D, device=dq.device, dtype=dq.dtype)
     T = qkv_grad_programs(M, dq.device)
-    partials = torch.empty(T, 3 * C, device=dq.device, dtype=torch.float32)
-    if M == 0:
+    partials = torch.empty(T, 3 * H * D, device=dq.device, dtype=torch.float32)
+    if M == 0 or H * D == 0:
         return dqkv, partials.zero_()
-    block_c = qkv_grad_block_c(C)
-    rows_per_prog = triton.cdiv(M, T)
-    args = (dq, dk, dv, dqkv, partials, N, C, D, M, dq.stride(0), dq.stride(1), dq.stride(2), rows_per_prog)
-    _launch(_qkv_grad_kernel, _qkv_grad_tuned, (T, 3 * C // block_c), args, block_c, config, _heuristic(block_c, 2048, 16))
+    vector = 16 // dq.element_size()  # elements of a 16-byte load, when every row starts on one (addresses: 16-aligned)
+    align = vector if all(s % vector == 0 for s in dq.stride()[:3]) and all(t.data_ptr() % 16 == 0 for t in (dq, dk, dv)) else 1
+    args = (dq, dk, dv, dqkv, partials, N, H, M, dq.stride(0), dq.stride(1), dq.stride(2), triton.cdiv(M, T))
+    block = triton.next_power_of_2(D)
+    _launch(_qkv_grad_kernel, _qkv_grad_tuned, (T, 3 * H), args, block, config, _heuristic(block, 2048, 16), D=D, ALIGN=align)
     return dqkv, partials
 
 

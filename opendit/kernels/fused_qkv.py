@@ -4,7 +4,7 @@ Forward: `x W^T + b` (one GEMM with its bias epilogue) viewed as q, k, v of shap
 Backward: the attention returns dq, dk, dv heads-major; autograd stacks them into dqkv (B N, 3C) in one pass and reads
 dqkv again for the bias gradient. Here one kernel writes dqkv and per-program column sums (fp32), then the two GEMMs
 (dx = dqkv W, dW = dqkv^T x) run as autograd's would. Without triton, off CUDA (unless TRITON_INTERPRET=1 at import),
-for fp64 or widths not a multiple of 16, the plain PyTorch split runs.
+for fp64 or heads wider than 256, the plain PyTorch split runs.
 """
 
 import torch
@@ -60,7 +60,7 @@ class QkvHeadsFunction(torch.autograd.Function):
 
 def qkv_heads(x: torch.Tensor, weight: torch.Tensor, bias, num_heads: int) -> tuple:
     """(q, k, v), each (B, H, N, d), of the projection x W^T + b of x (B, N, C_in); with the fused backward when it can."""
-    C = weight.shape[0] // 3
-    if bias is None or not is_available(x) or x.dtype == torch.float64 or _ops.qkv_grad_block_c(C) == 0:
+    head_dim = weight.shape[0] // (3 * num_heads)
+    if bias is None or not is_available(x) or x.dtype == torch.float64 or head_dim > _ops.QKV_MAX_HEAD_DIM:
         return qkv_heads_ref(x, weight, bias, num_heads)
     return QkvHeadsFunction.apply(x, weight, bias, num_heads)

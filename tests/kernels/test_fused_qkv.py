@@ -25,7 +25,7 @@ def heads(B, H, N, D, dtype, heads_major=True):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(2, 2, 5, 8), (3, 4, 7, 24), (1, 3, 33, 48)])  # rows not multiples of the tiles
+@pytest.mark.parametrize("shape", [(2, 2, 5, 8), (3, 4, 7, 24), (1, 3, 33, 72), (2, 3, 4, 6)])  # row tails; head dims 72, 6
 @pytest.mark.parametrize("heads_major", [True, False])
 def test_pack_and_bias_sum_match_the_reference(shape, dtype, heads_major):
     dq, dk, dv = heads(*shape, dtype, heads_major)
@@ -37,14 +37,13 @@ def test_pack_and_bias_sum_match_the_reference(shape, dtype, heads_major):
 
 
 def test_launcher_configs():
-    """Several row tiles per program, a masked row tail, several column blocks, each of q, k and v."""
-    dq, dk, dv = heads(2, 3, 11, 16, torch.float32)  # C = 48: column blocks of 16
+    """Several row tiles per program, a masked row tail, a masked head-dim tail, each head of q, k and v."""
+    dq, dk, dv = heads(2, 3, 11, 12, torch.float32)  # head dim 12 in tiles of 16
     ref, ref_sum = fq.qkv_grad_ref(dq.double(), dk.double(), dv.double())
     for cfg in (dict(BLOCK_M=2, num_warps=1), dict(BLOCK_M=4, num_warps=1), dict(BLOCK_M=16, num_warps=1)):
         dqkv, partials = fq._ops.qkv_grad_partials(dq, dk, dv, config=cfg)
         assert torch.equal(dqkv.double(), ref), cfg
         assert_close_scaled(partials.sum(0), ref_sum, 2e-6, f"dbias {cfg}")
-    assert fq._ops.qkv_grad_block_c(1152) == 128 and fq._ops.qkv_grad_block_c(768) == 256 and fq._ops.qkv_grad_block_c(72) == 0
 
 
 def gradients(fn, x, w, b, dout):
@@ -81,9 +80,11 @@ def test_fallbacks_take_the_reference():
     x = torch.randn(2, 3, 8, device=DEVICE, dtype=torch.float64, requires_grad=True)
     q, _, _ = fq.qkv_heads(x, torch.randn(24, 8, device=DEVICE, dtype=torch.float64), torch.randn(24, device=DEVICE, dtype=torch.float64), 2)
     assert q.grad_fn is not None and "QkvHeads" not in type(q.grad_fn).__name__
-    x = torch.randn(2, 3, 8, device=DEVICE, requires_grad=True)  # width 12: not a multiple of 16
-    q, _, _ = fq.qkv_heads(x, torch.randn(36, 8, device=DEVICE), torch.randn(36, device=DEVICE), 2)
+    x = torch.randn(2, 3, 8, device=DEVICE, requires_grad=True)  # heads of 264: wider than the kernel's tile
+    q, _, _ = fq.qkv_heads(x, torch.randn(3 * 264, 8, device=DEVICE), torch.randn(3 * 264, device=DEVICE), 1)
     assert "QkvHeads" not in type(q.grad_fn).__name__
+    q, _, _ = fq.qkv_heads(x, torch.randn(36, 8, device=DEVICE), torch.randn(36, device=DEVICE), 2)  # heads of 6: the kernel
+    assert "QkvHeads" in type(q.grad_fn).__name__
 
 
 def test_block_switch_matches_the_plain_block():
