@@ -321,8 +321,7 @@ def make_train_step(model: nn.Module, v: Variant):
     ema = ShardedEMA(model, lerp=v.ema_lerp)
     guard = DivergenceGuard(next(model.parameters()).device, 5)
     train_step = TrainStep(model, diffusion, opt, scaler, scheduler, ema, ParallelMesh(), v.dtype, v.dtype != torch.float32, 1.0, 0.9999, guard)
-    if v.stepper == "graph":
-        train_step = CudaGraphStep(train_step, overlap_ema=v.overlap_ema, bf16_weights=v.bf16_weights, fused_ema=v.fused_ema)
+    train_step = CudaGraphStep(train_step, overlap_ema=v.overlap_ema, bf16_weights=v.bf16_weights, fused_ema=v.fused_ema) if v.stepper == "graph" else train_step
     if train_step.weights is not None:
         train_step.weights.one_launch = v.one_launch
     if v.skip_adamw and train_step.weights is not None:
@@ -520,7 +519,8 @@ def profile(step, x, y, rows: int = 40) -> None:
 
 def stream_gaps(prof, steps: int, top: int = 12) -> None:
     """Per CUDA stream: kernels, busy time and idle gaps between consecutive kernels (per step), from the trace; then
-    the longest gaps of the busiest stream with the kernels around them, and where every stream's kernels start and end."""
+    the busiest stream's longest gaps with the kernels around them and its short gaps by the kernel after them, and
+    the other streams' kernels of over 50 us (when they start, how long they run)."""
     with tempfile.TemporaryDirectory() as d:
         prof.export_chrome_trace(os.path.join(d, "trace.json"))
         with open(os.path.join(d, "trace.json")) as f:
