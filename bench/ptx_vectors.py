@@ -42,6 +42,8 @@ KERNELS = {
                         dict(BLOCK_M=4, BLOCK_C=1024, PREFETCH=True)),
     "qkv gradient": (ops._qkv_grad_kernel, dict(DQ=BF16, DK=BF16, DV=BF16, DQKV=BF16, DBIAS_P=F32),
                      dict(N=256, H=16, M=32768, s_b=294912, s_h=18432, s_n=72, rows_per_prog=256), dict(D=72, BLOCK_M=16, BLOCK_C=128, ALIGN=8)),
+    "GELU + float8 rows (sampling)": (ops._gelu_quantize_kernel, dict(H=BF16, Q="*fp8e4nv", SCALE=F32), dict(M=4096, K=4608),
+                                      dict(BLOCK_M=1, BLOCK_K=4096, BLOCK_T=512)),
     "AdamW (one launch)": (ops._adamw_multi_kernel, dict(TABLE="*i64", BLOCKS="*i32", S=F32), {},
                            dict(G_DTYPE=ops.tl.bfloat16, BLOCK=1024, HAS_EMA=True, N_ALIGNED=True)),
 }
