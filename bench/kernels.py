@@ -110,7 +110,7 @@ def gelu_bytes(B, N, C, s):
 
 
 def gelu_sweep(shapes, dtype) -> None:
-    """The backward alone at several programs per SM (its default: GELU_BWD_PROGRAMS_PER_SM)."""
+    """The backward alone at several programs per SM (its default: gelu_bwd_programs_per_sm)."""
     from opendit.kernels import _triton_ops as ops
 
     print("| B x N x C | programs per SM | rows per program | bwd µs | GB/s |\n|---|---:|---:|---:|---:|")
@@ -118,7 +118,7 @@ def gelu_sweep(shapes, dtype) -> None:
         rows, s = B * N, torch.empty((), dtype=dtype).element_size()
         sets = [(torch.randn(rows, C, device="cuda", dtype=dtype), torch.randn(rows, C, device="cuda", dtype=dtype)) for _ in range(3)]
         bias = torch.randn(C, device="cuda")
-        n_cblocks = ops.triton.cdiv(C, ops._gate_block_c(C))
+        n_cblocks = ops.triton.cdiv(C, ops._gelu_block_c(C))
         for per_sm in (2, 4, 8, 16, 32):
             rp = ops.bwd_rows_per_program(n_cblocks, rows, torch.device("cuda", 0), per_sm)
             t = gpu_time_us([lambda d=d, h=h: ops.bias_gelu_bwd(d, h, bias, rows_per_prog=rp) for d, h in sets])
@@ -145,7 +145,9 @@ def boundary_sweep(shapes, dtype) -> None:
         moved = 6 * s * B * N * C  # reads dout, dh, out, y; writes dx, dy
         default_rp = ops.bwd_rows_per_program(B, N, dev)
         bc = ops.triton.next_power_of_2(C)
-        for rp in sorted({16, 32, 48, 64, 96, 128, 256, default_rp}):
+        t = gpu_time_us([lambda a=a: ops.gate_res_adaln_bwd_partials(*a, dtype) for a in sets])
+        print(f"| {B}x{N}x{C} | {default_rp} | {B * ops.triton.cdiv(N, default_rp)} | autotuned | | {t:.1f} | {moved / t / 1e3:.0f} | rows |", flush=True)
+        for rp in sorted({32, 64, 128, default_rp}):
             if rp > N:
                 continue
             for bm in (1, 2, 4, 8):

@@ -59,8 +59,8 @@ A "+modifier" changes one thing of the variant before it (several may follow, e.
                  stacked weights of every layer, DiT.layer_modulations)
     +gemm-biases  fused boundaries: proj's and fc2's biases in their GEMMs, their gradients summed by inductor (the
                  default: added in the boundary kernels, which sum their gradients too; blocks.without_bias)
-    +fused-qkv-grad  fused boundaries: the qkv projection's backward packs dq, dk, dv and sums its bias gradient in one
-                 Triton pass (kernels/fused_qkv.py; the default: inductor's stack kernel, then a second pass for the bias)
+    +plain-qkv-grad  fused boundaries: autograd's qkv gradient (inductor's stack kernel, then a second pass for the bias;
+                 the default, as train.py: one Triton pass packs dq, dk, dv and sums the bias gradient, kernels/fused_qkv.py)
     +blaslt      every GEMM through cuBLASLt (torch.backends.cuda.preferred_blas_library("cublaslt"); the default:
                  cuBLAS, with cuBLASLt where PyTorch fuses a bias)
     +blocks-only  per-block compile of the blocks alone (the default, as train.py on one process: also the patch +
@@ -143,7 +143,7 @@ class Variant:
     bf16_biases: bool = True  # graph with bf16 copies: the matmul modules' biases copied too (bf16_weights.COPIED)
     stacked_mods: bool = True  # fused boundaries: every layer's adaLN modulation as one GEMM (DiT.layer_modulations)
     boundary_biases: bool = True  # fused boundaries: proj's and fc2's biases added (and summed backward) in the boundary kernels
-    fused_qkv_grad: bool = False  # fused boundaries: the qkv gradient packed and its bias gradient summed in one Triton pass
+    fused_qkv_grad: bool = True  # fused boundaries: the qkv gradient packed and its bias gradient summed in one Triton pass
 
 
 VARIANTS = {
@@ -190,7 +190,7 @@ MODIFIERS = {  # "+name" after a variant: one change to it
     "per-layer-mods": dict(stacked_mods=False),
     "fp32-biases": dict(bf16_biases=False),
     "gemm-biases": dict(boundary_biases=False),
-    "fused-qkv-grad": dict(fused_qkv_grad=True),
+    "plain-qkv-grad": dict(fused_qkv_grad=False),
 }
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 

@@ -40,17 +40,23 @@ def _candidates(variants: list[dict]) -> list[dict]:
     return [dict(p, **v) for p in pairs for v in variants]
 
 
-def _heuristic(block_c: int, tile: int, per_thread: int, **extra) -> dict:
-    """Config without autotuning: a tile of `tile` elements (or one row), `per_thread` elements per thread."""
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def _heuristic(width: int, tile: int, per_thread: int, **extra) -> dict:
+    """Config without autotuning: a tile of about `tile` elements (or one row) of `width` columns, `per_thread` elements
+    per thread."""
     if INTERPRET:
         return dict(BLOCK_M=4, num_warps=1, **extra)  # several rows per program: CPU tests cover masked row tails
-    block_m = max(1, tile // block_c)
-    return dict(BLOCK_M=block_m, num_warps=max(1, min(16, block_m * block_c // (32 * per_thread))), **extra)
+    block_m = _pow2_floor(tile // width)
+    return dict(BLOCK_M=block_m, num_warps=min(16, _pow2_floor(block_m * width // (32 * per_thread))), **extra)
 
 
 def _prune(configs, named_args, **kwargs):
     """Autotune pre-filter: keep configs with `_tile_ok` (the smallest one if none is)."""
-    ok = [c for c in configs if _tile_ok(c.kwargs["BLOCK_M"], kwargs["BLOCK_C"], c.num_warps)]
+    width = kwargs["BLOCK_C"] + kwargs.get("BLOCK_T", 0)  # two column tiles where a kernel has a tail
+    ok = [c for c in configs if _tile_ok(c.kwargs["BLOCK_M"], width, c.num_warps)]
     return ok or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"], c.num_warps))]
 
 
@@ -115,6 +121,16 @@ _SUM_COMBINE = getattr(getattr(tl, "standard", None), "_sum_combine", _add)
 def _sum(x, axis: tl.constexpr):
     """Sum over `axis` (same reduction as tl.sum)."""
     return tl.reduce(x, axis, _SUM_COMBINE)
+
+
+def row_tiles(C: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_T): a row of C as two power-of-two column tiles, [0, BLOCK_C) and [BLOCK_C, BLOCK_C + BLOCK_T):
+    the largest power of two below C and a tail covering the rest. DiT's widths split exactly (1152 = 1024 + 128, 4608 =
+    4096 + 512, 768 = 512 + 256) where one tile would mask up to 44% of its lanes. The LayerNorm kernels keep one
+    tile: with two, their backward ran at 227 us instead of 154 at DiT-XL/2's shape, the two tiles' row sums meeting in
+    different layouts (docs/benchmarks.md)."""
+    block_c = max(1, triton.next_power_of_2(C) // 2)
+    return block_c, triton.next_power_of_2(max(1, C - block_c))
 
 
 @triton.jit
@@ -246,6 +262,11 @@ def bwd_programs(tiles: int, N: int, device: torch.device, per_sm: int = 2) -> i
     return triton.cdiv(N, bwd_rows_per_program(tiles, N, device, per_sm)) if tiles * N else 1
 
 
+def partials_length(N: int, rows_per_prog: int) -> int:
+    """T of a backward's (..., T, C) partials: its programs along N (1 for an empty input, whose partials are zeros)."""
+    return triton.cdiv(N, rows_per_prog) if N else 1
+
+
 def adaln_bwd_partials(dy, x, scale, mean, rstd, config=None, rows_per_prog=None):
     """dy, x: (B, N, C) contiguous -> dx (B, N, C) and the (2, B, T, C) fp32 partials of dscale, dshift (sum over T)."""
     B, N, C = x.shape
@@ -339,7 +360,7 @@ def gate_res_fwd(x, gate, y, out_dtype: torch.dtype, config=None) -> torch.Tenso
     return out
 
 
-def gate_res_bwd_partials(dout, gate, y, config=None):
+def gate_res_bwd_partials(dout, gate, y, config=None, rows_per_prog=None):
     """dout, y: (B, N, C) contiguous -> dy (B, N, C) in y.dtype and the (B, T, C) fp32 partials of dgate (sum over T)."""
     B, N, C = y.shape
     dy = torch.empty_like(y)
@@ -347,7 +368,7 @@ def gate_res_bwd_partials(dout, gate, y, config=None):
         return dy, torch.zeros(B, 1, C, device=y.device, dtype=torch.float32)
     block_c = _gate_block_c(C)
     n_cblocks = triton.cdiv(C, block_c)
-    rows_per_prog = bwd_rows_per_program(B * n_cblocks, N, y.device)
+    rows_per_prog = rows_per_prog or gate_res_bwd_rows(B, N, C, y.device)
     T = triton.cdiv(N, rows_per_prog)
     dgate_p = torch.empty(B, T, C, device=y.device, dtype=torch.float32)
     args = (dout, gate, y, dy, dgate_p, N, C, gate.stride(0), rows_per_prog, T)
@@ -356,9 +377,9 @@ def gate_res_bwd_partials(dout, gate, y, config=None):
     return dy, dgate_p
 
 
-def gate_res_bwd_programs(B: int, N: int, C: int, device: torch.device) -> int:
-    """T of gate_res_bwd_partials."""
-    return bwd_programs(B * triton.cdiv(C, _gate_block_c(C)), N, device)
+def gate_res_bwd_rows(B: int, N: int, C: int, device: torch.device) -> int:
+    """Rows per program of gate_res_bwd_partials."""
+    return bwd_rows_per_program(B * triton.cdiv(C, _gate_block_c(C)), N, device)
 
 
 def gate_res_bwd(dout, gate, y, config=None):
@@ -566,13 +587,6 @@ def _gelu_quantize_kernel(
     tl.store(SCALE + rows, scale, mask=row_ok)
 
 
-def gelu_quantize_tiles(K: int) -> tuple[int, int]:
-    """(BLOCK_K, BLOCK_T): the largest power of two below K and a power-of-two tail covering the rest (4608 = 4096 + 512,
-    where one tile would have 8192 lanes; 4096 = 2048 + 2048)."""
-    block_k = max(1, triton.next_power_of_2(K) // 2)
-    return block_k, triton.next_power_of_2(max(1, K - block_k))
-
-
 _gelu_quantize_tuned = triton.autotune([triton.Config({k: v for k, v in c.items() if k != "num_warps"}, num_warps=c["num_warps"], num_stages=1) for c in GELU_CONFIGS],
                                        key=["M", "K"])(_gelu_quantize_kernel)
 
@@ -587,7 +601,7 @@ def gelu_quantize(h: torch.Tensor, config: dict | None = None) -> tuple[torch.Te
     q = torch.empty(M, K, device=h.device, dtype=torch.float32 if INTERPRET else torch.float8_e4m3fn)
     if M == 0:
         return q.to(torch.float8_e4m3fn), scale
-    block_k, block_t = gelu_quantize_tiles(K)
+    block_k, block_t = row_tiles(K)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
     if config is None and AUTOTUNE:
         _gelu_quantize_tuned[grid](h, q, scale, M, K, BLOCK_K=block_k, BLOCK_T=block_t)
@@ -601,6 +615,19 @@ def gelu_quantize(h: torch.Tensor, config: dict | None = None) -> tuple[torch.Te
 # Rows are the N = tokens x samples of the fc1 output, columns its C hidden features. The backward sums the bias
 # gradient over its rows in the same pass (per-program partials (T, C), summed by torch), where autograd would
 # read the GELU's gradient a second time for it.
+
+
+def _gelu_block_c(C: int) -> int:
+    """Column tile of the bias + GELU kernels: the largest power of two up to 1024 that divides C, at least 128 (4608:
+    512, 3072: 1024), so that no column block is mostly masked (4608 in blocks of 1024 left half of the fifth empty: the
+    forward took 162.7 us a call at DiT-XL/2's shape, 154.3 in blocks of 512). Small under the interpreter, to test
+    several tiles."""
+    if INTERPRET:
+        return min(triton.next_power_of_2(C), 64)
+    block = 1024
+    while block > 128 and C % block:
+        block //= 2
+    return min(block, triton.next_power_of_2(C))
 
 
 @triton.jit
@@ -661,7 +688,13 @@ def _bias_gelu_bwd_kernel(
     tl.store(DBIAS_P + t.to(tl.int64) * C + cols, acc, mask=col_ok)
 
 
-GELU_BWD_PROGRAMS_PER_SM = 4  # measured best of 2-32 on an H200 at DiT-B and DiT-XL widths (docs/benchmarks.md)
+GELU_BWD_PROGRAMS_PER_SM = 4  # for column blocks of 1024: measured best of 2-32 on an H200 at DiT-B and DiT-XL widths
+
+
+def gelu_bwd_programs_per_sm(C: int) -> int:
+    """GELU_BWD_PROGRAMS_PER_SM for blocks of 1024 columns, more for narrower blocks, so that a program sums about as
+    many elements (DiT-XL/2's 4608 in blocks of 512: 239 us a call at 8 per SM, 269 at 4, docs/benchmarks.md)."""
+    return GELU_BWD_PROGRAMS_PER_SM * max(1, 1024 // _gelu_block_c(C))
 _bias_gelu_fwd_tuned = _autotuned(_bias_gelu_fwd_kernel, GATE_CANDIDATES)
 GELU_BWD_CANDIDATES = _candidates([dict(PREFETCH=False), dict(PREFETCH=True)])
 _bias_gelu_bwd_tuned = _autotuned(_bias_gelu_bwd_kernel, GELU_BWD_CANDIDATES, BWD_KEY)
@@ -673,7 +706,7 @@ def bias_gelu_fwd(h: torch.Tensor, bias: torch.Tensor, config=None) -> torch.Ten
     out = torch.empty_like(h)
     if N == 0:
         return out
-    block_c = _gate_block_c(C)
+    block_c = _gelu_block_c(C)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(C, block_c))  # noqa: E731
     _launch(_bias_gelu_fwd_kernel, _bias_gelu_fwd_tuned, grid, (h, bias, out, N, C), block_c, config, _heuristic(block_c, 2048, 16))
     return out
@@ -686,9 +719,9 @@ def bias_gelu_bwd_partials(dout: torch.Tensor, h: torch.Tensor, bias: torch.Tens
     dh = torch.empty_like(h)
     if N == 0:
         return dh, torch.zeros(1, C, device=h.device, dtype=torch.float32)
-    block_c = _gate_block_c(C)
+    block_c = _gelu_block_c(C)
     n_cblocks = triton.cdiv(C, block_c)
-    rows_per_prog = rows_per_prog or bwd_rows_per_program(n_cblocks, N, h.device, GELU_BWD_PROGRAMS_PER_SM)
+    rows_per_prog = rows_per_prog or bias_gelu_bwd_rows(N, C, h.device)
     T = triton.cdiv(N, rows_per_prog)
     dbias_p = torch.empty(T, C, device=h.device, dtype=torch.float32)
     args = (dout, h, bias, dh, dbias_p, N, C, rows_per_prog)
@@ -696,9 +729,9 @@ def bias_gelu_bwd_partials(dout: torch.Tensor, h: torch.Tensor, bias: torch.Tens
     return dh, dbias_p
 
 
-def bias_gelu_bwd_programs(N: int, C: int, device: torch.device) -> int:
-    """T of bias_gelu_bwd_partials."""
-    return bwd_programs(triton.cdiv(C, _gate_block_c(C)), N, device, GELU_BWD_PROGRAMS_PER_SM)
+def bias_gelu_bwd_rows(N: int, C: int, device: torch.device) -> int:
+    """Rows per program of bias_gelu_bwd_partials."""
+    return bwd_rows_per_program(triton.cdiv(C, _gelu_block_c(C)), N, device, gelu_bwd_programs_per_sm(C))
 
 
 def bias_gelu_bwd(dout: torch.Tensor, h: torch.Tensor, bias: torch.Tensor, config=None, rows_per_prog=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -718,40 +751,49 @@ def bias_gelu_bwd(dout: torch.Tensor, h: torch.Tensor, bias: torch.Tensor, confi
 def _qkv_grad_kernel(
     DQ, DK, DV,  # (B, H, N, D), strides (s_b, s_h, s_n, 1), the same for all three
     DQKV, DBIAS_P,  # (M, 3C) in the gradients' dtype, C = H D; partials (T, 3C) fp32
-    N, H, M, s_b, s_h, s_n, rows_per_prog,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
+    N, C, M, s_b, s_h, s_n, rows_per_prog,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    """One program: rows_per_prog tokens of one head of q, k or v (BLOCK_C: D rounded up to a power of two)."""
+    """One program: rows_per_prog tokens of q, k or v, every head: dqkv's rows in two column tiles (`row_tiles`), read
+    from the heads they belong to (column c: head c // D, element c % D; runs of D's power-of-two factor are
+    contiguous in both, so the loads stay vectors), written as contiguous rows."""
     t = tl.program_id(0)
-    part_head = tl.program_id(1)  # (q | k | v) * H + head: also the head's column block of dqkv
-    part = part_head // H
+    part = tl.program_id(1)  # q | k | v: also the column block of dqkv
     if part == 0:
         src = DQ
     elif part == 1:
         src = DK
     else:
         src = DV
-    src += (part_head - part * H).to(tl.int64) * s_h
     cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < D
-    out_cols = part_head * D + cols
-    acc = tl.full([BLOCK_C], 0.0, tl.float32)
+    cols_t = BLOCK_C + tl.arange(0, BLOCK_T)
+    col_ok, col_ok_t = cols < C, cols_t < C
+    head_offs = (cols // D) * s_h + cols % D  # (BLOCK_C,) offset of column c in its head's (N, D) block
+    head_offs_t = (cols_t // D) * s_h + cols_t % D
+    DQKV += part * C
+    acc, acc_t = tl.full([BLOCK_C], 0.0, tl.float32), tl.full([BLOCK_T], 0.0, tl.float32)
     row_start = t.to(tl.int64) * rows_per_prog
     row_end = tl.minimum(row_start + rows_per_prog, M)
     for i in range(0, rows_per_prog, BLOCK_M):
         rows = row_start + i + tl.arange(0, BLOCK_M)  # token b * N + n
-        mask = (rows < row_end)[:, None] & col_ok[None, :]
+        row_ok = rows < row_end
         b = rows // N
         row_offs = tl.multiple_of(b * s_b + (rows - b * N) * s_n, ALIGN)  # ALIGN elements = 16 bytes: vector loads
-        g = tl.load(src + row_offs[:, None] + cols[None, :], mask=mask, other=0.0)
-        tl.store(DQKV + rows[:, None] * (3 * H * D) + out_cols[None, :], g, mask=mask)
+        mask, mask_t = row_ok[:, None] & col_ok[None, :], row_ok[:, None] & col_ok_t[None, :]
+        g = tl.load(src + row_offs[:, None] + head_offs[None, :], mask=mask, other=0.0)
+        g_t = tl.load(src + row_offs[:, None] + head_offs_t[None, :], mask=mask_t, other=0.0)
+        tl.store(DQKV + rows[:, None] * (3 * C) + cols[None, :], g, mask=mask)
+        tl.store(DQKV + rows[:, None] * (3 * C) + cols_t[None, :], g_t, mask=mask_t)
         acc += _sum(g.to(tl.float32), axis=0)
-    tl.store(DBIAS_P + t.to(tl.int64) * (3 * H * D) + out_cols, acc, mask=col_ok)
+        acc_t += _sum(g_t.to(tl.float32), axis=0)
+    p_row = t.to(tl.int64) * (3 * C) + part * C
+    tl.store(DBIAS_P + p_row + cols, acc, mask=col_ok)
+    tl.store(DBIAS_P + p_row + cols_t, acc_t, mask=col_ok_t)
 
 
-QKV_ROWS_PER_PROGRAM = 256  # 128 x 48 programs at DiT-XL/2 batch 128 (not tuned on a GPU yet)
+QKV_ROWS_PER_PROGRAM = 256  # 128 x 3 programs at DiT-XL/2 batch 128
 QKV_MAX_HEAD_DIM = 256
-_qkv_grad_tuned = _autotuned(_qkv_grad_kernel, GATE_CANDIDATES, ("M", "H", "D", "rows_per_prog"))
+_qkv_grad_tuned = _autotuned(_qkv_grad_kernel, GATE_CANDIDATES, ("M", "C", "D", "rows_per_prog"))
 
 
 def qkv_grad_programs(M: int, device: torch.device) -> int:
@@ -759,23 +801,29 @@ def qkv_grad_programs(M: int, device: torch.device) -> int:
     return max(1, triton.cdiv(M, 8 if INTERPRET else QKV_ROWS_PER_PROGRAM))
 
 
+def qkv_grad_fills_the_gpu(M: int, device: torch.device) -> bool:
+    """Whether the pack's 3 T programs fill 2 per SM: with fewer (DiT-B/2 at batch 64: 192 programs on 132 SMs) the
+    step ran 2% slower than with autograd's stack (docs/benchmarks.md)."""
+    return 3 * qkv_grad_programs(M, device) >= _num_programs_target(device)
+
+
 def qkv_grad_partials(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, config=None) -> tuple[torch.Tensor, torch.Tensor]:
     """dq, dk, dv: (B, H, N, D), D <= QKV_MAX_HEAD_DIM -> dqkv (B N, 3 H D) in dq.dtype, rows (sample, token),
     columns (q | k | v, head, d), and the (T, 3 H D) fp32 partials of its column sums (sum over T)."""
     B, H, N, D = dq.shape
-    M = B * N
+    M, C = B * N, H * D
     if dq.stride(-1) != 1 or not dq.stride() == dk.stride() == dv.stride():
         dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
-    dqkv = torch.empty(M, 3 * H * D, device=dq.device, dtype=dq.dtype)
+    dqkv = torch.empty(M, 3 * C, device=dq.device, dtype=dq.dtype)
     T = qkv_grad_programs(M, dq.device)
-    partials = torch.empty(T, 3 * H * D, device=dq.device, dtype=torch.float32)
-    if M == 0 or H * D == 0:
+    partials = torch.empty(T, 3 * C, device=dq.device, dtype=torch.float32)
+    if M == 0 or C == 0:
         return dqkv, partials.zero_()
     vector = 16 // dq.element_size()  # elements of a 16-byte load, when every row starts on one (addresses: 16-aligned)
     align = vector if all(s % vector == 0 for s in dq.stride()[:3]) and all(t.data_ptr() % 16 == 0 for t in (dq, dk, dv)) else 1
-    args = (dq, dk, dv, dqkv, partials, N, H, M, dq.stride(0), dq.stride(1), dq.stride(2), triton.cdiv(M, T))
-    block = triton.next_power_of_2(D)
-    _launch(_qkv_grad_kernel, _qkv_grad_tuned, (T, 3 * H), args, block, config, _heuristic(block, 2048, 16), D=D, ALIGN=align)
+    args = (dq, dk, dv, dqkv, partials, N, C, M, dq.stride(0), dq.stride(1), dq.stride(2), triton.cdiv(M, T))
+    bc, bt = row_tiles(C)
+    _launch(_qkv_grad_kernel, _qkv_grad_tuned, (T, 3), args, bc, config, _heuristic(bc + bt, 4096, 16), D=D, BLOCK_T=bt, ALIGN=align)
     return dqkv, partials
 
 

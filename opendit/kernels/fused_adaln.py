@@ -59,12 +59,14 @@ if _ops is not None:
 
     # The backward ops return per-program partials of the modulation gradients; the autograd functions sum them,
     # where inductor fuses the sums with the casts and the modulation's concatenated gradient (one kernel each fewer).
-    def _adaln_bwd_partials(dy: Tensor, x: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
-        return _ops.adaln_bwd_partials(dy, x, scale, mean, rstd)
+    # Their rows per program are an argument, chosen by the caller: the compiled graph then holds the partials' length
+    # (inductor's cache does not key on a custom op's fake function, so a new rule would reuse stale shapes).
+    def _adaln_bwd_partials(dy: Tensor, x: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor, rows_per_prog: int) -> tuple[Tensor, Tensor]:
+        return _ops.adaln_bwd_partials(dy, x, scale, mean, rstd, rows_per_prog=rows_per_prog)
 
-    def _adaln_bwd_partials_fake(dy, x, scale, mean, rstd):
+    def _adaln_bwd_partials_fake(dy, x, scale, mean, rstd, rows_per_prog):
         B, N, C = x.shape
-        return torch.empty_like(x), x.new_empty(2, B, _ops.bwd_programs(B, N, x.device), C, dtype=torch.float32)
+        return torch.empty_like(x), x.new_empty(2, B, _ops.partials_length(B and N, rows_per_prog), C, dtype=torch.float32)
 
     def _gate_res_fwd(x: Tensor, gate: Tensor, y: Tensor, out_dtype: torch.dtype) -> Tensor:
         return _ops.gate_res_fwd(x, gate, y, out_dtype)
@@ -72,12 +74,12 @@ if _ops is not None:
     def _gate_res_fwd_fake(x, gate, y, out_dtype):
         return x.new_empty(x.shape, dtype=out_dtype)
 
-    def _gate_res_bwd_partials(dout: Tensor, gate: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        return _ops.gate_res_bwd_partials(dout, gate, y)
+    def _gate_res_bwd_partials(dout: Tensor, gate: Tensor, y: Tensor, rows_per_prog: int) -> tuple[Tensor, Tensor]:
+        return _ops.gate_res_bwd_partials(dout, gate, y, rows_per_prog=rows_per_prog)
 
-    def _gate_res_bwd_partials_fake(dout, gate, y):
+    def _gate_res_bwd_partials_fake(dout, gate, y, rows_per_prog):
         B, N, C = y.shape
-        return torch.empty_like(y), y.new_empty(B, _ops.gate_res_bwd_programs(B, N, C, y.device), C, dtype=torch.float32)
+        return torch.empty_like(y), y.new_empty(B, _ops.partials_length(B and N, rows_per_prog), C, dtype=torch.float32)
 
     def _gate_res_adaln_fwd(x: Tensor, gate: Tensor, y: Tensor, shift: Tensor, scale: Tensor, eps: float, out_dtype: torch.dtype,
                             bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -89,12 +91,12 @@ if _ops is not None:
         return out, torch.empty_like(out), stats, torch.empty_like(stats)
 
     def _gate_res_adaln_bwd_partials(dout: Tensor, dh: Tensor, out: Tensor, y: Tensor, gate: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor,
-                                     x_dtype: torch.dtype, bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-        return _ops.gate_res_adaln_bwd_partials(dout, dh, out, y, gate, scale, mean, rstd, x_dtype, bias=bias)
+                                     x_dtype: torch.dtype, rows_per_prog: int, bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+        return _ops.gate_res_adaln_bwd_partials(dout, dh, out, y, gate, scale, mean, rstd, x_dtype, rows_per_prog=rows_per_prog, bias=bias)
 
-    def _gate_res_adaln_bwd_partials_fake(dout, dh, out, y, gate, scale, mean, rstd, x_dtype, bias=None):
+    def _gate_res_adaln_bwd_partials_fake(dout, dh, out, y, gate, scale, mean, rstd, x_dtype, rows_per_prog, bias=None):
         B, N, C = out.shape
-        partials = out.new_empty(3 if bias is None else 4, B, _ops.bwd_programs(B, N, out.device), C, dtype=torch.float32)
+        partials = out.new_empty(3 if bias is None else 4, B, _ops.partials_length(B and N, rows_per_prog), C, dtype=torch.float32)
         return out.new_empty(out.shape, dtype=x_dtype), torch.empty_like(y), partials
 
     _COMPILED = {
@@ -161,7 +163,8 @@ class FusedAdaLNFunction(torch.autograd.Function):
         x3, scale2, mean, rstd = ctx.saved_tensors
         x_shape, shift_shape, shift_dtype, scale_shape, scale_dtype = ctx.meta
         dy3 = dy.reshape(x3.shape).to(x3.dtype).contiguous()
-        dx, partials = _launcher("adaln_bwd_partials")(dy3, x3, scale2, mean, rstd)
+        rows = _ops.bwd_rows_per_program(x3.shape[0], x3.shape[1], x3.device)
+        dx, partials = _launcher("adaln_bwd_partials")(dy3, x3, scale2, mean, rstd, rows_per_prog=rows)
         dscale, dshift = partials.sum(2).unbind(0)  # (B, C) each
         return (
             dx.view(x_shape),
@@ -199,7 +202,7 @@ class GateResidualFunction(torch.autograd.Function):
         gate2, y3 = ctx.saved_tensors
         x_shape, x_dtype, gate_shape, gate_dtype = ctx.meta
         dout3 = dout.reshape(y3.shape).contiguous()
-        dy, dgate_p = _launcher("gate_res_bwd_partials")(dout3, gate2, y3)
+        dy, dgate_p = _launcher("gate_res_bwd_partials")(dout3, gate2, y3, rows_per_prog=_ops.gate_res_bwd_rows(*y3.shape, y3.device))
         dgate = dgate_p.sum(1)  # (B, C)
         return dout.to(x_dtype).reshape(x_shape), dgate.to(gate_dtype).view(gate_shape), dy.view(x_shape)
 
@@ -232,7 +235,8 @@ class GateResidualAdaLNFunction(torch.autograd.Function):
         out, y3, gate2, scale2, mean, rstd, bias = ctx.saved_tensors
         x_shape, x_dtype, (gate_meta, shift_meta, scale_meta) = ctx.meta
         dout3, dh3 = (g.reshape(out.shape).to(out.dtype).contiguous() for g in (dout, dh))  # zeros where unused (materialized)
-        dx, dy, partials = _launcher("gate_res_adaln_bwd_partials")(dout3, dh3, out, y3, gate2, scale2, mean, rstd, x_dtype, bias=bias)
+        rows = _ops.bwd_rows_per_program(out.shape[0], out.shape[1], out.device)
+        dx, dy, partials = _launcher("gate_res_adaln_bwd_partials")(dout3, dh3, out, y3, gate2, scale2, mean, rstd, x_dtype, rows_per_prog=rows, bias=bias)
         dscale, dshift, dgate = partials[:3].sum(2).unbind(0)  # (B, C) each
         dbias = None if bias is None else partials[3].sum((0, 1)).to(bias.dtype)  # (C,)
         as_input = lambda g, meta: g.to(meta[1]).view(meta[0])  # noqa: E731

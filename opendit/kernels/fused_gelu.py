@@ -18,12 +18,11 @@ if _ops is not None:
     def _bias_gelu_fwd(h: Tensor, bias: Tensor) -> Tensor:
         return _ops.bias_gelu_fwd(h, bias)
 
-    def _bias_gelu_bwd_partials(dout: Tensor, h: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-        return _ops.bias_gelu_bwd_partials(dout, h, bias)
+    def _bias_gelu_bwd_partials(dout: Tensor, h: Tensor, bias: Tensor, rows_per_prog: int) -> tuple[Tensor, Tensor]:
+        return _ops.bias_gelu_bwd_partials(dout, h, bias, rows_per_prog=rows_per_prog)  # rows: see fused_adaln's ops
 
-    def _bias_gelu_bwd_partials_fake(dout, h, bias):
-        N, C = h.shape
-        return torch.empty_like(h), h.new_empty(_ops.bias_gelu_bwd_programs(N, C, h.device), C, dtype=torch.float32)
+    def _bias_gelu_bwd_partials_fake(dout, h, bias, rows_per_prog):
+        return torch.empty_like(h), h.new_empty(_ops.partials_length(h.shape[0], rows_per_prog), h.shape[1], dtype=torch.float32)
 
     _COMPILED.update({
         "bias_gelu_fwd": _op("bias_gelu_fwd", _bias_gelu_fwd, lambda h, bias: torch.empty_like(h)),
@@ -50,7 +49,8 @@ class BiasGeluFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
         h2, bias = ctx.saved_tensors
-        dh, dbias_p = _launcher("bias_gelu_bwd_partials")(dout.reshape(h2.shape).contiguous(), h2, bias)
+        rows = _ops.bias_gelu_bwd_rows(*h2.shape, h2.device)
+        dh, dbias_p = _launcher("bias_gelu_bwd_partials")(dout.reshape(h2.shape).contiguous(), h2, bias, rows_per_prog=rows)
         return dh.view(dout.shape), dbias_p.sum(0).to(bias.dtype)  # the sum fused with what follows, under torch.compile
 
 

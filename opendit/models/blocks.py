@@ -43,7 +43,7 @@ class KernelChoice:
     fused_boundaries: bool = False  # with fused_adaln, DiT: each block's last gate + residual and the next block's (or the
     # final layer's) LayerNorm + modulate as one kernel; the model computes every modulation before the blocks
     fused_qkv_grad: bool = False  # with fused_boundaries: the qkv projection's backward packs dq, dk, dv and sums its bias
-    # gradient in one Triton pass (kernels/fused_qkv.py; off until measured on a GPU: bench/train_step.py +fused-qkv-grad)
+    # gradient in one Triton pass (kernels/fused_qkv.py; parallelize turns it on with fused_boundaries)
 
 
 def add_gated_norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,

@@ -96,15 +96,6 @@ def test_gelu_quantize_configs_agree(device, config):
     assert torch.equal(scale, scale_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
 
 
-def test_gelu_quantize_tiles_cover_the_row():
-    assert _triton_ops.gelu_quantize_tiles(4608) == (4096, 512)
-    assert _triton_ops.gelu_quantize_tiles(3072) == (2048, 1024)
-    assert _triton_ops.gelu_quantize_tiles(300) == (256, 64)
-    assert _triton_ops.gelu_quantize_tiles(4096) == (2048, 2048)
-    assert _triton_ops.gelu_quantize_tiles(256) == (128, 128)
-    assert _triton_ops.gelu_quantize_tiles(1) == (1, 1)
-
-
 def test_float8_mlp_equals_float64_on_the_rounded_operands():
     torch.manual_seed(0)
     mlp = Mlp(64, 256)

@@ -323,6 +323,23 @@ def check_configs(B, N, C, fwd_configs, bwd_configs, gate_configs, rows_per_prog
         assert_close(dgate, (dy.double() * x.double()).sum(1), torch.float32, f"gate dgate {cfg}")
 
 
+def test_row_tiles_cover_the_row():
+    """A row as two power-of-two column tiles (the GELU + float8 and qkv gradient kernels): DiT's widths exactly."""
+    ops = fa._ops
+    widths = {1152: (1024, 128), 768: (512, 256), 384: (256, 128), 1024: (512, 512), 4608: (4096, 512), 3072: (2048, 1024)}
+    for C, tiles in widths.items():
+        assert ops.row_tiles(C) == tiles
+    assert ops.row_tiles(300) == (256, 64) and ops.row_tiles(72) == (64, 8) and ops.row_tiles(1) == (1, 1)
+
+
+def test_gelu_column_blocks_divide_the_row(monkeypatch):
+    """The bias + GELU kernels' column block (GPU rule) divides DiT's MLP widths: no masked block."""
+    ops = fa._ops
+    monkeypatch.setattr(ops, "INTERPRET", False)
+    for C, block in {4608: 512, 3072: 1024, 4096: 1024, 1536: 512, 1152: 128, 100: 128, 48: 64}.items():
+        assert ops._gelu_block_c(C) == block
+
+
 def test_kernel_variants():
     """Row-tile loops with and without prefetch, several tiles per program and per sample, masked tails."""
     fwd = [dict(BLOCK_M=4, num_warps=1, TILES=1, PREFETCH=False), dict(BLOCK_M=2, num_warps=1, TILES=3, PREFETCH=True)]
@@ -375,8 +392,9 @@ def test_gate_residual_adaln_gpu(C):
 
 @pytest.mark.parametrize("B, N, C", [(2, 37, 24), (3, 0, 16), (1, 260, 1152)])
 def test_backward_ops_fake_shapes_match_the_kernels(B, N, C):
-    """The backward custom ops return per-program partials whose length depends on N and the device: what
-    torch.compile's fake tensors announce must be what the kernels return (opcheck's fake-tensor test)."""
+    """The backward custom ops return per-program partials whose length depends on N and the rows per program (an
+    argument, so that the compiled graph holds it): what torch.compile's fake tensors announce must be what the kernels
+    return (opcheck's fake-tensor test)."""
     from opendit.kernels import fused_gelu  # noqa: F401 (registers the GELU ops)
 
     torch.manual_seed(0)
@@ -384,16 +402,17 @@ def test_backward_ops_fake_shapes_match_the_kernels(B, N, C):
     x, y, d, d2 = (torch.randn(B, N, C, **bf) for _ in range(4))
     mod = [torch.randn(B, C, device=DEVICE) for _ in range(3)]
     _, mean, rstd = fa._ops.adaln_fwd(x, mod[0], mod[1], 1e-6)
-    ops = fa._COMPILED
+    ops, dev, rows = fa._COMPILED, torch.device(DEVICE), fa._ops.bwd_rows_per_program(B, N, torch.device(DEVICE))
     cases = {
-        "adaln_bwd_partials": (d, x, mod[1], mean, rstd),
-        "gate_res_bwd_partials": (d, mod[2], y),
-        "gate_res_adaln_bwd_partials": (d, d2, x, y, mod[2], mod[1], mean, rstd, torch.bfloat16),
-        "gate_res_adaln_bwd_partials with a bias": (d, d2, x, y, mod[2], mod[1], mean, rstd, torch.bfloat16, torch.randn(C, **bf)),
-        "bias_gelu_bwd_partials": (d.reshape(B * N, C), x.reshape(B * N, C), torch.randn(C, **bf)),
+        "adaln_bwd_partials": (d, x, mod[1], mean, rstd, rows),
+        "gate_res_bwd_partials": (d, mod[2], y, fa._ops.gate_res_bwd_rows(B, N, C, dev)),
+        "gate_res_adaln_bwd_partials": (d, d2, x, y, mod[2], mod[1], mean, rstd, torch.bfloat16, rows),
+        "gate_res_adaln_bwd_partials with a bias": (d, d2, x, y, mod[2], mod[1], mean, rstd, torch.bfloat16, rows, torch.randn(C, **bf)),
+        "bias_gelu_bwd_partials": (d.reshape(B * N, C), x.reshape(B * N, C), torch.randn(C, **bf), fa._ops.bias_gelu_bwd_rows(B * N, C, dev)),
+        "gate_res_adaln_bwd_partials, other rows": (d, d2, x, y, mod[2], mod[1], mean, rstd, torch.bfloat16, 16),
     }
     for name, args in cases.items():
-        torch.library.opcheck(ops[name.split(" ")[0]], args, test_utils=("test_faketensor",))
+        torch.library.opcheck(ops[name.split(" ")[0].rstrip(",")], args, test_utils=("test_faketensor",))
 
 
 @pytest.mark.parametrize("B, N", [(128, 256), (64, 256), (256, 256), (3, 37), (100, 1024), (512, 256)])

@@ -120,7 +120,7 @@ def test_every_config_gpu():
     """Every autotune candidate that passes the pruning gives the right forward and backward (fp32, DiT-B's width)."""
     ops = bg._ops
     C = 3072
-    ok = [c for c in ops.GELU_BWD_CANDIDATES if ops._tile_ok(c["BLOCK_M"], ops._gate_block_c(C), c["num_warps"])]
+    ok = [c for c in ops.GELU_BWD_CANDIDATES if ops._tile_ok(c["BLOCK_M"], ops._gelu_block_c(C), c["num_warps"])]
     assert len(ok) >= 4
     h, bias, dout = torch.randn(1000, C, device=DEVICE), torch.randn(C, device=DEVICE), torch.randn(1000, C, device=DEVICE)
     u = (h.double() + bias.double()).requires_grad_()

@@ -37,8 +37,8 @@ def test_pack_and_bias_sum_match_the_reference(shape, dtype, heads_major):
 
 
 def test_launcher_configs():
-    """Several row tiles per program, a masked row tail, a masked head-dim tail, each head of q, k and v."""
-    dq, dk, dv = heads(2, 3, 11, 12, torch.float32)  # head dim 12 in tiles of 16
+    """Several row tiles per program, a masked row tail, a masked column tail, each head of q, k and v."""
+    dq, dk, dv = heads(2, 3, 11, 12, torch.float32)  # rows of 36 in tiles of 32 and 4
     ref, ref_sum = fq.qkv_grad_ref(dq.double(), dk.double(), dv.double())
     for cfg in (dict(BLOCK_M=2, num_warps=1), dict(BLOCK_M=4, num_warps=1), dict(BLOCK_M=16, num_warps=1)):
         dqkv, partials = fq._ops.qkv_grad_partials(dq, dk, dv, config=cfg)
@@ -76,19 +76,40 @@ def test_under_autocast_gradients_keep_the_weights_dtype():
         assert_close_scaled(g.float(), r.float(), 1e-2, name)
 
 
-def test_fallbacks_take_the_reference():
+def test_fallbacks_take_the_reference(monkeypatch):
     x = torch.randn(2, 3, 8, device=DEVICE, dtype=torch.float64, requires_grad=True)
     q, _, _ = fq.qkv_heads(x, torch.randn(24, 8, device=DEVICE, dtype=torch.float64), torch.randn(24, device=DEVICE, dtype=torch.float64), 2)
     assert q.grad_fn is not None and "QkvHeads" not in type(q.grad_fn).__name__
     x = torch.randn(2, 3, 8, device=DEVICE, requires_grad=True)  # heads of 264: wider than the kernel's tile
     q, _, _ = fq.qkv_heads(x, torch.randn(3 * 264, 8, device=DEVICE), torch.randn(3 * 264, device=DEVICE), 1)
     assert "QkvHeads" not in type(q.grad_fn).__name__
+    x = torch.randn(2, 9, 8, device=DEVICE, requires_grad=True)
     q, _, _ = fq.qkv_heads(x, torch.randn(36, 8, device=DEVICE), torch.randn(36, device=DEVICE), 2)  # heads of 6: the kernel
     assert "QkvHeads" in type(q.grad_fn).__name__
+    monkeypatch.setattr(fq._ops, "_num_programs_target", lambda device, per_sm=2: 4 * 3 * fq._ops.qkv_grad_programs(18, device))
+    q, _, _ = fq.qkv_heads(x, torch.randn(36, 8, device=DEVICE), torch.randn(36, device=DEVICE), 2)  # too few programs
+    assert "QkvHeads" not in type(q.grad_fn).__name__
 
 
-def test_block_switch_matches_the_plain_block():
+def test_fills_the_gpu_rule(monkeypatch):
+    """GPU rule (132 SMs): DiT-XL/2 at batch 128 packs with 384 programs; DiT-B/2 at batch 64, 192, keeps autograd's."""
+    monkeypatch.setattr(fq._ops, "INTERPRET", False)
+    monkeypatch.setattr(fq._ops, "_num_programs_target", lambda device, per_sm=2: per_sm * 132)
+    cpu = torch.device("cpu")
+    assert fq._ops.qkv_grad_fills_the_gpu(128 * 256, cpu) and not fq._ops.qkv_grad_fills_the_gpu(64 * 256, cpu)
+
+
+def always_the_kernel(monkeypatch) -> list:
+    """qkv_heads takes the kernel at any size (a GPU keeps autograd's below 2 programs per SM); returns its calls."""
+    calls, apply = [], fq.QkvHeadsFunction.apply
+    monkeypatch.setattr(fq._ops, "qkv_grad_fills_the_gpu", lambda M, device: True)
+    monkeypatch.setattr(fq.QkvHeadsFunction, "apply", lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
+def test_block_switch_matches_the_plain_block(monkeypatch):
     """A DiT block on the fused-boundaries path with fused_qkv_grad: the output and every gradient of the plain one."""
+    calls = always_the_kernel(monkeypatch)
     torch.manual_seed(0)
     kernels = KernelChoice(fused_boundaries=True)
     plain, fused = DiTBlock(32, 2, kernels=kernels).to(DEVICE), DiTBlock(32, 2, kernels=KernelChoice(fused_boundaries=True, fused_qkv_grad=True)).to(DEVICE)
@@ -101,12 +122,13 @@ def test_block_switch_matches_the_plain_block():
         x_out, h = block(x, None, mod, next_mod=next_mod)
         (x_out.square().sum() + h.sin().sum()).backward()
         outs.append([x_out, h] + [p.grad for p in block.parameters()])
-    assert type(fused.attn) is Attention
+    assert type(fused.attn) is Attention and len(calls) == 1  # the kernel ran, in the fused block only
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_compiles_without_graph_breaks():
+def test_compiles_without_graph_breaks(monkeypatch):
+    always_the_kernel(monkeypatch)
     attn = Attention(32, num_heads=2).to(DEVICE)
     x = torch.randn(2, 5, 32, device=DEVICE, requires_grad=True)
     expected = attn.attend(x, fused_qkv_grad=True)

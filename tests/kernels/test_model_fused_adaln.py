@@ -66,7 +66,7 @@ def test_fused_boundaries_match_the_separate_kernels(monkeypatch):
     separate = parallelize(copy.deepcopy(model), fused_adaln=True)
     separate.kernels.fused_boundaries = False
     fused = parallelize(model, fused_adaln=True)
-    assert fused.kernels.fused_boundaries
+    assert fused.kernels.fused_boundaries and fused.kernels.fused_qkv_grad  # and the qkv gradient in one pass
     calls = []
     gate_residual = opendit.kernels.gate_residual
     monkeypatch.setattr(opendit.kernels, "gate_residual", lambda *a: calls.append(1) or gate_residual(*a))
@@ -84,7 +84,9 @@ def test_parallelize_fuses_boundaries_only_where_the_model_runs_its_blocks_whole
     """Sampling (plugin None), recomputation and sequence parallelism keep the blocks' own boundaries."""
     def flag(**kwargs):
         model = DiT_models["DiT-S/2"](input_size=4, num_classes=5, depth=1, hidden_size=24, num_heads=3)
-        return parallelize(model, **kwargs).kernels.fused_boundaries
+        kernels = parallelize(model, **kwargs).kernels
+        assert kernels.fused_qkv_grad == kernels.fused_boundaries
+        return kernels.fused_boundaries
 
     assert flag(fused_adaln=True) and flag(fused_adaln=True, plugin="ddp")
     assert not flag() and not flag(fused_adaln=True, plugin=None) and not flag(fused_adaln=True, grad_checkpoint=True)
