@@ -257,14 +257,14 @@ def adaln_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: fl
     return y, mean, rstd
 
 
-def bwd_programs(tiles: int, N: int, device: torch.device, per_sm: int = 2) -> int:
-    """T, the backward programs along N per tile (sample, column block): the partials' length along T."""
-    return triton.cdiv(N, bwd_rows_per_program(tiles, N, device, per_sm)) if tiles * N else 1
-
-
 def partials_length(N: int, rows_per_prog: int) -> int:
     """T of a backward's (..., T, C) partials: its programs along N (1 for an empty input, whose partials are zeros)."""
     return triton.cdiv(N, rows_per_prog) if N else 1
+
+
+def bwd_programs(tiles: int, N: int, device: torch.device, per_sm: int = 2) -> int:
+    """T, the backward programs along N per tile (sample, column block): the partials' length along T."""
+    return partials_length(N if tiles else 0, bwd_rows_per_program(tiles, N, device, per_sm))
 
 
 def adaln_bwd_partials(dy, x, scale, mean, rstd, config=None, rows_per_prog=None):
@@ -695,6 +695,8 @@ def gelu_bwd_programs_per_sm(C: int) -> int:
     """GELU_BWD_PROGRAMS_PER_SM for blocks of 1024 columns, more for narrower blocks, so that a program sums about as
     many elements (DiT-XL/2's 4608 in blocks of 512: 239 us a call at 8 per SM, 269 at 4, docs/benchmarks.md)."""
     return GELU_BWD_PROGRAMS_PER_SM * max(1, 1024 // _gelu_block_c(C))
+
+
 _bias_gelu_fwd_tuned = _autotuned(_bias_gelu_fwd_kernel, GATE_CANDIDATES)
 GELU_BWD_CANDIDATES = _candidates([dict(PREFETCH=False), dict(PREFETCH=True)])
 _bias_gelu_bwd_tuned = _autotuned(_bias_gelu_bwd_kernel, GELU_BWD_CANDIDATES, BWD_KEY)

@@ -62,8 +62,7 @@ def qkv_heads(x: torch.Tensor, weight: torch.Tensor, bias, num_heads: int) -> tu
     """(q, k, v), each (B, H, N, d), of the projection x W^T + b of x (B, N, C_in); with the fused backward when it can
     and its launch fills the GPU."""
     head_dim = weight.shape[0] // (3 * num_heads)
-    if bias is None or not is_available(x) or x.dtype == torch.float64 or head_dim > _ops.QKV_MAX_HEAD_DIM:
-        return qkv_heads_ref(x, weight, bias, num_heads)
-    if not _ops.qkv_grad_fills_the_gpu(x.numel() // x.shape[-1], x.device):
+    if (bias is None or not is_available(x) or x.dtype == torch.float64 or head_dim > _ops.QKV_MAX_HEAD_DIM
+            or not _ops.qkv_grad_fills_the_gpu(x.numel() // x.shape[-1], x.device)):
         return qkv_heads_ref(x, weight, bias, num_heads)
     return QkvHeadsFunction.apply(x, weight, bias, num_heads)
