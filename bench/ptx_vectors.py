@@ -41,7 +41,7 @@ KERNELS = {
     "bias + GELU bwd": (ops._bias_gelu_bwd_kernel, dict(DOUT=BF16, H=BF16, BIAS=BF16, DH=BF16, DBIAS_P=F32), dict(N=32768, C=4608, rows_per_prog=64),
                         dict(BLOCK_M=8, BLOCK_C=512, PREFETCH=True)),
     "qkv gradient": (ops._qkv_grad_kernel, dict(DQ=BF16, DK=BF16, DV=BF16, DQKV=BF16, DBIAS_P=F32),
-                     dict(N=256, C=1152, M=32768, s_b=294912, s_h=18432, s_n=72, rows_per_prog=256), dict(D=72, BLOCK_M=4, BLOCK_C=1024, BLOCK_T=128, ALIGN=8)),
+                     dict(N=256, C=1152, M=32768, s_b=294912, s_h_aligned=9, s_n=1152, rows_per_prog=96), dict(D=72, BLOCK_M=4, BLOCK_C=1024, BLOCK_T=128, ALIGN=8)),
     "GELU + float8 rows (sampling)": (ops._gelu_quantize_kernel, dict(H=BF16, Q="*fp8e4nv", SCALE=F32), dict(M=4096, K=4608),
                                       dict(BLOCK_M=1, BLOCK_K=4096, BLOCK_T=512)),
     "AdamW (one launch)": (ops._adamw_multi_kernel, dict(TABLE="*i64", BLOCKS="*i32", S=F32), {},

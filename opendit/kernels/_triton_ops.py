@@ -751,9 +751,9 @@ def bias_gelu_bwd(dout: torch.Tensor, h: torch.Tensor, bias: torch.Tensor, confi
 
 @triton.jit
 def _qkv_grad_kernel(
-    DQ, DK, DV,  # (B, H, N, D), strides (s_b, s_h, s_n, 1), the same for all three
+    DQ, DK, DV,  # (B, H, N, D), strides (s_b, s_h, s_n, 1), the same for all three (cuDNN's: token-major, s_h = D)
     DQKV, DBIAS_P,  # (M, 3C) in the gradients' dtype, C = H D; partials (T, 3C) fp32
-    N, C, M, s_b, s_h, s_n, rows_per_prog,
+    N, C, M, s_b, s_h_aligned, s_n, rows_per_prog,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """One program: rows_per_prog tokens of q, k or v, every head: dqkv's rows in two column tiles (`row_tiles`), read
@@ -770,6 +770,7 @@ def _qkv_grad_kernel(
     cols = tl.arange(0, BLOCK_C)
     cols_t = BLOCK_C + tl.arange(0, BLOCK_T)
     col_ok, col_ok_t = cols < C, cols_t < C
+    s_h = s_h_aligned * ALIGN  # token-major heads (s_h = D = 72, not a multiple of 16): passed / ALIGN, else 2-byte loads
     head_offs = (cols // D) * s_h + cols % D  # (BLOCK_C,) offset of column c in its head's (N, D) block
     head_offs_t = (cols_t // D) * s_h + cols_t % D
     DQKV += part * C
@@ -793,19 +794,21 @@ def _qkv_grad_kernel(
     tl.store(DBIAS_P + p_row + cols_t, acc_t, mask=col_ok_t)
 
 
-QKV_ROWS_PER_PROGRAM = 256  # 128 x 3 programs at DiT-XL/2 batch 128
+QKV_PROGRAMS_PER_SM = 8  # XL's pack: 135 us with 1026 programs of 96 tokens, 152 with 384 of 256 (B/2's: 49 vs 101)
 QKV_MAX_HEAD_DIM = 256
 _qkv_grad_tuned = _autotuned(_qkv_grad_kernel, GATE_CANDIDATES, ("M", "C", "D", "rows_per_prog"))
 
 
 def qkv_grad_programs(M: int, device: torch.device) -> int:
-    """T of qkv_grad_partials."""
-    return max(1, triton.cdiv(M, 8 if INTERPRET else QKV_ROWS_PER_PROGRAM))
+    """T of qkv_grad_partials: its programs along the tokens, about QKV_PROGRAMS_PER_SM per SM over q, k and v
+    together, each a multiple of _BWD_ROW_ALIGN tokens (8 under the interpreter, so tests cover several)."""
+    rows = 8 if INTERPRET else triton.cdiv(triton.cdiv(3 * M, _num_programs_target(device, QKV_PROGRAMS_PER_SM)), _BWD_ROW_ALIGN) * _BWD_ROW_ALIGN
+    return max(1, triton.cdiv(M, rows))
 
 
 def qkv_grad_fills_the_gpu(M: int, device: torch.device) -> bool:
-    """Whether the pack's 3 T programs fill 2 per SM: with fewer (DiT-B/2 at batch 64: 192 programs on 132 SMs) the
-    step ran 2% slower than with autograd's stack (docs/benchmarks.md)."""
+    """Whether the pack's 3 T programs fill 2 per SM: with fewer, autograd's stack stays (with 192 programs of 256
+    tokens, DiT-B/2's step ran 2% slower than with it; with 1026 of 48, 0.4% faster: docs/benchmarks.md)."""
     return 3 * qkv_grad_programs(M, device) >= _num_programs_target(device)
 
 
@@ -823,7 +826,7 @@ def qkv_grad_partials(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, conf
         return dqkv, partials.zero_()
     vector = 16 // dq.element_size()  # elements of a 16-byte load, when every row starts on one (addresses: 16-aligned)
     align = vector if all(s % vector == 0 for s in dq.stride()[:3]) and all(t.data_ptr() % 16 == 0 for t in (dq, dk, dv)) else 1
-    args = (dq, dk, dv, dqkv, partials, N, C, M, dq.stride(0), dq.stride(1), dq.stride(2), triton.cdiv(M, T))
+    args = (dq, dk, dv, dqkv, partials, N, C, M, dq.stride(0), dq.stride(1) // align, dq.stride(2), triton.cdiv(M, T))
     bc, bt = row_tiles(C)
     _launch(_qkv_grad_kernel, _qkv_grad_tuned, (T, 3), args, bc, config, _heuristic(bc + bt, 4096, 16), D=D, BLOCK_T=bt, ALIGN=align)
     return dqkv, partials

@@ -92,11 +92,14 @@ def test_fallbacks_take_the_reference(monkeypatch):
 
 
 def test_fills_the_gpu_rule(monkeypatch):
-    """GPU rule (132 SMs): DiT-XL/2 at batch 128 packs with 384 programs; DiT-B/2 at batch 64, 192, keeps autograd's."""
+    """GPU rule (132 SMs): about 8 programs per SM of 16-token multiples (DiT-XL/2 at batch 128: 96 tokens each, 1026
+    programs; DiT-B/2 at batch 64: 48 each); a batch too small to give 2 per SM keeps autograd's stack."""
     monkeypatch.setattr(fq._ops, "INTERPRET", False)
     monkeypatch.setattr(fq._ops, "_num_programs_target", lambda device, per_sm=2: per_sm * 132)
     cpu = torch.device("cpu")
-    assert fq._ops.qkv_grad_fills_the_gpu(128 * 256, cpu) and not fq._ops.qkv_grad_fills_the_gpu(64 * 256, cpu)
+    assert [fq._ops.qkv_grad_programs(M, cpu) for M in (128 * 256, 64 * 256, 2 * 256)] == [342, 342, 32]
+    assert fq._ops.qkv_grad_fills_the_gpu(128 * 256, cpu) and fq._ops.qkv_grad_fills_the_gpu(64 * 256, cpu)
+    assert not fq._ops.qkv_grad_fills_the_gpu(2 * 256, cpu)
 
 
 def always_the_kernel(monkeypatch) -> list:
