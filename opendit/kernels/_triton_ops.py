@@ -799,34 +799,37 @@ QKV_MAX_HEAD_DIM = 256
 _qkv_grad_tuned = _autotuned(_qkv_grad_kernel, GATE_CANDIDATES, ("M", "C", "D", "rows_per_prog"))
 
 
-def qkv_grad_programs(M: int, device: torch.device) -> int:
-    """T of qkv_grad_partials: its programs along the tokens, about QKV_PROGRAMS_PER_SM per SM over q, k and v
-    together, each a multiple of _BWD_ROW_ALIGN tokens (8 under the interpreter, so tests cover several)."""
-    rows = 8 if INTERPRET else triton.cdiv(triton.cdiv(3 * M, _num_programs_target(device, QKV_PROGRAMS_PER_SM)), _BWD_ROW_ALIGN) * _BWD_ROW_ALIGN
-    return max(1, triton.cdiv(M, rows))
+def qkv_grad_rows(M: int, device: torch.device) -> int:
+    """Tokens per program of qkv_grad_partials: about QKV_PROGRAMS_PER_SM programs per SM over q, k and v together, a
+    multiple of _BWD_ROW_ALIGN (8 under the interpreter, so tests cover several programs)."""
+    if INTERPRET:
+        return 8
+    return triton.cdiv(triton.cdiv(3 * M, _num_programs_target(device, QKV_PROGRAMS_PER_SM)), _BWD_ROW_ALIGN) * _BWD_ROW_ALIGN
 
 
 def qkv_grad_fills_the_gpu(M: int, device: torch.device) -> bool:
-    """Whether the pack's 3 T programs fill 2 per SM: with fewer, autograd's stack stays (with 192 programs of 256
-    tokens, DiT-B/2's step ran 2% slower than with it; with 1026 of 48, 0.4% faster: docs/benchmarks.md)."""
-    return 3 * qkv_grad_programs(M, device) >= _num_programs_target(device)
+    """Whether the pack's programs fill 2 per SM: with fewer, autograd's stack stays (with 192 programs of 256 tokens,
+    DiT-B/2's step ran 2% slower than with it; with 1026 of 48, 0.4% faster: docs/benchmarks.md)."""
+    return 3 * partials_length(M, qkv_grad_rows(M, device)) >= _num_programs_target(device)
 
 
-def qkv_grad_partials(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, config=None) -> tuple[torch.Tensor, torch.Tensor]:
+def qkv_grad_partials(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, config=None, rows_per_prog=None) -> tuple[torch.Tensor, torch.Tensor]:
     """dq, dk, dv: (B, H, N, D), D <= QKV_MAX_HEAD_DIM -> dqkv (B N, 3 H D) in dq.dtype, rows (sample, token),
-    columns (q | k | v, head, d), and the (T, 3 H D) fp32 partials of its column sums (sum over T)."""
+    columns (q | k | v, head, d), and the (T, 3 H D) fp32 partials of its column sums (sum over T; T programs of
+    rows_per_prog tokens, by default qkv_grad_rows)."""
     B, H, N, D = dq.shape
     M, C = B * N, H * D
     if dq.stride(-1) != 1 or not dq.stride() == dk.stride() == dv.stride():
         dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
     dqkv = torch.empty(M, 3 * C, device=dq.device, dtype=dq.dtype)
-    T = qkv_grad_programs(M, dq.device)
+    rows_per_prog = rows_per_prog or qkv_grad_rows(M, dq.device)
+    T = partials_length(M, rows_per_prog)
     partials = torch.empty(T, 3 * C, device=dq.device, dtype=torch.float32)
     if M == 0 or C == 0:
         return dqkv, partials.zero_()
     vector = 16 // dq.element_size()  # elements of a 16-byte load, when every row starts on one (addresses: 16-aligned)
     align = vector if all(s % vector == 0 for s in dq.stride()[:3]) and all(t.data_ptr() % 16 == 0 for t in (dq, dk, dv)) else 1
-    args = (dq, dk, dv, dqkv, partials, N, C, M, dq.stride(0), dq.stride(1) // align, dq.stride(2), triton.cdiv(M, T))
+    args = (dq, dk, dv, dqkv, partials, N, C, M, dq.stride(0), dq.stride(1) // align, dq.stride(2), rows_per_prog)
     bc, bt = row_tiles(C)
     _launch(_qkv_grad_kernel, _qkv_grad_tuned, (T, 3), args, bc, config, _heuristic(bc + bt, 4096, 16), D=D, BLOCK_T=bt, ALIGN=align)
     return dqkv, partials

@@ -2,8 +2,8 @@
 
 Forward: `x W^T + b` (one GEMM with its bias epilogue) viewed as q, k, v of shape (B, H, N, d), as Attention splits it.
 Backward: the attention returns dq, dk, dv as three (B, H, N, d) tensors (cuDNN's token-major in memory); autograd
-stacks them into dqkv (B N, 3C) in one pass and reads dqkv again for the bias gradient. Here one kernel writes dqkv and per-program column sums (fp32), then the two GEMMs
-(dx = dqkv W, dW = dqkv^T x) run as autograd's would. Without triton, off CUDA (unless TRITON_INTERPRET=1 at import),
+stacks them into dqkv (B N, 3C) in one pass and reads dqkv again for the bias gradient. Here one kernel writes dqkv
+and per-program column sums (fp32), then the two GEMMs (dx = dqkv W, dW = dqkv^T x) run as autograd's would. Without triton, off CUDA (unless TRITON_INTERPRET=1 at import),
 for fp64 or heads wider than 256, the plain PyTorch split runs.
 """
 
@@ -15,12 +15,12 @@ from .fused_adaln import _launcher, _op, _ops, is_available
 if _ops is not None:
     from .fused_adaln import _COMPILED  # the custom ops' registry that _launcher reads
 
-    def _qkv_grad_partials(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _ops.qkv_grad_partials(dq, dk, dv)
+    def _qkv_grad_partials(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, rows_per_prog: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _ops.qkv_grad_partials(dq, dk, dv, rows_per_prog=rows_per_prog)
 
-    def _qkv_grad_partials_fake(dq, dk, dv):
+    def _qkv_grad_partials_fake(dq, dk, dv, rows_per_prog):
         B, H, N, D = dq.shape
-        T = _ops.qkv_grad_programs(B * N, dq.device)
+        T = _ops.partials_length(B * N, rows_per_prog)
         return dq.new_empty(B * N, 3 * H * D), dq.new_empty(T, 3 * H * D, dtype=torch.float32)
 
     _COMPILED["qkv_grad_partials"] = _op("qkv_grad_partials", _qkv_grad_partials, _qkv_grad_partials_fake)
@@ -51,7 +51,8 @@ class QkvHeadsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor):
         x, weight, bias = ctx.saved_tensors
-        dqkv, dbias_p = _launcher("qkv_grad_partials")(dq, dk, dv)  # (B N, 3C) in the gradients' dtype (autocast's)
+        rows = _ops.qkv_grad_rows(dq.shape[0] * dq.shape[2], dq.device)  # an argument: the compiled graph keys on it
+        dqkv, dbias_p = _launcher("qkv_grad_partials")(dq, dk, dv, rows_per_prog=rows)  # (B N, 3C) in the gradients' dtype
         x2 = x.reshape(-1, x.shape[-1])  # (B N, C_in)
         dx = (dqkv @ weight.to(dqkv.dtype)).view(x.shape).to(x.dtype)
         dw = (dqkv.t() @ x2.to(dqkv.dtype)).to(weight.dtype)

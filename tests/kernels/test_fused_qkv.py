@@ -86,7 +86,8 @@ def test_fallbacks_take_the_reference(monkeypatch):
     x = torch.randn(2, 9, 8, device=DEVICE, requires_grad=True)
     q, _, _ = fq.qkv_heads(x, torch.randn(36, 8, device=DEVICE), torch.randn(36, device=DEVICE), 2)  # heads of 6: the kernel
     assert "QkvHeads" in type(q.grad_fn).__name__
-    monkeypatch.setattr(fq._ops, "_num_programs_target", lambda device, per_sm=2: 4 * 3 * fq._ops.qkv_grad_programs(18, device))
+    programs = fq._ops.partials_length(18, fq._ops.qkv_grad_rows(18, torch.device(DEVICE)))
+    monkeypatch.setattr(fq._ops, "_num_programs_target", lambda device, per_sm=2: 4 * 3 * programs)
     q, _, _ = fq.qkv_heads(x, torch.randn(36, 8, device=DEVICE), torch.randn(36, device=DEVICE), 2)  # too few programs
     assert "QkvHeads" not in type(q.grad_fn).__name__
 
@@ -97,9 +98,19 @@ def test_fills_the_gpu_rule(monkeypatch):
     monkeypatch.setattr(fq._ops, "INTERPRET", False)
     monkeypatch.setattr(fq._ops, "_num_programs_target", lambda device, per_sm=2: per_sm * 132)
     cpu = torch.device("cpu")
-    assert [fq._ops.qkv_grad_programs(M, cpu) for M in (128 * 256, 64 * 256, 2 * 256)] == [342, 342, 32]
+    assert [fq._ops.qkv_grad_rows(M, cpu) for M in (128 * 256, 64 * 256, 2 * 256)] == [96, 48, 16]
     assert fq._ops.qkv_grad_fills_the_gpu(128 * 256, cpu) and fq._ops.qkv_grad_fills_the_gpu(64 * 256, cpu)
     assert not fq._ops.qkv_grad_fills_the_gpu(2 * 256, cpu)
+
+
+@pytest.mark.parametrize("rows", [None, 16])
+def test_fake_shapes_match_the_kernel(rows):
+    """The custom op's partials length comes from its rows-per-program argument (which the compiled graph holds, so a
+    new rule is a new inductor cache key): what fake tensors announce is what the kernel returns."""
+    dq, dk, dv = (torch.randn(2, 3, 40, 8, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+    rows = rows or fq._ops.qkv_grad_rows(2 * 40, torch.device(DEVICE))
+    torch.library.opcheck(fq._COMPILED["qkv_grad_partials"], (dq, dk, dv, rows), test_utils=("test_faketensor",))
+    assert fq._ops.qkv_grad_partials(dq, dk, dv, rows_per_prog=rows)[1].shape == (fq._ops.partials_length(80, rows), 72)
 
 
 def always_the_kernel(monkeypatch) -> list:
