@@ -92,6 +92,11 @@ def _num_programs_target(device: torch.device, per_sm: int = 2) -> int:
     return per_sm * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _rows_for(rows: int, programs: int) -> int:
+    """Rows per program for `rows` rows over at most `programs` programs: a multiple of _BWD_ROW_ALIGN."""
+    return triton.cdiv(triton.cdiv(rows, programs), _BWD_ROW_ALIGN) * _BWD_ROW_ALIGN
+
+
 def bwd_rows_per_program(B: int, N: int, device: torch.device, per_sm: int = 2) -> int:
     """Rows of one sample handled by one backward program (a multiple of _BWD_ROW_ALIGN), so that the B * T programs
     fill at most one wave of the target: a second, partial wave costs more than the larger tiles (DiT-XL/2, batch 128:
@@ -99,7 +104,7 @@ def bwd_rows_per_program(B: int, N: int, device: torch.device, per_sm: int = 2) 
     if INTERPRET:
         return 8  # small, so the CPU tests cover several tiles per sample and a loop per tile
     tiles = max(1, _num_programs_target(device, per_sm) // B)
-    return triton.cdiv(triton.cdiv(N, tiles), _BWD_ROW_ALIGN) * _BWD_ROW_ALIGN
+    return _rows_for(N, tiles)
 
 
 # ----------------------------------------------------------------------------- fused adaLN
@@ -804,7 +809,7 @@ def qkv_grad_rows(M: int, device: torch.device) -> int:
     multiple of _BWD_ROW_ALIGN (8 under the interpreter, so tests cover several programs)."""
     if INTERPRET:
         return 8
-    return triton.cdiv(triton.cdiv(3 * M, _num_programs_target(device, QKV_PROGRAMS_PER_SM)), _BWD_ROW_ALIGN) * _BWD_ROW_ALIGN
+    return _rows_for(3 * M, _num_programs_target(device, QKV_PROGRAMS_PER_SM))
 
 
 def qkv_grad_fills_the_gpu(M: int, device: torch.device) -> bool:

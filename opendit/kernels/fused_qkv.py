@@ -3,8 +3,9 @@
 Forward: `x W^T + b` (one GEMM with its bias epilogue) viewed as q, k, v of shape (B, H, N, d), as Attention splits it.
 Backward: the attention returns dq, dk, dv as three (B, H, N, d) tensors (cuDNN's token-major in memory); autograd
 stacks them into dqkv (B N, 3C) in one pass and reads dqkv again for the bias gradient. Here one kernel writes dqkv
-and per-program column sums (fp32), then the two GEMMs (dx = dqkv W, dW = dqkv^T x) run as autograd's would. Without triton, off CUDA (unless TRITON_INTERPRET=1 at import),
-for fp64 or heads wider than 256, the plain PyTorch split runs.
+and per-program column sums (fp32), then the two GEMMs (dx = dqkv W, dW = dqkv^T x) run as autograd's would.
+Without triton, off CUDA (unless TRITON_INTERPRET=1 at import), for fp64 or heads wider than 256, the plain PyTorch
+split runs.
 """
 
 import torch
