@@ -2,8 +2,9 @@
 
     python bench/kernels.py [--shapes 256x256x1152,32x256x1152] [--dtype bf16] [--ops adaln,gate,gelu]
 
-boundary is the block boundary's backward (gate + residual, then LayerNorm + modulate: `gate_res_adaln_bwd`) alone,
-for each rows-per-program and launch config (C being the model's width).
+boundary is the block boundary's backward (gate + residual, then LayerNorm + modulate: `gate_res_adaln_bwd`) alone:
+the default (Gluon's kernel where the width splits, else Triton autotuned), then the Triton kernel for each
+rows-per-program and launch config (C being the model's width); bench/boundary_gluon.py compares the two kernels.
 gelu is fc1's bias + tanh GELU (training), C being the MLP's hidden width (3072 for DiT-B, 4608 for DiT-XL); its
 section also times the backward at several programs per SM (the rows each program sums the bias gradient over).
 
@@ -143,10 +144,11 @@ def boundary_sweep(shapes, dtype) -> None:
 
         sets = [make() for _ in range(3)]
         moved = 6 * s * B * N * C  # reads dout, dh, out, y; writes dx, dy
-        default_rp = ops.bwd_rows_per_program(B, N, dev)
+        default_rp = ops.boundary_bwd_rows(B, N, C, dev)
         bc = ops.triton.next_power_of_2(C)
         t = gpu_time_us([lambda a=a: ops.gate_res_adaln_bwd_partials(*a, dtype) for a in sets])
-        print(f"| {B}x{N}x{C} | {default_rp} | {B * ops.triton.cdiv(N, default_rp)} | autotuned | | {t:.1f} | {moved / t / 1e3:.0f} | rows |", flush=True)
+        default = "Gluon (default)" if ops._gluon_tiles(C, dev) else "autotuned"
+        print(f"| {B}x{N}x{C} | {default_rp} | {B * ops.triton.cdiv(N, default_rp)} | {default} | | {t:.1f} | {moved / t / 1e3:.0f} | rows |", flush=True)
         for rp in sorted({32, 64, 128, default_rp}):
             if rp > N:
                 continue

@@ -24,6 +24,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from opendit.kernels import _triton_ops as ops  # noqa: E402
 
+gluon = ops._gluon  # the block boundary's Gluon kernels (None where triton has no Gluon)
+
 BF16, F32 = "*bf16", "*fp32"
 # kernel, its pointer arguments' types, its integer arguments' values (multiples of 16 get triton's divisibility),
 # its constexprs: DiT-XL/2 at batch 128 (B N = 32768 tokens of width 1152, MLP width 4608, 16 heads of 72)
@@ -44,6 +46,15 @@ KERNELS = {
                      dict(N=256, C=1152, M=32768, s_b=294912, s_h_aligned=9, s_n=1152, rows_per_prog=96), dict(D=72, BLOCK_M=4, BLOCK_C=1024, BLOCK_T=128, ALIGN=8)),
     "GELU + float8 rows (sampling)": (ops._gelu_quantize_kernel, dict(H=BF16, Q="*fp8e4nv", SCALE=F32), dict(M=4096, K=4608),
                                       dict(BLOCK_M=1, BLOCK_K=4096, BLOCK_T=512)),
+    **({} if gluon is None else {
+        "boundary fwd (Gluon)": (gluon._boundary_fwd_kernel, dict(X=BF16, GATE=BF16, Y=BF16, BIAS=BF16, OUT=BF16, H=BF16, SHIFT=BF16, SCALE=BF16, MEAN=F32, RSTD=F32),
+                                 dict(N=256, C=1152, gate_stride=195840, shift_stride=195840, scale_stride=195840),
+                                 dict(BLOCK_M=gluon.FWD_BLOCK_M, BLOCK_C=1024, TW=128, W=4, HAS_BIAS=True)),
+        "boundary bwd (Gluon)": (gluon._boundary_bwd_kernel, dict(DOUT=BF16, DH=BF16, OUT=BF16, Y=BF16, BIAS=BF16, GATE=BF16, SCALE=BF16, MEAN=F32, RSTD=F32,
+                                                                   DX=BF16, DY=BF16, DSCALE_P=F32, DSHIFT_P=F32, DGATE_P=F32, DBIAS_P=F32),
+                                 dict(N=256, C=1152, gate_stride=195840, scale_stride=195840, rows_per_prog=128, T=2),
+                                 dict(BLOCK_M=gluon.BWD_BLOCK_M, BLOCK_C=1024, TW=128, W=4, HAS_BIAS=True)),
+    }),
     "AdamW (one launch)": (ops._adamw_multi_kernel, dict(TABLE="*i64", BLOCKS="*i32", S=F32), {},
                            dict(G_DTYPE=ops.tl.bfloat16, BLOCK=1024, HAS_EMA=True, N_ALIGNED=True)),
 }
@@ -63,8 +74,13 @@ def widths(kernel, pointers: dict, ints: dict, constexprs: dict) -> dict:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "fp32"  # eps and the like
-    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    if gluon is not None and kernel in (gluon._boundary_fwd_kernel, gluon._boundary_bwd_kernel):
+        from triton.experimental.gluon._runtime import GluonASTSource  # Gluon's layouts name W warps: compile with W
+
+        src, options = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs), dict(num_warps=constexprs["W"])
+    else:
+        src, options = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs), {}
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
     found = {op: re.findall(rf"\b{op}\.global((?:\.[\w:]+)+)", ptx) for op in ("ld", "st")}  # e.g. ".v4.b32", ".nc.b16"
     return {op: Counter(".".join(q for q in m.split(".") if re.fullmatch(r"v\d|[bsuf]\d+", q)) for m in ms) for op, ms in found.items()}
 

@@ -61,6 +61,8 @@ A "+modifier" changes one thing of the variant before it (several may follow, e.
                  default: added in the boundary kernels, which sum their gradients too; blocks.without_bias)
     +plain-qkv-grad  fused boundaries: autograd's qkv gradient (inductor's stack kernel, then a second pass for the bias;
                  the default, as train.py: one Triton pass packs dq, dk, dv and sums the bias gradient, kernels/fused_qkv.py)
+    +triton-boundaries  kernels: the block boundary's forward and backward as the Triton kernels (the default on CUDA:
+                 Gluon's two-tile rows where the width splits, kernels/_gluon_ops.py; OPENDIT_GLUON=0 in train.py)
     +blaslt      every GEMM through cuBLASLt (torch.backends.cuda.preferred_blas_library("cublaslt"); the default:
                  cuBLAS, with cuBLASLt where PyTorch fuses a bias)
     +blocks-only  per-block compile of the blocks alone (the default, as train.py on one process: also the patch +
@@ -144,6 +146,7 @@ class Variant:
     stacked_mods: bool = True  # fused boundaries: every layer's adaLN modulation as one GEMM (DiT.layer_modulations)
     boundary_biases: bool = True  # fused boundaries: proj's and fc2's biases added (and summed backward) in the boundary kernels
     fused_qkv_grad: bool = True  # fused boundaries: the qkv gradient packed and its bias gradient summed in one Triton pass
+    gluon_boundaries: bool = True  # kernels: the block boundary's kernels in Gluon where the width splits (else Triton)
 
 
 VARIANTS = {
@@ -191,6 +194,7 @@ MODIFIERS = {  # "+name" after a variant: one change to it
     "fp32-biases": dict(bf16_biases=False),
     "gemm-biases": dict(boundary_biases=False),
     "plain-qkv-grad": dict(fused_qkv_grad=False),
+    "triton-boundaries": dict(gluon_boundaries=False),
 }
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
@@ -357,6 +361,11 @@ def knobs(v: Variant):
     restored after."""
     import torch._inductor.config as inductor_config
 
+    try:
+        from opendit.kernels import _triton_ops as kernel_ops
+        gluon = unittest.mock.patch.object(kernel_ops, "GLUON", kernel_ops.GLUON and v.gluon_boundaries)
+    except ImportError:  # no triton: no kernels either
+        gluon = contextlib.nullcontext()
     matmul = torch.backends.cuda.matmul
     before, blas = matmul.allow_bf16_reduced_precision_reduction, torch.backends.cuda.preferred_blas_library()
     matmul.allow_bf16_reduced_precision_reduction = v.reduced_precision_reduction
@@ -368,7 +377,8 @@ def knobs(v: Variant):
             switches["triton.enable_persistent_tma_matmul"] = True
         with inductor_config.patch(switches), separate_norm(not v.fused_residual_norm), \
                 unittest.mock.patch.object(bf16_weights, "COPIED", bf16_weights.COPIED if v.bf16_biases else ("weight",)), \
-                unittest.mock.patch.object(blocks, "without_bias", blocks.without_bias if v.boundary_biases else lambda linear, x: (linear(x), None)):
+                unittest.mock.patch.object(blocks, "without_bias", blocks.without_bias if v.boundary_biases else lambda linear, x: (linear(x), None)), \
+                gluon:
             yield
     finally:
         matmul.allow_bf16_reduced_precision_reduction = before

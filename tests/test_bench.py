@@ -11,7 +11,7 @@ def bench(script: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_train_step_times_each_variant_and_its_modifiers():
-    variants = "flash,kernels+per-layer-mods+fp32-biases+bf16res"
+    variants = "flash,kernels+per-layer-mods+fp32-biases+bf16res+triton-boundaries"
     out = bench("train_step.py", "--tiny", "--model", "DiT-S/2", "--batch_sizes", "2", "--variants", variants)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| ") and "| 2 |" in line]

@@ -9,7 +9,6 @@ follows), the plain launchers return the sums.
 Measured on one H200 (bf16, C=1152): forward ~73% and forward+backward ~65-70% of device-copy bandwidth.
 """
 
-import functools
 import os
 
 import torch
@@ -26,6 +25,15 @@ _BWD_ROW_ALIGN = 16  # rows per backward program are a multiple of this (larger 
 
 # Autotune on GPU unless OPENDIT_TRITON_AUTOTUNE=0 (then, and under the interpreter, heuristics pick the config).
 AUTOTUNE = not INTERPRET and os.environ.get("OPENDIT_TRITON_AUTOTUNE", "1") != "0"
+
+try:  # the block boundary's Gluon kernels (triton >= 3.6, whose Gluon they were written and measured on)
+    from opendit.kernels import _gluon_ops as _gluon
+except ImportError:
+    _gluon = None
+_TRITON_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
+# On CUDA the block boundary runs Gluon's two-tile kernels where its width splits (`_gluon_ops.split`), unless
+# OPENDIT_GLUON=0; the Triton kernels remain for other widths, the interpreter and explicit configs.
+GLUON = _gluon is not None and _TRITON_VERSION >= (3, 6) and not INTERPRET and os.environ.get("OPENDIT_GLUON", "1") != "0"
 
 
 def _tile_ok(block_m: int, block_c: int, num_warps: int) -> bool:
@@ -80,9 +88,13 @@ def _launch(kernel, tuned, grid, args, block_c: int, config: dict | None, heuris
         kernel[grid](*args, BLOCK_C=block_c, **constexprs, **{"num_stages": 1, **(config or heuristic)})
 
 
-@functools.lru_cache(maxsize=None)
+_SMS: dict[int, int] = {}  # a plain dict, not functools.lru_cache: torch.compile traces this (from the backward's rows)
+
+
 def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
 
 
 def _num_programs_target(device: torch.device, per_sm: int = 2) -> int:
@@ -105,6 +117,19 @@ def bwd_rows_per_program(B: int, N: int, device: torch.device, per_sm: int = 2) 
         return 8  # small, so the CPU tests cover several tiles per sample and a loop per tile
     tiles = max(1, _num_programs_target(device, per_sm) // B)
     return _rows_for(N, tiles)
+
+
+def _gluon_tiles(C: int, device: torch.device, config: dict | None = None) -> tuple[int, int, int] | None:
+    """The block boundary's Gluon tiles for a launch of width C on `device`, or None: the Triton kernel runs."""
+    return _gluon.split(C) if GLUON and config is None and device.type == "cuda" else None
+
+
+def boundary_bwd_rows(B: int, N: int, C: int, device: torch.device) -> int:
+    """Rows per program of the block boundary's backward: `bwd_rows_per_program`, with Gluon's kernel aiming at
+    _gluon.WARPS_PER_SM warps per SM (its programs have BLOCK_C / 256 warps: DiT-B/2 at batch 64 sums 32 rows a program in
+    48 us where 64 rows took 66; DiT-XL/2 keeps 128)."""
+    tiles = _gluon_tiles(C, device)
+    return bwd_rows_per_program(B, N, device, max(1, _gluon.WARPS_PER_SM // tiles[2]) if tiles else 2)
 
 
 # ----------------------------------------------------------------------------- fused adaLN
@@ -496,6 +521,10 @@ def gate_res_adaln_fwd(x, gate, y, shift, scale, eps: float, out_dtype: torch.dt
     bc = triton.next_power_of_2(C)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B)  # noqa: E731
     args = (x, gate, y, gate if bias is None else bias, out, h, shift, scale, mean, rstd, N, C, gate.stride(0), shift.stride(0), scale.stride(0), eps)
+    tiles = _gluon_tiles(C, x.device, config)
+    if tiles:
+        _gluon.boundary_fwd(args, N, B, tiles, bias is not None)
+        return out, h, mean, rstd
     heuristic = _heuristic(bc, 4096, 32)
     _launch(_gate_res_adaln_fwd_kernel, _gate_res_adaln_fwd_tuned, grid, args, bc, config, heuristic, HAS_BIAS=bias is not None)
     return out, h, mean, rstd
@@ -511,11 +540,15 @@ def gate_res_adaln_bwd_partials(dout, dh, out, y, gate, scale, mean, rstd, x_dty
     n_partials = 3 if bias is None else 4
     if B * N == 0:
         return dx, dy, torch.zeros(n_partials, B, 1, C, device=out.device, dtype=torch.float32)
-    rows_per_prog = rows_per_prog or bwd_rows_per_program(B, N, out.device)
+    rows_per_prog = rows_per_prog or boundary_bwd_rows(B, N, C, out.device)
     T = triton.cdiv(N, rows_per_prog)
     partials = torch.empty(n_partials, B, T, C, device=out.device, dtype=torch.float32)
     args = (dout, dh, out, y, gate if bias is None else bias, gate, scale, mean, rstd, dx, dy, *partials[:3], partials[-1],
             N, C, gate.stride(0), scale.stride(0), rows_per_prog, T)
+    tiles = _gluon_tiles(C, out.device, config)
+    if tiles:
+        _gluon.boundary_bwd(args, T, B, tiles, bias is not None)
+        return dx, dy, partials
     bc = triton.next_power_of_2(C)
     heuristic = _heuristic(bc, 8192, 64)
     _launch(_gate_res_adaln_bwd_kernel, _gate_res_adaln_bwd_tuned, (T, B), args, bc, config, heuristic, HAS_BIAS=bias is not None)

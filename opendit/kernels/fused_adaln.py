@@ -9,6 +9,8 @@ The kernels live in `_triton_ops`; without triton, for tensors off CUDA when TRI
 import, for fp64, C > 16384 or B > 65535, the public functions fall back to the PyTorch reference.
 Kernel configs are autotuned per (N, C, dtypes; the backward's rows per program) on first use (a few seconds);
 OPENDIT_TRITON_AUTOTUNE=0 uses fixed heuristics instead (within a few % of the tuned configs on an H200 at C=1152).
+On CUDA the block boundary (gate + residual, then LayerNorm + modulate) runs `_gluon_ops`' kernels where the width
+splits into two exact tiles (DiT-S/B/XL; same maths and rounding); OPENDIT_GLUON=0 keeps the Triton ones.
 """
 
 from typing import Optional
@@ -235,7 +237,7 @@ class GateResidualAdaLNFunction(torch.autograd.Function):
         out, y3, gate2, scale2, mean, rstd, bias = ctx.saved_tensors
         x_shape, x_dtype, (gate_meta, shift_meta, scale_meta) = ctx.meta
         dout3, dh3 = (g.reshape(out.shape).to(out.dtype).contiguous() for g in (dout, dh))  # zeros where unused (materialized)
-        rows = _ops.bwd_rows_per_program(out.shape[0], out.shape[1], out.device)
+        rows = _ops.boundary_bwd_rows(*out.shape, out.device)
         dx, dy, partials = _launcher("gate_res_adaln_bwd_partials")(dout3, dh3, out, y3, gate2, scale2, mean, rstd, x_dtype, rows_per_prog=rows, bias=bias)
         dscale, dshift, dgate = partials[:3].sum(2).unbind(0)  # (B, C) each
         dbias = None if bias is None else partials[3].sum((0, 1)).to(bias.dtype)  # (C,)

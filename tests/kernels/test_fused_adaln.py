@@ -240,27 +240,65 @@ def test_gate_residual_adaln_mixed_dtypes_and_fallback():
     torch.testing.assert_close(h, fa.layernorm_modulate_ref(out, shift64, scale64))
 
 
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_gate_residual_adaln_launchers(with_bias):
-    """Explicit configs: several row tiles per program and per sample, masked tails (fp32 against float64); with a
-    bias, y + bias goes into the residual and the bias's gradient is summed over every row of every sample."""
-    ops = fa._ops
-    B, N, C = 2, 13, 72
-    x, y, dout, dh = (torch.randn(B, N, C, device=DEVICE) for _ in range(4))
-    gate, shift, scale = (torch.randn(B, C, device=DEVICE) for _ in range(3))
-    bias = torch.randn(C, device=DEVICE) if with_bias else None
+def boundary_case(B, N, C, with_bias, dtype=torch.float32):
+    """The boundary launchers' inputs (x, gate, y, shift, scale, bias, dout, dh) and the float64 reference's out, h
+    and gradients in the launchers' order (dx, dy, dgate, dscale, dshift, then dbias)."""
+    x, y, dout, dh = (torch.randn(B, N, C, device=DEVICE).to(dtype) for _ in range(4))
+    gate, shift, scale = (torch.randn(B, C, device=DEVICE).to(dtype) for _ in range(3))
+    bias = torch.randn(C, device=DEVICE).to(dtype) if with_bias else None
     ins64 = leaves(*(t.double() for t in (x, gate, y, shift, scale) + ((bias,) if with_bias else ())))
     out64 = fa.gate_residual_ref(ins64[0], ins64[1], ins64[2] + ins64[5] if with_bias else ins64[2])
     h64 = fa.layernorm_modulate_ref(out64, *ins64[3:5])
     torch.autograd.backward([out64, h64], [dout.double(), dh.double()])
+    grads64 = [ins64[i].grad for i in (0, 2, 1, 4, 3, 5)[: 5 + with_bias]]
+    return (x, gate, y, shift, scale, bias, dout, dh), (out64, h64, grads64)
+
+
+def check_boundary(case, dtype, what, config=None, rows_per_prog=6):
+    """The boundary launchers (with `config`, or the default: autotuned Triton, or Gluon on CUDA) against the float64
+    reference; returns their out, h and gradients."""
+    ops = fa._ops
+    (x, gate, y, shift, scale, bias, dout, dh), (out64, h64, grads64) = case
+    out, h, mean, rstd = ops.gate_res_adaln_fwd(x, gate, y, shift, scale, 1e-6, dtype, config=config, bias=bias)
+    assert_close(out, out64, dtype, f"out {what}")
+    assert_close(h, h64, dtype, f"h {what}")
+    grads = ops.gate_res_adaln_bwd(dout, dh, out, y, gate, scale, mean, rstd, dtype, config=config, rows_per_prog=rows_per_prog, bias=bias)
+    assert len(grads) == len(grads64)
+    for name, g, g64 in zip(("dx", "dy", "dgate", "dscale", "dshift", "dbias"), grads, grads64):
+        assert_close(g, g64, dtype, f"{name} {what}")
+    return (out, h, *grads)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gate_residual_adaln_launchers(with_bias):
+    """Explicit configs: several row tiles per program and per sample, masked tails (fp32 against float64); with a
+    bias, y + bias goes into the residual and the bias's gradient is summed over every row of every sample."""
+    case = boundary_case(2, 13, 72, with_bias)
     for cfg in (dict(BLOCK_M=2, num_warps=1), dict(BLOCK_M=4, num_warps=1)):
-        out, h, mean, rstd = ops.gate_res_adaln_fwd(x, gate, y, shift, scale, 1e-6, torch.float32, config=cfg, bias=bias)
-        assert_close(out, out64, torch.float32, f"out {cfg}")
-        assert_close(h, h64, torch.float32, f"h {cfg}")
-        grads = ops.gate_res_adaln_bwd(dout, dh, out, y, gate, scale, mean, rstd, torch.float32, config=cfg, rows_per_prog=6, bias=bias)
-        assert len(grads) == 5 + with_bias
-        for name, g, t in zip(("dx", "dy", "dgate", "dscale", "dshift", "dbias"), grads, [ins64[i] for i in (0, 2, 1, 4, 3, 5)[: len(grads)]]):
-            assert_close(g, t.grad, torch.float32, f"{name} {cfg}")
+        check_boundary(case, torch.float32, str(cfg), config=cfg)
+
+
+def test_gluon_tiles_and_rows_per_program(monkeypatch):
+    """Gluon's boundary kernels take DiT's widths as two exact tiles in 16-byte vectors (BLOCK_C / 256 warps) and leave
+    the rest (powers of two among them), the CPU and explicit configs to Triton; their backward's rows per program aim at 8 warps per SM (GPU rule on
+    132 SMs): DiT-B/2 at batch 64 sums 32 rows a program, DiT-XL/2 at batch 128 keeps Triton's 128."""
+    ops = fa._ops
+    if ops._gluon is None:
+        pytest.skip("triton without Gluon")
+    split = ops._gluon.split
+    assert (split(1152), split(768), split(384), split(4608)) == ((1024, 128, 4), (512, 256, 2), (256, 128, 1), (4096, 512, 16))
+    assert split(1024) is None and split(72) is None and split(96) is None and split(1000) is None
+    monkeypatch.setattr(ops, "GLUON", True)
+    monkeypatch.setattr(ops, "INTERPRET", False)
+    monkeypatch.setattr(ops, "_num_programs_target", lambda device, per_sm=2: per_sm * 132)
+    cuda = torch.device("cuda")
+    assert ops._gluon_tiles(1152, cuda) == (1024, 128, 4)
+    assert ops._gluon_tiles(1152, torch.device("cpu")) is None and ops._gluon_tiles(1152, cuda, dict(BLOCK_M=2, num_warps=4)) is None
+    assert ops.boundary_bwd_rows(128, 256, 1152, cuda) == ops.bwd_rows_per_program(128, 256, cuda) == 128
+    assert ops.boundary_bwd_rows(64, 256, 768, cuda) == 32
+    assert ops.boundary_bwd_rows(64, 256, 72, cuda) == ops.bwd_rows_per_program(64, 256, cuda) == 64
+    monkeypatch.setattr(ops, "GLUON", False)
+    assert ops._gluon_tiles(1152, cuda) is None and ops.boundary_bwd_rows(64, 256, 768, cuda) == 64
 
 
 # ----------------------------------------------------------------------------- GPU only
@@ -388,6 +426,27 @@ def test_gate_residual_adaln_gpu(C):
         grads = ops.gate_res_adaln_bwd(dout, dh, out, y, gate, scale, mean, rstd, torch.float32, config=cfg)
         for name, g, t in zip(("dx", "dy", "dgate", "dscale", "dshift"), grads, [ins64[i] for i in (0, 2, 1, 4, 3)]):
             assert_close(g, t.grad, torch.float32, f"{name} {cfg}")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("C", [384, 768, 1152])
+def test_boundary_gluon_gpu(C):
+    """Gluon's boundary kernels (the CUDA default at these widths) against float64, fp32 and bf16, with and without a
+    bias, with rows per program that BLOCK_M does not divide and a partial last program; and against the Triton
+    kernels on the same inputs, up to each one's last rounding."""
+    ops = fa._ops
+    if not ops.GLUON:
+        pytest.skip("Gluon kernels off: triton < 3.6 or OPENDIT_GLUON=0")
+    assert ops._gluon_tiles(C, torch.device("cuda")) is not None
+    for dtype in (torch.float32, torch.bfloat16):
+        for with_bias in (False, True):
+            case = boundary_case(3, 37, C, with_bias, dtype)
+            for rows in (6, 16, None):
+                got = check_boundary(case, dtype, f"Gluon {dtype} bias={with_bias} rows={rows}", rows_per_prog=rows)
+            ref = check_boundary(case, dtype, f"Triton {dtype}", config=dict(BLOCK_M=2, num_warps=4), rows_per_prog=None)
+            for name, g, r in zip(("out", "h", "dx", "dy", "dgate", "dscale", "dshift", "dbias"), got, ref):
+                assert_close(g, r.double(), dtype, f"{name}: Gluon against Triton, {dtype} bias={with_bias}")
 
 
 @pytest.mark.parametrize("B, N, C", [(2, 37, 24), (3, 0, 16), (1, 260, 1152)])
