@@ -31,9 +31,11 @@ try:  # the block boundary's Gluon kernels (triton >= 3.6, whose Gluon they were
 except ImportError:
     _gluon = None
 _TRITON_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
-# On CUDA the block boundary runs Gluon's two-tile kernels where its width splits (`_gluon_ops.split`), unless
-# OPENDIT_GLUON=0; the Triton kernels remain for other widths, the interpreter and explicit configs.
-GLUON = _gluon is not None and _TRITON_VERSION >= (3, 6) and not INTERPRET and os.environ.get("OPENDIT_GLUON", "1") != "0"
+# On NVIDIA GPUs the block boundary runs Gluon's two-tile kernels where its width splits (`_gluon_ops.split`), unless
+# OPENDIT_GLUON=0; the Triton kernels remain for other widths, the interpreter, explicit configs and ROCm (Gluon's
+# layouts here name 32-lane warps).
+GLUON = (_gluon is not None and _TRITON_VERSION >= (3, 6) and not INTERPRET and torch.version.hip is None
+         and os.environ.get("OPENDIT_GLUON", "1") != "0")
 
 
 def _tile_ok(block_m: int, block_c: int, num_warps: int) -> bool:
