@@ -33,14 +33,20 @@ def split(C: int) -> tuple[int, int, int] | None:
     return block_c, tail, warps
 
 
+@gluon.constexpr_function
+def _tile(rows: int, width: int, warps: int):
+    """A tile's layout: all its rows in each thread, its columns over 32 lanes and `warps` warps."""
+    return gl.BlockedLayout([rows, width // (32 * warps)], [1, 32], [1, warps], [1, 0])
+
+
 @gluon.jit
 def _boundary_fwd_kernel(
     X, GATE, Y, BIAS, OUT, H, SHIFT, SCALE, MEAN, RSTD,  # x, y, out, h: (B*N, C); bias: (C,); modulation rows; mean, rstd: (B*N,)
     N, C, gate_stride, shift_stride, scale_stride, eps,
     BLOCK_M: gl.constexpr, BLOCK_C: gl.constexpr, TW: gl.constexpr, W: gl.constexpr, HAS_BIAS: gl.constexpr,
 ):
-    LM: gl.constexpr = gl.BlockedLayout([BLOCK_M, BLOCK_C // (32 * W)], [1, 32], [1, W], [1, 0])  # main tile
-    LT: gl.constexpr = gl.BlockedLayout([BLOCK_M, TW // (32 * W)], [1, 32], [1, W], [1, 0])  # tail tile
+    LM: gl.constexpr = _tile(BLOCK_M, BLOCK_C, W)  # main tile
+    LT: gl.constexpr = _tile(BLOCK_M, TW, W)  # tail tile
     RM: gl.constexpr = gl.SliceLayout(1, LM)  # per-row vectors of each tile
     RT: gl.constexpr = gl.SliceLayout(1, LT)
     cm = gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, LM))
@@ -88,8 +94,8 @@ def _boundary_bwd_kernel(
     N, C, gate_stride, scale_stride, rows_per_prog, T,
     BLOCK_M: gl.constexpr, BLOCK_C: gl.constexpr, TW: gl.constexpr, W: gl.constexpr, HAS_BIAS: gl.constexpr,
 ):
-    LM: gl.constexpr = gl.BlockedLayout([BLOCK_M, BLOCK_C // (32 * W)], [1, 32], [1, W], [1, 0])  # main tile
-    LT: gl.constexpr = gl.BlockedLayout([BLOCK_M, TW // (32 * W)], [1, 32], [1, W], [1, 0])  # tail tile
+    LM: gl.constexpr = _tile(BLOCK_M, BLOCK_C, W)  # main tile
+    LT: gl.constexpr = _tile(BLOCK_M, TW, W)  # tail tile
     RM: gl.constexpr = gl.SliceLayout(1, LM)  # per-row vectors of each tile
     RT: gl.constexpr = gl.SliceLayout(1, LT)
     CM: gl.constexpr = gl.SliceLayout(0, LM)  # per-column vectors of each tile
