@@ -4,7 +4,7 @@ Gluon is triton's language with explicit layouts. A row of C = BLOCK_C + TW colu
 is two tiles whose layouts both keep every row of the tile inside each thread and spread the columns over all the
 program's warps: the main tile in 16-byte vectors, the tail in TW / (32 W) columns per thread. The row sums of the
 two tiles then meet without moving data. Plain Triton gives its one power-of-two tile (2048 for 1152, 44% masked) or
-converts whole tiles through shared memory when asked for two (docs/benchmarks.md, sixteenth round).
+converts whole tiles through shared memory when asked for two (docs/benchmarks.md, fifteenth and sixteenth rounds).
 
 Imported by `_triton_ops`, which calls these launchers on CUDA for the widths `split` accepts and keeps its Triton
 kernels for the rest, the CPU interpreter and explicit configs. Same arguments, outputs and maths as
