@@ -5,6 +5,7 @@ import torch
 
 from opendit.builders import PRECISIONS, check_model_flags
 from opendit.errors import UsageError
+from opendit.training.profile import parse_steps
 from opendit.parallel.parallelize import BLOCKS_PER_UNIT, PLUGINS
 from opendit.training.experiment import restarted_by_torchrun
 from opendit.training.graph_step import graph_step_refusal
@@ -66,6 +67,9 @@ def get_parser() -> argparse.ArgumentParser:
     # Distributed engine.
     parser.add_argument("--experiment_dir", type=str, default=None, help="use this experiment folder instead of a new {outputs}/NNN-model (restart-safe with --load auto)")
     parser.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many steps in a row with a non-finite loss or gradient norm (each is skipped)")
+    parser.add_argument("--profile_steps", type=str, default="",
+                        help="FIRST-LAST (e.g. 61-65): profile these steps with torch.profiler into {experiment}/profile/ (summary.md: the GPU's busy "
+                             "share, top kernels and host operations; trace.json for Perfetto); the log line covering them includes the profiler's overhead")
     parser.add_argument("--sample_every", type=int, default=0, help="every N steps, sample the EMA (fixed noise and conditions) into {experiment}/samples/ and TensorBoard (0: never)")
     parser.add_argument("--ckpt_keep", type=int, default=3, help="keep the newest K checkpoints (<= 0: keep all)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
@@ -108,6 +112,7 @@ def check_flags(args: argparse.Namespace, world_size: int) -> None:
         raise UsageError(f"--snr_gamma {args.snr_gamma}: must be at least 0 (0: no weighting)")
     if args.max_steps is not None and args.max_steps < 1:
         raise UsageError(f"--max_steps {args.max_steps}: must be at least 1")
+    parse_steps(args.profile_steps, args.max_steps)
     if args.enable_flashattn and (args.mixed_precision == "fp32" or args.device == "cpu" or not torch.cuda.is_available()):
         raise UsageError("--enable_flashattn needs a CUDA GPU and --mixed_precision bf16 or fp16")
     if args.mixed_precision == "fp16" and (args.device == "cpu" or not torch.cuda.is_available()):

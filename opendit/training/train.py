@@ -30,6 +30,7 @@ from opendit.training.guard import DivergenceError, non_finite_tensors
 from opendit.training.metrics import Meter, MetricsWriter, log_line, peak_tflops
 from opendit.training.preemption import PREEMPTED_STATUS, Preempted, StopSignals
 from opendit.training.preview import Preview
+from opendit.training.profile import StepProfiler, parse_steps
 from opendit.training.sampler import ResumableSampler
 from opendit.training.step import TrainStep, build_train_step
 from opendit.utils.flops import train_flops_per_sample
@@ -164,9 +165,13 @@ def run(setup: Setup, experiment_dir: str, logger) -> None:
     preview = Preview(args, config, dataset, vae, text_encoder, device, experiment_dir, info.is_main, metrics.tb if info.is_main else None) if args.sample_every > 0 else None
     meter = Meter(device, args.batch_size * mesh.dp_size, info.world_size, flops_per_image, peak_tflops(args, device))
     progress = tqdm(total=max_steps, initial=step, disable=not info.is_main or None, desc="train", dynamic_ncols=True)
+    profile_steps = parse_steps(args.profile_steps)
+    profiler = StepProfiler(profile_steps, max_steps, os.path.join(experiment_dir, "profile"), device, logger) if profile_steps and info.is_main else None
     while step < max_steps and epoch < args.epochs:
         for batch in sampler.resume_epoch(loader, epoch, consumed):
             # Step:
+            if profiler is not None:
+                profiler.before(step + 1)
             x, model_kwargs = prepare_batch(batch, vae, text_encoder, device, train=True)  # latents; y and/or text
             result = train_step(x, model_kwargs)
             if result.skipped:
@@ -175,6 +180,8 @@ def run(setup: Setup, experiment_dir: str, logger) -> None:
             maybe_fail(step, info.rank)
             meter.add(result.loss_dict)
             progress.update(1)
+            if profiler is not None:
+                profiler.after(step)
             if step % check_every == 0 or step == max_steps or (args.ckpt_every > 0 and step % args.ckpt_every == 0):
                 train_step.guard.check(step, last_good, logger)
             # Log:
