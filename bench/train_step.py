@@ -80,7 +80,6 @@ show up on streams of their own) and the gaps by the kernel that follows them.
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import tempfile
@@ -109,6 +108,7 @@ from opendit.training.ema import ShardedEMA  # noqa: E402
 from opendit.training.graph_step import CudaGraphStep  # noqa: E402
 from opendit.training.guard import DivergenceGuard  # noqa: E402
 from opendit.training.optim import ShardedAdamW, lr_factor  # noqa: E402
+from opendit.training.profile import trace_kernels  # noqa: E402
 from opendit.training.step import TrainStep  # noqa: E402
 from opendit.utils.flops import train_flops_per_sample  # noqa: E402
 
@@ -533,12 +533,10 @@ def stream_gaps(prof, steps: int, top: int = 12) -> None:
     the other streams' kernels of over 50 us (when they start, how long they run)."""
     with tempfile.TemporaryDirectory() as d:
         prof.export_chrome_trace(os.path.join(d, "trace.json"))
-        with open(os.path.join(d, "trace.json")) as f:
-            events = json.load(f)["traceEvents"]
+        kernels = trace_kernels(os.path.join(d, "trace.json"))
     streams: dict = {}
-    for e in events:
-        if e.get("cat") == "kernel" and "dur" in e:
-            streams.setdefault(e.get("args", {}).get("stream"), []).append((float(e["ts"]), float(e["dur"]), e.get("name", "")))
+    for start, dur, name, stream in kernels:
+        streams.setdefault(stream, []).append((start, dur, name))
     if not streams:
         return
     t0 = min(k[0] for ks in streams.values() for k in ks)

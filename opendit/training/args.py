@@ -5,10 +5,10 @@ import torch
 
 from opendit.builders import PRECISIONS, check_model_flags
 from opendit.errors import UsageError
-from opendit.training.profile import parse_steps
 from opendit.parallel.parallelize import BLOCKS_PER_UNIT, PLUGINS
 from opendit.training.experiment import restarted_by_torchrun
 from opendit.training.graph_step import graph_step_refusal
+from opendit.training.profile import parse_steps
 
 DEFAULT_BATCH = 2
 

@@ -31,18 +31,23 @@ def busy_us(intervals: list) -> float:
     return total
 
 
-def summarize(trace_path: str, wall_s: float, steps: int, host_table: str) -> tuple[str, str]:
-    """(summary.md's text, one log line) from the exported trace: the GPU's busy share of the window, the top kernels."""
+def trace_kernels(trace_path: str) -> list:
+    """The GPU kernels of an exported Chrome trace: (start us, duration us, name, stream), in the trace's order."""
     with open(trace_path) as f:
         events = json.load(f)["traceEvents"]
-    kernels = [(float(e["ts"]), float(e["dur"]), e.get("name", "")) for e in events if e.get("cat") == "kernel" and "dur" in e]
+    return [(float(e["ts"]), float(e["dur"]), e.get("name", ""), e.get("args", {}).get("stream")) for e in events if e.get("cat") == "kernel" and "dur" in e]
+
+
+def summarize(trace_path: str, wall_s: float, steps: int, host_table: str) -> tuple[str, str]:
+    """(summary.md's text, one log line) from the exported trace: the GPU's busy share of the window, the top kernels."""
+    kernels = trace_kernels(trace_path)
     lines = [f"# Steps profiled: {steps}, {1e3 * wall_s / steps:.2f} ms a step on the host clock (profiler overhead included)", ""]
     if kernels:
-        busy = busy_us([(s, d) for s, d, _ in kernels]) / 1e3
+        busy = busy_us([(s, d) for s, d, _, _ in kernels]) / 1e3
         line = f"GPU busy {busy / steps:.2f} ms a step, {100 * busy / (1e3 * wall_s):.1f}% of the window"
         lines += [line + " (the rest: the GPU waited for the host)", "", "| kernel (top 20 by GPU time) | calls a step | ms a step |", "|---|---:|---:|"]
         by_name: dict = {}
-        for _, dur, name in kernels:
+        for _, dur, name, _ in kernels:
             n, total = by_name.get(name, (0, 0.0))
             by_name[name] = (n + 1, total + dur)
         for name, (n, total) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:20]:
