@@ -108,7 +108,7 @@ from opendit.training.ema import ShardedEMA  # noqa: E402
 from opendit.training.graph_step import CudaGraphStep  # noqa: E402
 from opendit.training.guard import DivergenceGuard  # noqa: E402
 from opendit.training.optim import ShardedAdamW, lr_factor  # noqa: E402
-from opendit.training.profile import trace_kernels  # noqa: E402
+from opendit.training.profile import trace_events, trace_kernels  # noqa: E402
 from opendit.training.step import TrainStep  # noqa: E402
 from opendit.utils.flops import train_flops_per_sample  # noqa: E402
 
@@ -533,7 +533,7 @@ def stream_gaps(prof, steps: int, top: int = 12) -> None:
     the other streams' kernels of over 50 us (when they start, how long they run)."""
     with tempfile.TemporaryDirectory() as d:
         prof.export_chrome_trace(os.path.join(d, "trace.json"))
-        kernels = trace_kernels(os.path.join(d, "trace.json"))
+        kernels = trace_kernels(trace_events(os.path.join(d, "trace.json")))
     streams: dict = {}
     for start, dur, name, stream in kernels:
         streams.setdefault(stream, []).append((start, dur, name))

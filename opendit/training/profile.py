@@ -9,6 +9,9 @@ import torch
 
 from opendit.errors import UsageError
 
+HOST_CATEGORIES = ("cpu_op", "user_annotation", "cuda_runtime", "python_function")
+STEP_RANGE = "train step "  # each profiled step's named range in the trace
+
 
 def parse_steps(value: str, max_steps: Optional[int] = None) -> Optional[tuple[int, int]]:
     """'61-65' -> (61, 65), steps counted from 1 as the logs count them; '' -> None."""
@@ -31,16 +34,46 @@ def busy_us(intervals: list) -> float:
     return total
 
 
-def trace_kernels(trace_path: str) -> list:
-    """The GPU kernels of an exported Chrome trace: (start us, duration us, name, stream), in the trace's order."""
+def trace_events(trace_path: str) -> list:
+    """The events of an exported Chrome trace."""
     with open(trace_path) as f:
-        events = json.load(f)["traceEvents"]
+        return json.load(f)["traceEvents"]
+
+
+def trace_kernels(events: list) -> list:
+    """The GPU kernels of a trace's events: (start us, duration us, name, stream), in the trace's order."""
     return [(float(e["ts"]), float(e["dur"]), e.get("name", ""), e.get("args", {}).get("stream")) for e in events if e.get("cat") == "kernel" and "dur" in e]
 
 
+def trace_host_ranges(events: list) -> list:
+    """The host's ranges of a trace's events (operators, annotations, CUDA runtime calls): (start us, duration us, name)."""
+    return [(float(e["ts"]), float(e["dur"]), e.get("name", "")) for e in events if e.get("cat") in HOST_CATEGORIES and "dur" in e]
+
+
+def idle_gaps(kernels: list, host: list, top: int = 5) -> list:
+    """The `top` longest stretches with no kernel running: (start us, length us, the step, what the host was doing
+    halfway through, which is what kept the next kernel from being launched)."""
+    spans = sorted((s, s + d) for s, d, _, _ in kernels)
+    gaps, end = [], spans[0][1] if spans else 0.0
+    for start, stop in spans[1:]:
+        if start > end:
+            gaps.append((end, start - end))
+        end = max(end, stop)
+    found = []
+    for start, length in sorted(gaps, key=lambda g: -g[1])[:top]:
+        middle = start + length / 2
+        around = sorted((r for r in host if r[0] <= middle < r[0] + r[1]), key=lambda r: -r[1])  # outermost first
+        steps = [name for _, _, name in around if name.startswith(STEP_RANGE)]
+        doing = [name for _, _, name in around if not name.startswith(STEP_RANGE)]
+        found.append((start, length, steps[0][len(STEP_RANGE):] if steps else "between steps", " > ".join(doing[:3]) or "no recorded operation"))
+    return found
+
+
 def summarize(trace_path: str, wall_s: float, steps: int, host_table: str) -> tuple[str, str]:
-    """(summary.md's text, one log line) from the exported trace: the GPU's busy share of the window, the top kernels."""
-    kernels = trace_kernels(trace_path)
+    """(summary.md's text, one log line) from the exported trace: the GPU's busy share of the window, the top kernels,
+    the longest stretches where the GPU waited and what the host was doing then."""
+    events = trace_events(trace_path)
+    kernels = trace_kernels(events)
     lines = [f"# Steps profiled: {steps}, {1e3 * wall_s / steps:.2f} ms a step on the host clock (profiler overhead included)", ""]
     if kernels:
         busy = busy_us([(s, d) for s, d, _, _ in kernels]) / 1e3
@@ -52,6 +85,10 @@ def summarize(trace_path: str, wall_s: float, steps: int, host_table: str) -> tu
             by_name[name] = (n + 1, total + dur)
         for name, (n, total) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:20]:
             lines.append(f"| {name[:110]} | {n / steps:.0f} | {total / steps / 1e3:.3f} |")
+        origin = min(s for s, _, _, _ in kernels)
+        lines += ["", "## The GPU's longest waits", "", "| at ms | idle ms | in step | the host was in (outermost first) |", "|---:|---:|---|---|"]
+        for start, length, step, doing in idle_gaps(kernels, trace_host_ranges(events)):
+            lines.append(f"| {(start - origin) / 1e3:.1f} | {length / 1e3:.2f} | {step} | {doing[:160]} |")
     else:
         line = "no GPU kernels recorded (a CPU run): host operations only"
         lines.append(line)
@@ -65,7 +102,7 @@ class StepProfiler:
     def __init__(self, steps: tuple[int, int], max_steps: int, out_dir: str, device: torch.device, logger):
         self.first, self.last = steps[0], min(steps[1], max_steps)  # a run that ends first still writes its files
         self.out_dir, self.device, self.logger = out_dir, device, logger
-        self.prof, self.start = None, 0.0
+        self.prof, self.start, self.step_range = None, 0.0, None
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -79,9 +116,15 @@ class StepProfiler:
             self.prof = torch.profiler.profile(activities=activities)
             self.prof.__enter__()
             self.start = time.perf_counter()
+        if self.prof is not None:  # each step a named range: the trace's waits are placed by step
+            self.step_range = torch.profiler.record_function(f"{STEP_RANGE}{step}")
+            self.step_range.__enter__()
 
     def after(self, step: int) -> None:
         """Called once step `step` has run; the last profiled step writes the files."""
+        if self.step_range is not None:
+            self.step_range.__exit__(None, None, None)
+            self.step_range = None
         if self.prof is None or step != self.last:
             return
         self._sync()

@@ -7,7 +7,7 @@ import torch
 
 from opendit.errors import UsageError
 from opendit.training import train as train_cli
-from opendit.training.profile import busy_us, parse_steps
+from opendit.training.profile import busy_us, idle_gaps, parse_steps
 
 TINY = ["--model", "DiT-S/2", "--depth", "1", "--hidden_size", "32", "--num_heads", "2", "--image_size", "16", "--vae", "none",
         "--num_classes", "8", "--dataset", "shapes", "--dataset_size", "32", "--batch_size", "4", "--mixed_precision", "fp32",
@@ -48,9 +48,18 @@ def test_busy_time_is_the_union_of_intervals():
     assert busy_us([]) == 0
 
 
+def test_idle_gaps_are_the_longest_waits_with_what_the_host_did():
+    kernels = [(0, 10, "a", 7), (5, 10, "b", 7), (40, 5, "c", 7), (46, 4, "d", 7)]  # idle 15-40 and 45-46
+    host = [(0, 60, "train step 3"), (20, 30, "enumerate(DataLoader)"), (25, 5, "fork"), (45, 2, "aten::copy_")]
+    assert idle_gaps(kernels, host) == [(15, 25, "3", "enumerate(DataLoader) > fork"), (45, 1, "3", "enumerate(DataLoader) > aten::copy_")]
+    assert idle_gaps(kernels, host, top=1) == [(15, 25, "3", "enumerate(DataLoader) > fork")]
+    assert idle_gaps(kernels[:1], host) == [] and idle_gaps([], host) == []
+    assert idle_gaps(kernels, [])[0] == (15, 25, "between steps", "no recorded operation")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make test-gpu on the GPU machine)")
 def test_profile_steps_on_gpu_report_the_busy_share_and_kernels(tmp_path):
     train_cli.main(TINY + ["--profile_steps", "3-4", "--outputs", str(tmp_path)])
     summary = (tmp_path / os.listdir(tmp_path)[0] / "profile" / "summary.md").read_text()
-    assert "GPU busy" in summary and "| kernel (top 20 by GPU time) |" in summary
+    assert "GPU busy" in summary and "| kernel (top 20 by GPU time) |" in summary and "## The GPU's longest waits" in summary
