@@ -29,3 +29,26 @@ class ResumableSampler(DistributedSampler):
         if hasattr(loader.dataset, "set_epoch"):  # per-item randomness from (seed, epoch, index); workers copy it at iter()
             loader.dataset.set_epoch(epoch)
         return loader
+
+
+class EpochBatches:
+    """The batches of one epoch after another. With worker processes, the next epoch's loader starts (workers forked,
+    first batches made) while this epoch's last `lead` batches train, so the first step of an epoch does not wait."""
+
+    def __init__(self, loader, sampler: ResumableSampler, epochs: int, lead: int = 2):
+        self.loader, self.sampler, self.epochs, self.lead = loader, sampler, epochs, lead
+        self.ahead = None  # ((epoch, consumed), iterator, batches) of an epoch started early
+
+    def _start(self, epoch: int, consumed: int) -> tuple:
+        iterator = iter(self.sampler.resume_epoch(self.loader, epoch, consumed))  # the order is drawn here, at iter()
+        return (epoch, consumed), iterator, len(iterator)
+
+    def __call__(self, epoch: int, consumed: int):
+        """Yields the batches of `epoch` from `consumed` items in (counted over all ranks)."""
+        ahead, self.ahead = self.ahead, None
+        _, iterator, batches = ahead if ahead is not None and ahead[0] == (epoch, consumed) else self._start(epoch, consumed)
+        early = self.loader.num_workers > 0 and epoch + 1 < self.epochs  # without workers the loop's process reads the data
+        for i, batch in enumerate(iterator):
+            if early and i == max(batches - self.lead, 0):
+                self.ahead = self._start(epoch + 1, 0)
+            yield batch

@@ -31,7 +31,7 @@ from opendit.training.metrics import Meter, MetricsWriter, log_line, peak_tflops
 from opendit.training.preemption import PREEMPTED_STATUS, Preempted, StopSignals
 from opendit.training.preview import Preview
 from opendit.training.profile import StepProfiler, parse_steps
-from opendit.training.sampler import ResumableSampler
+from opendit.training.sampler import EpochBatches, ResumableSampler
 from opendit.training.step import TrainStep, build_train_step
 from opendit.utils.flops import train_flops_per_sample
 
@@ -167,8 +167,9 @@ def run(setup: Setup, experiment_dir: str, logger) -> None:
     progress = tqdm(total=max_steps, initial=step, disable=not info.is_main or None, desc="train", dynamic_ncols=True)
     profile_steps = parse_steps(args.profile_steps)
     profiler = StepProfiler(profile_steps, max_steps, os.path.join(experiment_dir, "profile"), device, logger) if profile_steps and info.is_main else None
+    epoch_batches = EpochBatches(loader, sampler, args.epochs)
     while step < max_steps and epoch < args.epochs:
-        for batch in sampler.resume_epoch(loader, epoch, consumed):
+        for batch in epoch_batches(epoch, consumed):
             # Step:
             if profiler is not None:
                 profiler.before(step + 1)
