@@ -61,22 +61,26 @@ def adamw_each_(tensors: list, scalars, beta1: float, beta2: float, weight_decay
 
 
 class MultiTensorAdamW:
-    """adamw_master_ over a fixed list of tensor sizes in one launch per call. Which block of which tensor each program
-    updates is fixed by the sizes; the tensors' addresses go to a device table at every call, except in a call being
+    """adamw_master_ over a fixed list of tensor sizes in one launch per call (two when some sizes are not multiples of
+    16: those take the kernel's unvectorized variant, the rest keep the vectorized one). Which block of which tensor
+    each program updates is fixed by the sizes; the tensors' addresses go to a device table at every call, except in a call being
     captured into a CUDA graph: nothing runs then, so that call reads a table of its own (when the graph replays;
     eager calls afterwards leave it alone) that commit() fills once the capture has ended. One graph per instance:
     a second capture takes that table over."""
 
     def __init__(self, sizes: list, device: torch.device, block: int = 0, warps: int = 0):
         self.sizes = list(sizes)
-        self.sizes_aligned = all(n % 16 == 0 for n in self.sizes)  # the kernel's vectorized variant
         if not block:  # the per-weight kernel's (any value where there are no kernels: _fits refuses them)
             block, warps = _ops.adamw_block_size() if _ops is not None else (1024, 4)
         self.block, self.warps = block, warps
-        counts = [-(-n // self.block) for n in self.sizes]
-        tensor_of = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
-        block_of = torch.cat([torch.arange(c) for c in counts]) if counts else torch.zeros(0, dtype=torch.int64)
-        self.blocks = torch.stack([tensor_of, block_of], dim=1).to(device=device, dtype=torch.int32)  # (programs, 2)
+        self.parts = []  # (blocks, aligned): the sizes that are multiples of 16 (the kernel's vectorized variant), then the rest
+        for aligned in (True, False):
+            chosen = [i for i, n in enumerate(self.sizes) if (n % 16 == 0) == aligned]
+            if chosen:
+                counts = torch.tensor([-(-self.sizes[i] // self.block) for i in chosen])
+                tensor_of = torch.repeat_interleave(torch.tensor(chosen), counts)
+                block_of = torch.cat([torch.arange(c) for c in counts.tolist()])
+                self.parts.append((torch.stack([tensor_of, block_of], dim=1).to(device=device, dtype=torch.int32), aligned))  # (programs, 2)
         self.table = torch.zeros((len(self.sizes), 8), dtype=torch.int64, device=device)  # per tensor: 6 addresses, n, 0
         self.graph_table = torch.zeros_like(self.table)  # what a captured call reads
         self.pending = None  # the addresses of a captured call, for commit()
@@ -92,8 +96,8 @@ class MultiTensorAdamW:
         else:
             table.copy_(rows)
         has_ema = tensors[0][5] is not None
-        _ops.adamw_multi_(table, self.blocks, scalars, beta1, beta2, weight_decay, eps, ema_weight, tensors[0][1].dtype, has_ema, self.block, self.warps,
-                         self.sizes_aligned)
+        for blocks, aligned in self.parts:
+            _ops.adamw_multi_(table, blocks, scalars, beta1, beta2, weight_decay, eps, ema_weight, tensors[0][1].dtype, has_ema, self.block, self.warps, aligned)
 
     def commit(self) -> None:
         """After a CUDA-graph capture: the captured call's addresses into the table that the graph reads."""

@@ -107,8 +107,8 @@ def cloned(ts: list) -> list:
 
 
 @pytest.mark.parametrize("with_ema", [True, False])
-@pytest.mark.parametrize("sizes", [SIZES, ALIGNED])
-def test_one_launch_over_many_tensors_is_each_tensors_update(with_ema, sizes):
+@pytest.mark.parametrize("sizes, parts", [(SIZES, [False]), (ALIGNED, [True]), (SIZES[:2] + ALIGNED, [True, False])])
+def test_one_launch_over_many_tensors_is_each_tensors_update(with_ema, sizes, parts):
     ts = many(with_ema, sizes)
     alone = cloned(ts)
     launch = adamw.MultiTensorAdamW(sizes, torch.device(DEVICE))
@@ -117,6 +117,8 @@ def test_one_launch_over_many_tensors_is_each_tensors_update(with_ema, sizes):
     for p, g, m, v, copy, ema in alone:
         adamw.adamw_master_(p, g, m, v, copy, s, **HYPER, ema=ema, ema_weight=1e-2)
     assert launch.table[:, 6].tolist() == sizes  # the one-launch kernel ran (its table holds the tensors)
+    assert [aligned for _, aligned in launch.parts] == parts  # a second launch only for sizes not multiples of 16
+    assert sorted(i for blocks, _ in launch.parts for i in blocks[:, 0].unique().tolist()) == list(range(len(sizes)))
     for got, want in zip(ts, alone):
         assert all(a is None or torch.equal(a, b) for a, b in zip(got, want))
 
