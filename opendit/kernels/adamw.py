@@ -63,10 +63,10 @@ def adamw_each_(tensors: list, scalars, beta1: float, beta2: float, weight_decay
 class MultiTensorAdamW:
     """adamw_master_ over a fixed list of tensor sizes in one launch per call (two when some sizes are not multiples of
     16: those take the kernel's unvectorized variant, the rest keep the vectorized one). Which block of which tensor
-    each program updates is fixed by the sizes; the tensors' addresses go to a device table at every call, except in a call being
-    captured into a CUDA graph: nothing runs then, so that call reads a table of its own (when the graph replays;
-    eager calls afterwards leave it alone) that commit() fills once the capture has ended. One graph per instance:
-    a second capture takes that table over."""
+    each program updates is fixed by the sizes; the tensors' addresses go to a device table at every call, except in a
+    call being captured into a CUDA graph: nothing runs then, so that call reads a table of its own (when the graph
+    replays; eager calls afterwards leave it alone) that commit() fills once the capture has ended. One graph per
+    instance: a second capture takes that table over."""
 
     def __init__(self, sizes: list, device: torch.device, block: int = 0, warps: int = 0):
         self.sizes = list(sizes)
@@ -80,7 +80,8 @@ class MultiTensorAdamW:
                 counts = torch.tensor([-(-self.sizes[i] // self.block) for i in chosen])
                 tensor_of = torch.repeat_interleave(torch.tensor(chosen), counts)
                 block_of = torch.cat([torch.arange(c) for c in counts.tolist()])
-                self.parts.append((torch.stack([tensor_of, block_of], dim=1).to(device=device, dtype=torch.int32), aligned))  # (programs, 2)
+                blocks = torch.stack([tensor_of, block_of], dim=1)  # (programs, 2): the tensor, its block
+                self.parts.append((blocks.to(device=device, dtype=torch.int32), aligned))
         self.table = torch.zeros((len(self.sizes), 8), dtype=torch.int64, device=device)  # per tensor: 6 addresses, n, 0
         self.graph_table = torch.zeros_like(self.table)  # what a captured call reads
         self.pending = None  # the addresses of a captured call, for commit()
