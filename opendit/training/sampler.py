@@ -1,4 +1,4 @@
-"""The data order of an epoch, resumable mid-epoch on the same or another number of ranks."""
+"""The data order of an epoch, resumable mid-epoch on the same or another number of ranks, and epochs fed back to back."""
 import torch
 from torch.utils.data import DistributedSampler
 
