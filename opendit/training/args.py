@@ -69,7 +69,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many steps in a row with a non-finite loss or gradient norm (each is skipped)")
     parser.add_argument("--profile_steps", type=str, default="",
                         help="FIRST-LAST (e.g. 61-65): profile these steps with torch.profiler into {experiment}/profile/ (summary.md: the GPU's busy "
-                             "share, top kernels and host operations; trace.json for Perfetto); the log line covering them includes the profiler's overhead")
+                             "share, top kernels, longest waits and host operations; trace.json for Perfetto); the log line covering them includes the profiler's overhead")
     parser.add_argument("--sample_every", type=int, default=0, help="every N steps, sample the EMA (fixed noise and conditions) into {experiment}/samples/ and TensorBoard (0: never)")
     parser.add_argument("--ckpt_keep", type=int, default=3, help="keep the newest K checkpoints (<= 0: keep all)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")

@@ -25,13 +25,20 @@ def parse_steps(value: str, max_steps: Optional[int] = None) -> Optional[tuple[i
     return int(first), int(last)
 
 
+def union_spans(intervals) -> list:
+    """The union of (start, duration) intervals as sorted, disjoint [start, end] spans."""
+    spans: list = []
+    for start, dur in sorted(intervals):
+        if spans and start <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], start + dur)
+        else:
+            spans.append([start, start + dur])
+    return spans
+
+
 def busy_us(intervals: list) -> float:
     """Time covered by the union of (start, duration) intervals."""
-    total, end = 0.0, float("-inf")
-    for start, dur in sorted(intervals):
-        total += max(0.0, start + dur - max(start, end))
-        end = max(end, start + dur)
-    return total
+    return sum(end - start for start, end in union_spans(intervals))
 
 
 def trace_events(trace_path: str) -> list:
@@ -53,12 +60,8 @@ def trace_host_ranges(events: list) -> list:
 def idle_gaps(kernels: list, host: list, top: int = 5) -> list:
     """The `top` longest stretches with no kernel running: (start us, length us, the step, what the host was doing
     halfway through, which is what kept the next kernel from being launched)."""
-    spans = sorted((s, s + d) for s, d, _, _ in kernels)
-    gaps, end = [], spans[0][1] if spans else 0.0
-    for start, stop in spans[1:]:
-        if start > end:
-            gaps.append((end, start - end))
-        end = max(end, stop)
+    spans = union_spans((s, d) for s, d, _, _ in kernels)
+    gaps = [(before[1], after[0] - before[1]) for before, after in zip(spans, spans[1:])]
     found = []
     for start, length in sorted(gaps, key=lambda g: -g[1])[:top]:
         middle = start + length / 2
