@@ -31,3 +31,19 @@ def test_kernel_owners_runs_and_refuses_graph_variants():
     assert "| kernels per step | us per call | kernel | launched by (innermost first) |" in out.stdout
     out = bench("kernel_owners.py", "--tiny", "--variant", "graph")
     assert out.returncode != 0 and "--variant graph: a CUDA-graph replay" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_clock_power_reads_nvidia_smi_lines_and_averages_a_window():
+    import math
+
+    import torch
+
+    from bench.timing import ClockPower, parse_clock_power
+
+    assert parse_clock_power("1530, 695.12\n") == (1530.0, 695.12)
+    assert parse_clock_power("[N/A], [N/A]\n") is None and parse_clock_power("15") is None
+    monitor = ClockPower(torch.device("cpu"))  # no GPU: nothing sampled
+    assert monitor.proc is None and all(math.isnan(v) for v in monitor.mean(0.0, 1e9))
+    monitor.samples = [(1.0, 1980.0, 120.0), (2.0, 1500.0, 700.0), (3.0, 1520.0, 690.0), (4.0, 1980.0, 130.0)]
+    assert monitor.mean(1.5, 3.5) == (1510.0, 695.0)  # only the samples inside the window
+    monitor.close()
