@@ -7,7 +7,8 @@ A step is what train.py does: DiT hybrid loss (MSE + learned-sigma VB) at random
 latents already on the GPU (the VAE is out of the step, as with a latent cache). MFU counts the model's training
 FLOPs (6 x its multiply-adds per image: 711.8 GFLOP for DiT-XL/2 at 256) against a bf16 matmul peak measured in
 the same run (20 products of 8192^3, a burst: the card is still at its full clock). "SM MHz" and "W" average
-nvidia-smi's samples over the timed steps: a card at its power limit (700 W on an H200) lowers its clock. Variants are cumulative where the name says so:
+nvidia-smi's samples over the timed steps: a card at its power limit (700 W on an H200) lowers its clock.
+Variants are cumulative where the name says so:
 
     fp32      all speed-ups off, fp32 with TF32 matmuls (what train.py does with --mixed_precision fp32)
     bf16      bf16 autocast (fp32 master weights)
