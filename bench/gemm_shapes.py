@@ -10,6 +10,7 @@ peak, as the card reaches its power limit); a library named twice is timed twice
 """
 
 import argparse
+import itertools
 import os
 import sys
 
@@ -21,33 +22,31 @@ from bench.timing import graphed_us  # noqa: E402
 from opendit.models import DiT_models  # noqa: E402
 
 
-def block_gemms(hidden: int, mlp: int, rows: int, device: torch.device):
-    """(name, flops, fn) for each of one block's twelve GEMMs, on two input sets each."""
+def alternate(pair: list):
+    """A function that returns the pair's tensors in turn (two input sets: no call reads what the last left in L2)."""
+    turn = itertools.cycle(pair)
+    return lambda: next(turn)
+
+
+def layer_gemms(layer: str, d_in: int, d_out: int, rows: int, bias: bool, device: torch.device) -> list:
+    """(name, flops, fn) for one linear layer's forward, input gradient and weight gradient."""
     bf16 = dict(device=device, dtype=torch.bfloat16)
-    gemms = []
-    for layer, d_in, d_out in (("qkv", hidden, 3 * hidden), ("proj", hidden, hidden), ("fc1", hidden, mlp), ("fc2", mlp, hidden)):
-        w = torch.randn(d_out, d_in, **bf16) / d_in ** 0.5
-        b = torch.randn(d_out, **bf16)
-        xs = [torch.randn(rows, d_in, **bf16) for _ in range(2)]
-        dys = [torch.randn(rows, d_out, **bf16) for _ in range(2)]
-        flops = 2 * rows * d_in * d_out
-        it = {"i": 0}
+    w = torch.randn(d_out, d_in, **bf16) / d_in ** 0.5
+    b = torch.randn(d_out, **bf16)
+    x = alternate([torch.randn(rows, d_in, **bf16) for _ in range(2)])
+    dy = alternate([torch.randn(rows, d_out, **bf16) for _ in range(2)])
+    flops = 2 * rows * d_in * d_out
+    return [
+        (f"{layer} forward ({rows}x{d_in} @ {d_in}x{d_out})", flops, (lambda: torch.addmm(b, x(), w.t())) if bias else (lambda: torch.mm(x(), w.t()))),
+        (f"{layer} input grad ({rows}x{d_out} @ {d_out}x{d_in})", flops, lambda: torch.mm(dy(), w)),
+        (f"{layer} weight grad ({d_out}x{rows} @ {rows}x{d_in})", flops, lambda: torch.mm(dy().t(), x())),
+    ]
 
-        def pick(pair, it=it):
-            it["i"] ^= 1
-            return pair[it["i"]]
 
-        if layer == "qkv":
-            fwd = lambda w=w, b=b, xs=xs, pick=pick: torch.addmm(b, pick(xs), w.t())  # noqa: E731
-        else:
-            fwd = lambda w=w, xs=xs, pick=pick: torch.mm(pick(xs), w.t())  # noqa: E731
-        gemms += [
-            (f"{layer} forward ({rows}x{d_in} @ {d_in}x{d_out})", flops, fwd),
-            (f"{layer} input grad ({rows}x{d_out} @ {d_out}x{d_in})", flops, lambda w=w, dys=dys, pick=pick: torch.mm(pick(dys), w)),
-            (f"{layer} weight grad ({d_out}x{rows} @ {rows}x{d_in})", flops,
-             lambda xs=xs, dys=dys, it=it, pick=pick: torch.mm(pick(dys).t(), xs[it["i"]])),
-        ]
-    return gemms
+def block_gemms(hidden: int, mlp: int, rows: int, device: torch.device) -> list:
+    """(name, flops, fn) for each of one block's twelve GEMMs (qkv's forward with its bias, as in the model)."""
+    layers = (("qkv", hidden, 3 * hidden), ("proj", hidden, hidden), ("fc1", hidden, mlp), ("fc2", mlp, hidden))
+    return [g for layer, d_in, d_out in layers for g in layer_gemms(layer, d_in, d_out, rows, layer == "qkv", device)]
 
 
 def main() -> None:
@@ -58,7 +57,8 @@ def main() -> None:
     p.add_argument("--blas", default="cublas,cublaslt", help="comma-separated torch.backends.cuda.preferred_blas_library values")
     args = p.parse_args()
     device = torch.device("cuda")
-    model = DiT_models[args.model](input_size=8, num_classes=2)  # only its sizes are read
+    with torch.device("meta"):  # only its sizes are read
+        model = DiT_models[args.model](input_size=8, num_classes=2)
     hidden, depth = model.x_embedder.proj.out_channels, len(model.blocks)
     mlp = model.blocks[0].mlp.fc1.out_features
     tokens = (args.latent_size // model.patch_size) ** 2
