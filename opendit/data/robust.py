@@ -29,7 +29,9 @@ class BadSampleError(UsageError):
 
 
 class SkipBadSamples(Dataset):
-    """Wraps a dataset: item i that fails to load is replaced by a deterministic other index (or the run stops)."""
+    """Wraps a dataset: item i that fails to load is replaced by a deterministic other index (or the run stops). Under
+    "skip" an item (a dict) tells in "bad_reads" how many unreadable items it stands in for; `skipped` counts every
+    replaced read of every worker, read-ahead included, for the log lines."""
 
     def __init__(self, dataset: Dataset, on_bad: str = "skip", max_retries: int = 100):
         if on_bad not in ("skip", "error", "drop"):
@@ -49,7 +51,10 @@ class SkipBadSamples(Dataset):
         first_error = None
         for attempt in range(self.max_retries):
             try:
-                return self.dataset[i]
+                item = self.dataset[i]
+                if self.on_bad == "skip" and isinstance(item, dict):  # the loop counts the replaced reads it trains on
+                    item = {**item, "bad_reads": attempt}
+                return item
             except Exception as e:  # decoding errors come in many types (OSError, av.error.*, ValueError, ...)
                 line = error_line(e)
                 if self.on_bad == "error":

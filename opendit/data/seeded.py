@@ -12,24 +12,22 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class EpochSeeded(Dataset):
-    """Wraps a dataset: item i of epoch e draws its flip, crop and clip window from torch's RNG seeded by
-    item_seed(seed, e, i), restoring the caller's RNG afterwards. set_epoch before each epoch's iterator."""
+    """Wraps a dataset: the key (e, i), item i of epoch e, draws its flip, crop and clip window from torch's RNG seeded
+    by item_seed(seed, e, i), restoring the caller's RNG afterwards; a plain index i is item i of epoch 0."""
 
     def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
+        self.dataset, self.seed = dataset, seed
 
     def __getattr__(self, name: str):
         if name == "dataset":  # not set yet (unpickling)
             raise AttributeError(name)
         return getattr(self.dataset, name)  # is_latent, num_classes, has_text, skipped, ...
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(item_seed(self.seed, self.epoch, i))
+            torch.manual_seed(item_seed(self.seed, epoch, i))
             return self.dataset[i]

@@ -1,6 +1,7 @@
-"""The data order of an epoch, resumable mid-epoch on the same or another number of ranks, and epochs fed back to back."""
+"""The data order of an epoch, resumable mid-epoch on the same or another number of ranks, and the epochs fed back to
+back through one DataLoader iterator."""
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 
 class ResumableSampler(DistributedSampler):
@@ -22,33 +23,55 @@ class ResumableSampler(DistributedSampler):
     def __len__(self) -> int:
         return max(0, (self.total_size - self.start_index) // self.num_replicas)
 
-    def resume_epoch(self, loader, epoch: int, consumed: int):
-        """loader, set to yield the batches of `epoch` from `consumed` items in (counted over all ranks)."""
+    def epoch_indices(self, epoch: int, consumed: int) -> list:
+        """This rank's indices of `epoch` from `consumed` items in (counted over all ranks)."""
         self.set_epoch(epoch)
         self.start_index = consumed
-        if hasattr(loader.dataset, "set_epoch"):  # per-item randomness from (seed, epoch, index); workers copy it at iter()
-            loader.dataset.set_epoch(epoch)
-        return loader
+        return list(self)
+
+
+class EpochBatchSampler(Sampler):
+    """This rank's batches of (epoch, index) keys, epoch after epoch from `start` = (epoch, consumed), each epoch's
+    remainder dropped: a DataLoader iterator over it serves the whole run, its workers forked once (EpochSeeded reads
+    the epoch from the key)."""
+
+    def __init__(self, sampler: ResumableSampler, batch_size: int, epochs: int):
+        self.sampler, self.batch_size, self.epochs = sampler, batch_size, epochs
+        self.start = (0, 0)
+
+    def batches(self, consumed: int) -> int:
+        """How many batches an epoch has from `consumed` items in."""
+        return max(0, (self.sampler.total_size - consumed) // self.sampler.num_replicas) // self.batch_size
+
+    def __iter__(self):
+        first, consumed = self.start
+        for epoch in range(first, self.epochs):
+            indices = self.sampler.epoch_indices(epoch, consumed if epoch == first else 0)  # drawn as the loader reaches the epoch
+            for b in range(len(indices) // self.batch_size):
+                yield [(epoch, i) for i in indices[b * self.batch_size : (b + 1) * self.batch_size]]
+
+    def __len__(self) -> int:
+        first, consumed = self.start
+        return sum(self.batches(consumed if epoch == first else 0) for epoch in range(first, self.epochs))
 
 
 class EpochBatches:
-    """The batches of one epoch after another. With worker processes, the next epoch's loader starts (workers forked,
-    first batches made) while this epoch's last `lead` batches train, so the first step of an epoch does not wait."""
+    """The batches of one epoch after another from one DataLoader iterator: the next epoch's first batches are made
+    while this epoch's last ones train, and no workers are forked between epochs."""
 
-    def __init__(self, loader, sampler: ResumableSampler, epochs: int, lead: int = 2):
-        self.loader, self.sampler, self.epochs, self.lead = loader, sampler, epochs, lead
-        self.ahead = None  # ((epoch, consumed), iterator, batches) of an epoch started early
-
-    def _start(self, epoch: int, consumed: int) -> tuple:
-        iterator = iter(self.sampler.resume_epoch(self.loader, epoch, consumed))  # the order is drawn here, at iter()
-        return (epoch, consumed), iterator, len(iterator)
+    def __init__(self, loader: DataLoader):
+        assert isinstance(loader.batch_sampler, EpochBatchSampler), "the loader's batch_sampler is an EpochBatchSampler"
+        self.loader, self.batch_sampler = loader, loader.batch_sampler
+        self.iterator, self.position = None, None  # the iterator's next batch: (epoch, consumed)
 
     def __call__(self, epoch: int, consumed: int):
         """Yields the batches of `epoch` from `consumed` items in (counted over all ranks)."""
-        ahead, self.ahead = self.ahead, None
-        _, iterator, batches = ahead if ahead is not None and ahead[0] == (epoch, consumed) else self._start(epoch, consumed)
-        early = self.loader.num_workers > 0 and epoch + 1 < self.epochs  # without workers the loop's process reads the data
-        for i, batch in enumerate(iterator):
-            if early and i == max(batches - self.lead, 0):
-                self.ahead = self._start(epoch + 1, 0)
+        if self.iterator is None or self.position != (epoch, consumed):  # the first call, or a jump (not the loop's order)
+            self.batch_sampler.start = (epoch, consumed)
+            self.iterator = iter(self.loader)
+        step = self.batch_sampler.batch_size * self.batch_sampler.sampler.num_replicas  # items per batch over all ranks
+        batches = self.batch_sampler.batches(consumed)
+        for b in range(batches):
+            batch = next(self.iterator)
+            self.position = (epoch + 1, 0) if b + 1 == batches else (epoch, consumed + (b + 1) * step)
             yield batch

@@ -31,7 +31,7 @@ from opendit.training.metrics import Meter, MetricsWriter, log_line, peak_tflops
 from opendit.training.preemption import PREEMPTED_STATUS, Preempted, StopSignals
 from opendit.training.preview import Preview
 from opendit.training.profile import StepProfiler, parse_steps
-from opendit.training.sampler import EpochBatches, ResumableSampler
+from opendit.training.sampler import EpochBatches, EpochBatchSampler, ResumableSampler
 from opendit.training.step import TrainStep, build_train_step
 from opendit.utils.flops import train_flops_per_sample
 
@@ -56,7 +56,8 @@ def build_loader(args: argparse.Namespace, dataset, mesh, seed: int, device: tor
     """The DataLoader over this dp rank's share of each epoch, and its resumable sampler."""
     sampler = ResumableSampler(dataset, num_replicas=mesh.dp_size, rank=mesh.dp_rank, shuffle=True, seed=args.global_seed, drop_last=True)
     generator = torch.Generator().manual_seed(seed)  # keeps the global RNG untouched, so resume is exact
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True, generator=generator)
+    batch_sampler = EpochBatchSampler(sampler, args.batch_size, args.epochs)  # (epoch, index) keys, all epochs in one iterator
+    loader = DataLoader(dataset, batch_sampler=batch_sampler, num_workers=args.num_workers, pin_memory=device.type == "cuda", generator=generator)
     if len(sampler) // args.batch_size == 0:
         raise UsageError(f"--batch_size {args.batch_size}: larger than the {len(sampler)} items each rank gets per epoch")
     return loader, sampler
@@ -139,7 +140,7 @@ def run(setup: Setup, experiment_dir: str, logger) -> None:
     train_step = maybe_graph_step(args, build_train_step(args, model, train_model, mesh, max_steps), info.world_size, device)
     if ema_init is not None:
         train_step.ema.load_full(ema_init)
-    step, epoch, consumed = resume(args, resume_dir, resume_state, model, train_step, dataset, info.world_size, logger) if resume_dir else (0, 0, 0)
+    step, epoch, consumed, bad_samples = resume(args, resume_dir, resume_state, model, train_step, dataset, info.world_size, logger) if resume_dir else (0, 0, 0, 0)
     if info.is_main:  # only once --load has loaded: a failing resume leaves the experiment's config.json alone
         with open(os.path.join(experiment_dir, "config.json"), "w") as f:
             json.dump({"args": vars(args), "model": config, "run_id": os.environ.get("TORCHELASTIC_RUN_ID")}, f, indent=2)
@@ -154,7 +155,7 @@ def run(setup: Setup, experiment_dir: str, logger) -> None:
         if non_finite_tensors(finite_check_tensors(model, train_step)).item():
             raise DivergenceError(f"refusing to write the step-{step} checkpoint: non-finite weights, EMA or optimizer state; the last good checkpoint is {last_good}")
         train_state = {"step": step, "epoch": epoch, "consumed": consumed, "world_size": info.world_size, "dp_size": mesh.dp_size,
-                       "config": {"model": config, "args": vars(args)}, "bad_samples": bad_sample_counts(dataset)}
+                       "config": {"model": config, "args": vars(args)}, "bad_samples": bad_sample_counts(bad_samples)}
         last_good = save_checkpoint(os.path.join(experiment_dir, "checkpoints"), step, model, train_step.optimizer, train_step.ema, {**train_state, **train_step.state_dict()}, keep=args.ckpt_keep)
         logger.info(f"Saved checkpoint to {last_good}")
 
@@ -167,13 +168,14 @@ def run(setup: Setup, experiment_dir: str, logger) -> None:
     progress = tqdm(total=max_steps, initial=step, disable=not info.is_main or None, desc="train", dynamic_ncols=True)
     profile_steps = parse_steps(args.profile_steps)
     profiler = StepProfiler(profile_steps, max_steps, os.path.join(experiment_dir, "profile"), device, logger) if profile_steps and info.is_main else None
-    epoch_batches = EpochBatches(loader, sampler, args.epochs)
+    epoch_batches = EpochBatches(loader)
     while step < max_steps and epoch < args.epochs:
         for batch in epoch_batches(epoch, consumed):
             # Step:
             if profiler is not None:
                 profiler.before(step + 1)
             x, model_kwargs = prepare_batch(batch, vae, text_encoder, device, train=True)  # latents; y and/or text
+            bad_samples += int(batch["bad_reads"].sum()) if "bad_reads" in batch else 0  # a CPU tensor: no sync
             result = train_step(x, model_kwargs)
             if result.skipped:
                 logger.info(f"(step={step + 1:07d}) fp16 gradient overflow: step skipped, loss scale now {train_step.scaler.get_scale():g}")
@@ -225,21 +227,24 @@ def finite_check_tensors(model: torch.nn.Module, train_step: TrainStep) -> list:
     return tensors + [local_shard(v) for state in train_step.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
 
 
-def bad_sample_counts(dataset) -> list:
-    """Every rank's count of skipped bad samples (gathered: train_state is written by rank 0)."""
+def bad_sample_counts(count: int) -> list:
+    """Every rank's count of bad samples replaced in the batches it trained on (gathered: rank 0 writes train_state)."""
     import torch.distributed as dist
 
-    counts = [int(dataset.skipped.value) if hasattr(dataset, "skipped") else 0]
+    counts = [count]
     if dist.is_initialized():
         counts = [None] * dist.get_world_size()
-        dist.all_gather_object(counts, int(dataset.skipped.value) if hasattr(dataset, "skipped") else 0)
+        dist.all_gather_object(counts, count)
     return counts
 
 
-def restore_bad_samples(dataset, counts: list, rank: int) -> None:
-    """Each rank continues its own count (same world size), else rank 0 carries the total."""
-    if hasattr(dataset, "skipped") and counts:
-        dataset.skipped.value = counts[rank] if rank < len(counts) and len(counts) > 1 else (sum(counts) if rank == 0 else 0)
+def restored_bad_samples(dataset, counts: list, rank: int) -> int:
+    """This rank's count to continue from: its own (same world size), else rank 0 carries the total; the skip log's
+    numbering continues from it."""
+    count = counts[rank] if rank < len(counts) and len(counts) > 1 else (sum(counts) if rank == 0 else 0)
+    if hasattr(dataset, "skipped"):
+        dataset.skipped.value = count
+    return count
 
 
 def init_from_opendit(path: str, model: torch.nn.Module, logger) -> dict:
@@ -261,18 +266,18 @@ def init_from_opendit(path: str, model: torch.nn.Module, logger) -> dict:
 
 def resume(args, resume_dir: str, resume_state: dict, model: torch.nn.Module, train_step: TrainStep, dataset, world_size: int, logger) -> tuple:
     """Load a checkpoint into the (parallelized) model, optimizer, EMA, scaler and LR schedule, and the RNG when the
-    world size is unchanged. Returns (step, epoch, items of that epoch consumed by all dp ranks)."""
+    world size is unchanged. Returns (step, epoch, items of that epoch consumed by all dp ranks, this rank's bad samples)."""
     rng = load_checkpoint(resume_dir, model, train_step.optimizer, train_step.ema)  # DCP reshards model, optimizer and EMA to this run's layout
     for note in train_step.load_state_dict(resume_state, args.lr, args.weight_decay):  # this run's --lr, schedule, weight decay win
         logger.info(f"Resume: {note}")
-    restore_bad_samples(dataset, resume_state.get("bad_samples", []), _rank())
+    bad_samples = restored_bad_samples(dataset, resume_state.get("bad_samples", []), _rank())
     if resume_state["world_size"] != world_size or rng is None:
         logger.info(f"Resuming on {world_size} processes from a run on {resume_state['world_size']}: the RNG restarts")
     else:
         set_rng_state(rng)
     step, epoch, consumed = resume_state["step"], resume_state["epoch"], resume_state["consumed"]
     logger.info(f"Resumed from {resume_dir} at step {step} (epoch {epoch}, {consumed} of its items done)")
-    return step, epoch, consumed
+    return step, epoch, consumed, bad_samples
 
 
 def _rank() -> int:
