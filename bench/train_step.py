@@ -7,7 +7,9 @@ A step is what train.py does: DiT hybrid loss (MSE + learned-sigma VB) at random
 latents already on the GPU (the VAE is out of the step, as with a latent cache). MFU counts the model's training
 FLOPs (6 x its multiply-adds per image: 711.8 GFLOP for DiT-XL/2 at 256) against a bf16 matmul peak measured in
 the same run (20 products of 8192^3, a burst: the card is still at its full clock). "SM MHz" and "W" average
-nvidia-smi's samples over the timed steps: a card at its power limit (700 W on an H200) lowers its clock.
+nvidia-smi's samples over the timed steps: a card at its power limit (700 W on an H200) lowers its clock. "peak GiB"
+(allocated) and "reserved GiB" (held by PyTorch's allocator) span warm-up and the timed steps, since a CUDA graph
+allocates its step's memory at capture.
 Variants are cumulative where the name says so:
 
     fp32      all speed-ups off, fp32 with TF32 matmuls (what train.py does with --mixed_precision fp32)
@@ -398,13 +400,13 @@ def run(name: str, batch: int, args: argparse.Namespace, device: torch.device, c
         y = torch.randint(0, 1000, (batch,), device=device)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         warmup = max(args.warmup, 4) if v.stepper == "graph" else args.warmup  # the graph is captured at the 4th call
+        if device.type == "cuda":  # the peak spans warm-up: a CUDA graph allocates its step's memory at capture
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         for _ in range(warmup):  # compile, autotune and capture happen here
             step(x, y)
         sync()
         warmup_s = time.perf_counter() - t0
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         for _ in range(args.steps):
             step(x, y)
@@ -412,11 +414,12 @@ def run(name: str, batch: int, args: argparse.Namespace, device: torch.device, c
         t1 = time.perf_counter()
         seconds = (t1 - t0) / args.steps
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        reserved = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else float("nan")
         if args.profile == name:
             profile(step, x, y, args.profile_rows)
     # Warm-up time beyond its steps at the steady rate: compile, autotune, CUDA-graph capture, lazy initialisation.
     mhz, watts = clock_power.mean(t0, t1)
-    return dict(img_s=batch / seconds, ms=1000 * seconds, peak=peak, compile_s=max(0.0, warmup_s - warmup * seconds), mhz=mhz, watts=watts)
+    return dict(img_s=batch / seconds, ms=1000 * seconds, peak=peak, reserved=reserved, compile_s=max(0.0, warmup_s - warmup * seconds), mhz=mhz, watts=watts)
 
 
 def attention_bench(args: argparse.Namespace, batch: int, device: torch.device) -> None:
@@ -599,27 +602,27 @@ def main() -> None:
         print(f"# {names[0]} at batch {batches[0]}: a run to discard", file=sys.stderr, flush=True)
         run(names[0], batches[0], args, device, clock_power)
         torch._dynamo.reset()
-    print("| variant | batch | img/s | ms/step | MFU | peak GiB | compile s | SM MHz | W |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| variant | batch | img/s | ms/step | MFU | peak GiB | reserved GiB | compile s | SM MHz | W |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for batch in batches:
         for name in names:
             if args.time_cap and time.perf_counter() - start > args.time_cap:
-                print(f"| {name} | {batch} | skipped (time cap) | | | | | | |", flush=True)
+                print(f"| {name} | {batch} | skipped (time cap) | | | | | | | |", flush=True)
                 continue
             print(f"# {name} at batch {batch}: started at {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
             try:
                 r = run(name, batch, args, device, clock_power)
             except torch.OutOfMemoryError:
-                print(f"| {name} | {batch} | OOM | | | | | | |", flush=True)
+                print(f"| {name} | {batch} | OOM | | | | | | | |", flush=True)
                 torch.cuda.empty_cache()
                 continue
             except Exception as e:  # a variant that cannot run here (e.g. a capture error) should not end the table
                 traceback.print_exc()
-                print(f"| {name} | {batch} | failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''} | | | | | | |", flush=True)
+                print(f"| {name} | {batch} | failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''} | | | | | | | |", flush=True)
                 torch._dynamo.reset()
                 continue
             mfu = r["img_s"] * flops / (peak * 1e12)
-            print(f"| {name} | {batch} | {r['img_s']:.1f} | {r['ms']:.1f} | {100 * mfu:.1f}% | {r['peak']:.1f} | {r['compile_s']:.0f} | {r['mhz']:.0f} | {r['watts']:.0f} |", flush=True)
+            print(f"| {name} | {batch} | {r['img_s']:.1f} | {r['ms']:.1f} | {100 * mfu:.1f}% | {r['peak']:.1f} | {r['reserved']:.1f} | {r['compile_s']:.0f} | {r['mhz']:.0f} | {r['watts']:.0f} |", flush=True)
             torch._dynamo.reset()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -21,7 +21,11 @@ class ResumableSampler(DistributedSampler):
         return iter(order[self.start_index + self.rank : end : self.num_replicas])
 
     def __len__(self) -> int:
-        return max(0, (self.total_size - self.start_index) // self.num_replicas)
+        return self.items_from(self.start_index)
+
+    def items_from(self, consumed: int) -> int:
+        """This rank's items of an epoch from `consumed` items in (counted over all ranks)."""
+        return max(0, (self.total_size - consumed) // self.num_replicas)
 
     def epoch_indices(self, epoch: int, consumed: int) -> list:
         """This rank's indices of `epoch` from `consumed` items in (counted over all ranks)."""
@@ -41,7 +45,7 @@ class EpochBatchSampler(Sampler):
 
     def batches(self, consumed: int) -> int:
         """How many batches an epoch has from `consumed` items in."""
-        return max(0, (self.sampler.total_size - consumed) // self.sampler.num_replicas) // self.batch_size
+        return self.sampler.items_from(consumed) // self.batch_size
 
     def __iter__(self):
         first, consumed = self.start
