@@ -622,7 +622,8 @@ def main() -> None:
                 torch._dynamo.reset()
                 continue
             mfu = r["img_s"] * flops / (peak * 1e12)
-            print(f"| {name} | {batch} | {r['img_s']:.1f} | {r['ms']:.1f} | {100 * mfu:.1f}% | {r['peak']:.1f} | {r['reserved']:.1f} | {r['compile_s']:.0f} | {r['mhz']:.0f} | {r['watts']:.0f} |", flush=True)
+            cells = [f"{r['img_s']:.1f}", f"{r['ms']:.1f}", f"{100 * mfu:.1f}%", f"{r['peak']:.1f}", f"{r['reserved']:.1f}", f"{r['compile_s']:.0f}", f"{r['mhz']:.0f}", f"{r['watts']:.0f}"]
+            print(f"| {name} | {batch} | {' | '.join(cells)} |", flush=True)
             torch._dynamo.reset()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
