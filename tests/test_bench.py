@@ -47,3 +47,10 @@ def test_clock_power_reads_nvidia_smi_lines_and_averages_a_window():
     monitor.samples = [(1.0, 1980.0, 120.0), (2.0, 1500.0, 700.0), (3.0, 1520.0, 690.0), (4.0, 1980.0, 130.0)]
     assert monitor.mean(1.5, 3.5) == (1510.0, 695.0)  # only the samples inside the window
     monitor.close()
+
+
+def test_loader_host_times_train_py_loader_per_sharing_strategy():
+    out = bench("loader_host.py", "--workers", "1", "--batches", "8", "--warmup", "2", "--batch_size", "16")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {r[1].strip(): r for r in (line.split("|") for line in out.stdout.splitlines() if line.startswith("| file_"))}
+    assert set(rows) == {"file_descriptor", "file_system"} and all(float(r[2]) > 0 for r in rows.values()), out.stdout

@@ -1,0 +1,87 @@
+"""train.py's DataLoader alone, as train.py builds it: the batches/s it can hand the loop and the loop's time in
+next(), per torch.multiprocessing sharing strategy (each in its own process, since the strategy is global).
+
+    python bench/loader_host.py --model_rate 110 --strategies file_descriptor,file_system
+
+With the defaults it is DiT-S/2's pixel check (shapes 32x32, batch 64, 6 workers, pinned, copied to the GPU as
+prepare_batch copies them). --step_ms makes the loop sleep that long per batch (a GPU step the host waits on), so
+the workers and the pin-memory thread run beside a loop that has work of its own.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from opendit.data.build import build_dataset  # noqa: E402
+from opendit.data.seeded import EpochSeeded  # noqa: E402
+from opendit.training.args import get_parser  # noqa: E402
+from opendit.training.sampler import EpochBatches  # noqa: E402
+from opendit.training.train import build_loader  # noqa: E402
+
+
+def measure(args) -> tuple:
+    """(batches/s, mean ms in next(), max ms in next()) over --batches after --warmup, in this process."""
+    torch.multiprocessing.set_sharing_strategy(args.strategy)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    flags = get_parser().parse_args(["--dataset", "shapes", "--image_size", str(args.image_size), "--num_classes", "8",
+                                     "--batch_size", str(args.batch_size), "--num_workers", str(args.workers), "--vae", "none"])
+    dataset = EpochSeeded(build_dataset(flags), flags.global_seed)
+    loader, _ = build_loader(flags, dataset, SimpleNamespace(dp_size=1, dp_rank=0), 0, device)
+    batches, epoch, waits = EpochBatches(loader), 0, []
+    start = None
+    while len(waits) < args.warmup + args.batches:
+        iterator = batches(epoch, 0)
+        while len(waits) < args.warmup + args.batches:
+            t0 = time.perf_counter()
+            batch = next(iterator, None)
+            if batch is None:
+                break
+            waits.append(time.perf_counter() - t0)
+            batch["x"].to(device, non_blocking=True), batch["y"].to(device, non_blocking=True)
+            if args.step_ms:
+                time.sleep(args.step_ms / 1000)
+            if len(waits) == args.warmup:
+                start = time.perf_counter()
+        epoch += 1
+    seconds = time.perf_counter() - start
+    timed = waits[args.warmup :]
+    return args.batches / seconds, 1000 * sum(timed) / len(timed), 1000 * max(timed)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--strategies", default="file_descriptor,file_system")
+    p.add_argument("--image_size", type=int, default=32)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=6)
+    p.add_argument("--batches", type=int, default=400, help="timed batches (an epoch of the shapes data is 156 at batch 64)")
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--step_ms", type=float, default=0.0, help="the loop sleeps this long per batch")
+    p.add_argument("--strategy", default=None, help=argparse.SUPPRESS)  # one strategy, in a child process
+    args = p.parse_args()
+    if args.strategy:
+        print(*measure(args))
+        return
+    print(f"shapes {args.image_size}x{args.image_size}, batch {args.batch_size}, {args.workers} workers, loop sleeps {args.step_ms} ms a batch; "
+          f"{'CUDA: pinned, copied to the GPU' if torch.cuda.is_available() else 'CPU: not pinned'}")
+    print("| sharing strategy | batches/s | images/s | mean ms in next() | max ms in next() |")
+    print("|---|---:|---:|---:|---:|")
+    for strategy in args.strategies.split(","):
+        argv = [sys.executable, os.path.abspath(__file__), "--strategy", strategy] + sys.argv[1:]
+        out = subprocess.run(argv, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"| {strategy} | failed: {(out.stderr.strip().splitlines() or ['?'])[-1][:150]} | | | |", flush=True)
+            continue
+        rate, mean_ms, max_ms = map(float, out.stdout.split()[-3:])
+        print(f"| {strategy} | {rate:.1f} | {rate * args.batch_size:.0f} | {mean_ms:.2f} | {max_ms:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
