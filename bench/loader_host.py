@@ -5,7 +5,8 @@ next(), per torch.multiprocessing sharing strategy (each in its own process, sin
 
 With the defaults it is DiT-S/2's pixel check (shapes 32x32, batch 64, 6 workers, pinned, copied to the GPU as
 prepare_batch copies them). --step_ms makes the loop sleep that long per batch (a GPU step the host waits on), so
-the workers and the pin-memory thread run beside a loop that has work of its own.
+the workers and the pin-memory thread run beside a loop that has work of its own. A second table times the
+hand-over of one queued batch from a process that is idle or busy in Python.
 """
 
 import argparse
@@ -55,6 +56,33 @@ def measure(args) -> tuple:
     return args.batches / seconds, 1000 * sum(timed) / len(timed), 1000 * max(timed)
 
 
+def producer(queue, n: int, spin: bool) -> None:
+    """Queue n batches like a worker's (x, y), then hold this process's GIL in a Python loop (spin) or sleep."""
+    for i in range(n):
+        queue.put((torch.full((64, 3, 32, 32), float(i)), torch.arange(64)))
+    end = time.time() + 60
+    while time.time() < end:
+        if not spin:
+            time.sleep(1)
+
+
+def receive_ms(strategy: str, spin: bool, n: int = 40) -> float:
+    """ms to take one queued batch from a process that is idle or busy in Python: under file_descriptor each tensor's
+    fd comes from that process's resource-sharer thread, which needs its GIL."""
+    torch.multiprocessing.set_sharing_strategy(strategy)
+    ctx = torch.multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    process = ctx.Process(target=producer, args=(queue, n, spin), daemon=True)
+    process.start()
+    time.sleep(0.5 + 0.05 * n)  # every batch queued; the producer now spins or sleeps
+    t0 = time.perf_counter()
+    for _ in range(n):
+        queue.get()
+    ms = 1000 * (time.perf_counter() - t0) / n
+    process.kill()
+    return ms
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--strategies", default="file_descriptor,file_system")
@@ -64,23 +92,29 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=400, help="timed batches (an epoch of the shapes data is 156 at batch 64)")
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--step_ms", type=float, default=0.0, help="the loop sleeps this long per batch")
+    p.add_argument("--handshake_batches", type=int, default=40, help="batches of the second table (0: no second table)")
     p.add_argument("--strategy", default=None, help=argparse.SUPPRESS)  # one strategy, in a child process
     args = p.parse_args()
     if args.strategy:
-        print(*measure(args))
+        handover = [receive_ms(args.strategy, spin, args.handshake_batches) for spin in (False, True)] if args.handshake_batches else []
+        print(*measure(args), *handover)
         return
     print(f"shapes {args.image_size}x{args.image_size}, batch {args.batch_size}, {args.workers} workers, loop sleeps {args.step_ms} ms a batch; "
           f"{'CUDA: pinned, copied to the GPU' if torch.cuda.is_available() else 'CPU: not pinned'}")
+    results = {}
+    for strategy in args.strategies.split(","):
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--strategy", strategy] + sys.argv[1:], capture_output=True, text=True)
+        results[strategy] = list(map(float, out.stdout.split())) if out.returncode == 0 else (out.stderr.strip().splitlines() or ["?"])[-1][:150]
     print("| sharing strategy | batches/s | images/s | mean ms in next() | max ms in next() |")
     print("|---|---:|---:|---:|---:|")
-    for strategy in args.strategies.split(","):
-        argv = [sys.executable, os.path.abspath(__file__), "--strategy", strategy] + sys.argv[1:]
-        out = subprocess.run(argv, capture_output=True, text=True)
-        if out.returncode != 0:
-            print(f"| {strategy} | failed: {(out.stderr.strip().splitlines() or ['?'])[-1][:150]} | | | |", flush=True)
-            continue
-        rate, mean_ms, max_ms = map(float, out.stdout.split()[-3:])
-        print(f"| {strategy} | {rate:.1f} | {rate * args.batch_size:.0f} | {mean_ms:.2f} | {max_ms:.1f} |", flush=True)
+    for strategy, r in results.items():
+        print(f"| {strategy} | failed: {r} | | | |" if isinstance(r, str) else f"| {strategy} | {r[0]:.1f} | {r[0] * args.batch_size:.0f} | {r[1]:.2f} | {r[2]:.1f} |")
+    if args.handshake_batches:
+        print("\nOne queued batch (x 64x3x32x32 float, y 64 int64) taken from a process idle or busy in Python:")
+        print("| sharing strategy | sender idle: ms per batch | sender busy: ms per batch |")
+        print("|---|---:|---:|")
+        for strategy, r in results.items():
+            print(f"| {strategy} | failed | |" if isinstance(r, str) else f"| {strategy} | {r[3]:.2f} | {r[4]:.2f} |")
 
 
 if __name__ == "__main__":
