@@ -1,5 +1,6 @@
 """train.py's DataLoader alone, as train.py builds it: the batches/s it can hand the loop and the loop's time in
-next(), per torch.multiprocessing sharing strategy (each in its own process, since the strategy is global).
+next(), per torch.multiprocessing sharing strategy (train.py's --sharing_strategy; each in its own process, since the
+strategy is global).
 
     python bench/loader_host.py --model_rate 110 --strategies file_descriptor,file_system
 
@@ -29,10 +30,9 @@ from opendit.training.train import build_loader  # noqa: E402
 
 def measure(args) -> tuple:
     """(batches/s, mean ms in next(), max ms in next()) over --batches after --warmup, in this process."""
-    torch.multiprocessing.set_sharing_strategy(args.strategy)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    flags = get_parser().parse_args(["--dataset", "shapes", "--image_size", str(args.image_size), "--num_classes", "8",
-                                     "--batch_size", str(args.batch_size), "--num_workers", str(args.workers), "--vae", "none"])
+    flags = get_parser().parse_args(["--dataset", "shapes", "--image_size", str(args.image_size), "--num_classes", "8", "--batch_size", str(args.batch_size),
+                                     "--num_workers", str(args.workers), "--vae", "none", "--sharing_strategy", args.strategy])  # build_loader sets it
     dataset = EpochSeeded(build_dataset(flags), flags.global_seed)
     loader, _ = build_loader(flags, dataset, SimpleNamespace(dp_size=1, dp_rank=0), 0, device)
     batches, epoch, waits = EpochBatches(loader), 0, []

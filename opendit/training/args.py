@@ -62,6 +62,8 @@ def get_parser() -> argparse.ArgumentParser:
     # Data (opendit/data/build.py).
     parser.add_argument("--dataset", type=str, default="auto", choices=["auto", "shapes", "folder", "cifar10", "csv", "latents"], help="auto: shapes when --data_path does not exist, else inferred from it (a .csv, a latent cache, CIFAR-10's folder, a class folder)")
     parser.add_argument("--on_bad_sample", type=str, default="skip", choices=["skip", "error"], help="an unreadable image or video: replace it by another item and log the count, or stop")
+    parser.add_argument("--sharing_strategy", type=str, default="file_descriptor", choices=["file_descriptor", "file_system"],
+                        help="how DataLoader workers hand batches over (torch.multiprocessing): a file descriptor from each worker's resource-sharer thread, or a shared-memory file name (torch_shm_manager)")
     parser.add_argument("--short_video", type=str, default="loop", choices=["loop", "skip"], help="a video shorter than the clip: shrink the stride, then loop it; or skip it as a bad sample")
     parser.add_argument("--captions", type=str, default="auto", choices=["auto", "on", "off"], help="condition on captions with --text_encoder: auto (CSV data and captioned latent caches), on (shapes too), off")
     # Distributed engine.

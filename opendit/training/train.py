@@ -17,6 +17,7 @@ from opendit.checkpoint.dcp import load_checkpoint, read_train_state, save_check
 from opendit.checkpoint.layout import set_rng_state
 from opendit.checkpoint.weights import is_opendit_folder, load_opendit_folder
 from opendit.data import build_dataset, prepare_batch, text_encoder_for
+from opendit.data.robust import error_line
 from opendit.data.seeded import EpochSeeded
 from opendit.encoders import load_vae
 from opendit.errors import UsageError, run_or_exit
@@ -52,8 +53,21 @@ def maybe_fail(step: int, rank: int) -> None:
         os._exit(17)
 
 
+def use_sharing_strategy(strategy: str) -> None:
+    """--sharing_strategy for the workers' batches; file_system's torch_shm_manager starts here, so a host that cannot
+    run it stops with one line before training instead of in a worker."""
+    torch.multiprocessing.set_sharing_strategy(strategy)
+    if strategy == "file_system":
+        try:
+            torch.zeros(1).share_memory_()
+        except RuntimeError as e:
+            raise UsageError(f"--sharing_strategy file_system: {error_line(e)} (use file_descriptor)") from None
+
+
 def build_loader(args: argparse.Namespace, dataset, mesh, seed: int, device: torch.device) -> tuple:
     """The DataLoader over this dp rank's share of each epoch, and its resumable sampler."""
+    if args.num_workers > 0:
+        use_sharing_strategy(args.sharing_strategy)
     sampler = ResumableSampler(dataset, num_replicas=mesh.dp_size, rank=mesh.dp_rank, shuffle=True, seed=args.global_seed, drop_last=True)
     generator = torch.Generator().manual_seed(seed)  # keeps the global RNG untouched, so resume is exact
     batch_sampler = EpochBatchSampler(sampler, args.batch_size, args.epochs)  # (epoch, index) keys, all epochs in one iterator

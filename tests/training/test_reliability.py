@@ -16,6 +16,7 @@ from PIL import Image
 from ranks import TRAIN_FLAGS  # tests/ranks.py (tests/conftest.py puts tests/ on sys.path)
 from opendit.checkpoint.dcp import read_tensors
 from opendit.data.image import ImageFolderDataset
+from opendit.errors import UsageError
 from opendit.training import train as train_cli
 from opendit.training.preemption import ExperimentLock
 
@@ -87,6 +88,29 @@ def test_resume_is_exact_with_workers_and_bad_sample_count_carried(images, tmp_p
     if workers == 2:  # and the items do not depend on the number of workers
         assert image_run(images, tmp_path / "w0", 6, 0) == 0
         assert all(metrics(tmp_path / "w0")[s]["loss"] == full[s]["loss"] for s in full)
+
+
+def test_file_system_sharing_trains_the_same_steps(images, tmp_path):
+    try:
+        assert image_run(images, tmp_path / "fd", 4, 2) == 0
+        assert image_run(images, tmp_path / "fs", 4, 2, "--sharing_strategy", "file_system") == 0
+        assert torch.multiprocessing.get_sharing_strategy() == "file_system"
+    finally:
+        torch.multiprocessing.set_sharing_strategy("file_descriptor")  # the strategy is global to this process
+    a, b = metrics(tmp_path / "fd"), metrics(tmp_path / "fs")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4] and all(a[s]["loss"] == b[s]["loss"] for s in a)
+
+
+def test_file_system_sharing_without_its_manager_is_one_line(monkeypatch):
+    def fail(self):
+        raise RuntimeError("error executing torch_shm_manager at \"/x/torch_shm_manager\" at \"../torch/lib/libshm/core.cpp\":64")
+
+    monkeypatch.setattr(torch.Tensor, "share_memory_", fail)
+    try:
+        with pytest.raises(UsageError, match=r"^--sharing_strategy file_system: error executing torch_shm_manager .* \(use file_descriptor\)$"):
+            train_cli.use_sharing_strategy("file_system")
+    finally:
+        torch.multiprocessing.set_sharing_strategy("file_descriptor")
 
 
 def _zero2(rank, world_size, argv):
