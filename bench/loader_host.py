@@ -2,15 +2,16 @@
 next(), per torch.multiprocessing sharing strategy (train.py's --sharing_strategy; each in its own process, since the
 strategy is global).
 
-    python bench/loader_host.py --model_rate 110 --strategies file_descriptor,file_system
+    python bench/loader_host.py [--workers 6] [--step_ms 9] [--strategies file_descriptor,file_system]
 
-With the defaults it is DiT-S/2's pixel check (shapes 32x32, batch 64, 6 workers, pinned, copied to the GPU as
-prepare_batch copies them). --step_ms makes the loop sleep that long per batch (a GPU step the host waits on), so
+With the defaults it is DiT-S/2's pixel check (shapes 32x32, batch 64, 6 workers, pinned, copied to the GPU by
+train.py's prepare_batch). --step_ms makes the loop sleep that long per batch (a GPU step the host waits on), so
 the workers and the pin-memory thread run beside a loop that has work of its own. A second table times the
 hand-over of one queued batch from a process that is idle or busy in Python.
 """
 
 import argparse
+import itertools
 import os
 import subprocess
 import sys
@@ -21,8 +22,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from opendit.data import prepare_batch  # noqa: E402
 from opendit.data.build import build_dataset  # noqa: E402
 from opendit.data.seeded import EpochSeeded  # noqa: E402
+from opendit.encoders import load_vae  # noqa: E402
 from opendit.training.args import get_parser  # noqa: E402
 from opendit.training.sampler import EpochBatches  # noqa: E402
 from opendit.training.train import build_loader  # noqa: E402
@@ -35,22 +38,17 @@ def measure(args) -> tuple:
                                      "--num_workers", str(args.workers), "--vae", "none", "--sharing_strategy", args.strategy])  # build_loader sets it
     dataset = EpochSeeded(build_dataset(flags), flags.global_seed)
     loader, _ = build_loader(flags, dataset, SimpleNamespace(dp_size=1, dp_rank=0), 0, device)
-    batches, epoch, waits = EpochBatches(loader), 0, []
-    start = None
-    while len(waits) < args.warmup + args.batches:
-        iterator = batches(epoch, 0)
-        while len(waits) < args.warmup + args.batches:
-            t0 = time.perf_counter()
-            batch = next(iterator, None)
-            if batch is None:
-                break
-            waits.append(time.perf_counter() - t0)
-            batch["x"].to(device, non_blocking=True), batch["y"].to(device, non_blocking=True)
-            if args.step_ms:
-                time.sleep(args.step_ms / 1000)
-            if len(waits) == args.warmup:
-                start = time.perf_counter()
-        epoch += 1
+    vae, epoch_batches = load_vae("none", device), EpochBatches(loader)
+    stream = (batch for epoch in itertools.count() for batch in epoch_batches(epoch, 0))  # the loop's epochs, back to back
+    waits = []
+    for n in range(args.warmup + args.batches):
+        if n == args.warmup:
+            start = time.perf_counter()
+        t0 = time.perf_counter()
+        batch = next(stream)
+        waits.append(time.perf_counter() - t0)
+        prepare_batch(batch, vae, None, device, train=True)  # the copies to the GPU, as train.py makes them
+        time.sleep(args.step_ms / 1000)
     seconds = time.perf_counter() - start
     timed = waits[args.warmup :]
     return args.batches / seconds, 1000 * sum(timed) / len(timed), 1000 * max(timed)

@@ -47,16 +47,19 @@ class EpochBatchSampler(Sampler):
         """How many batches an epoch has from `consumed` items in."""
         return self.sampler.items_from(consumed) // self.batch_size
 
-    def __iter__(self):
+    def _epochs(self):
+        """(epoch, items consumed before it starts) from `start` to the last epoch."""
         first, consumed = self.start
-        for epoch in range(first, self.epochs):
-            indices = self.sampler.epoch_indices(epoch, consumed if epoch == first else 0)  # drawn as the loader reaches the epoch
+        return ((epoch, consumed if epoch == first else 0) for epoch in range(first, self.epochs))
+
+    def __iter__(self):
+        for epoch, consumed in self._epochs():
+            indices = self.sampler.epoch_indices(epoch, consumed)  # drawn as the loader reaches the epoch
             for b in range(len(indices) // self.batch_size):
                 yield [(epoch, i) for i in indices[b * self.batch_size : (b + 1) * self.batch_size]]
 
     def __len__(self) -> int:
-        first, consumed = self.start
-        return sum(self.batches(consumed if epoch == first else 0) for epoch in range(first, self.epochs))
+        return sum(self.batches(consumed) for _, consumed in self._epochs())
 
 
 class EpochBatches:
