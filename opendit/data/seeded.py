@@ -12,8 +12,8 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class EpochSeeded(Dataset):
-    """Wraps a dataset: the key (e, i), item i of epoch e, draws its flip, crop and clip window from torch's RNG seeded
-    by item_seed(seed, e, i), restoring the caller's RNG afterwards; a plain index i is item i of epoch 0."""
+    """Wraps a dataset: the key (e, i), item i of epoch e, draws its flip, crop and clip window from torch's CPU RNG
+    seeded by item_seed(seed, e, i), restoring the caller's RNG afterwards; a plain index i is item i of epoch 0."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed
@@ -29,5 +29,7 @@ class EpochSeeded(Dataset):
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(item_seed(self.seed, epoch, i))
+            # The CPU generator only: torch.manual_seed also seeds every GPU's (training's noise, with 0 workers), and
+            # where CUDA is not initialised (a worker) it formats a stack trace per call, half of a shapes item's time.
+            torch.default_generator.manual_seed(item_seed(self.seed, epoch, i))
             return self.dataset[i]

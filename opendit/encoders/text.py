@@ -130,7 +130,7 @@ def tiny_text_encoder(path: str, hidden_size: int = 32, seed: int = 0) -> str:
         pad_token_id=eos,
     )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU generator only, which fork_rng restores
         model = CLIPTextModel(config)
     model.save_pretrained(path)
     return path
