@@ -1,5 +1,6 @@
 """EpochSeeded: each (epoch, index) key draws from torch's CPU generator seeded by item_seed, and nothing else's."""
 
+import pytest
 import torch
 from torch.utils.data import Dataset
 
@@ -38,3 +39,13 @@ def test_the_callers_cpu_generator_is_restored_and_no_accelerator_generator_is_s
     dataset[(1, 2)]
     assert seeded == []
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_items_read_in_the_training_process_leave_the_gpus_generator_alone():
+    """With 0 workers the items are read where training draws its timesteps and noise on the GPU."""
+    torch.cuda.manual_seed(5)
+    state = torch.cuda.get_rng_state()
+    EpochSeeded(Draws(), seed=7)[(1, 2)]
+    assert torch.equal(torch.cuda.get_rng_state(), state)
