@@ -32,11 +32,8 @@ def test_the_callers_cpu_generator_is_restored_and_no_accelerator_generator_is_s
     for module in (torch.cuda, torch.cuda.random):
         monkeypatch.setattr(module, "manual_seed_all", lambda seed: seeded.append(seed))
         monkeypatch.setattr(module, "manual_seed", lambda seed: seeded.append(seed))
-    dataset = EpochSeeded(Draws(), seed=7)
-    torch.manual_seed(123)
     state = torch.get_rng_state()
-    seeded.clear()
-    dataset[(1, 2)]
+    EpochSeeded(Draws(), seed=7)[(1, 2)]
     assert seeded == []
     assert torch.equal(torch.get_rng_state(), state)
 
