@@ -5,6 +5,7 @@ shape) without seeing its label. `--video` does the same with a tiny VDiT and wr
 """
 import argparse
 import os
+import re
 import shutil
 import sys
 import time
@@ -34,10 +35,47 @@ def as_argv(flags: dict) -> list:
     return argv
 
 
+# What a demo run leaves in its --outputs folder; any other entry means the folder is someone else's.
+DEMO_ENTRY = re.compile(r"^(\d{3}-V?DiT-S-2(x2x2)?|text_encoder|\.demo)$")
+
+
+def clear_demo_folder(outputs: str) -> None:
+    """Remove an earlier demo run from `outputs`; refuse a folder holding anything the demo does not write."""
+    if os.path.isfile(outputs):
+        sys.exit(f"error: --outputs {outputs} is a file; give a folder for the demo run")
+    foreign = sorted(e for e in os.listdir(outputs) if not DEMO_ENTRY.match(e)) if os.path.isdir(outputs) else []
+    if foreign:
+        sys.exit(f"error: --outputs {outputs} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which the demo "
+                 "did not write; it replaces its folder, so choose another --outputs")
+    shutil.rmtree(outputs, ignore_errors=True)
+    os.makedirs(outputs)
+    open(os.path.join(outputs, ".demo"), "w").close()
+
+
+def parse_set(items: list) -> dict:
+    """--set FLAG=VALUE items -> {flag: value}, each checked against train.py's flags; one line on a mistake."""
+    actions = {a.dest: a for a in train_cli.get_parser()._actions}
+    flags = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        key = key.lstrip("-")
+        if key not in actions or not value:
+            sys.exit(f"error: --set {item}: expected FLAG=VALUE with one of train.py's flags (python train.py --help)")
+        action = actions[key]
+        try:
+            converted = action.type(value) if action.type else value
+        except ValueError:
+            sys.exit(f"error: --set {item}: {value!r} is not a valid {action.type.__name__} for --{key}")
+        if action.choices and converted not in action.choices:
+            sys.exit(f"error: --set {item}: choose one of {', '.join(map(str, action.choices))}")
+        flags[key] = value
+    return flags
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--video", action="store_true", help="the video demo (VDiT, mp4 output)")
-    parser.add_argument("--outputs", default="outputs/demo", help="folder for the run (replaced)")
+    parser.add_argument("--outputs", default="outputs/demo", help="folder for the run (an earlier demo run there is replaced)")
     parser.add_argument("--max_steps", type=int, default=None, help="override the number of training steps")
     parser.add_argument("--per_class", type=int, default=None, help="samples per class (default 10 images / 4 videos)")
     parser.add_argument("--sampling_steps", type=int, default=100, help="DDPM sampling steps")
@@ -49,25 +87,24 @@ def main(argv=None) -> None:
     flags = dict(VIDEO_FLAGS if args.video else IMAGE_FLAGS)
     if args.max_steps:
         flags["max_steps"] = args.max_steps
-    shutil.rmtree(args.outputs, ignore_errors=True)
-    train_flags = dict(flags, dataset="shapes", vae="none", num_classes=8, mixed_precision="fp32", num_workers=1, log_every=100, ckpt_every=0, outputs=args.outputs)
+    overrides = parse_set(args.set)
+    clear_demo_folder(args.outputs)
+    experiment = os.path.join(args.outputs, "000-" + flags["model"].replace("/", "-"))
+    train_flags = dict(flags, dataset="shapes", vae="none", num_classes=8, mixed_precision="fp32", num_workers=1, log_every=100, ckpt_every=0,
+                       experiment_dir=experiment)
     if args.text:
         from opendit.encoders import tiny_text_encoder
 
         train_flags.update(captions="on", text_encoder=tiny_text_encoder(os.path.join(args.outputs, "text_encoder"), hidden_size=64))
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if not value:
-            parser.error(f"--set {item}: expected FLAG=VALUE")
-        train_flags[key.lstrip("-")] = value
+    train_flags.update(overrides)
     start = time.time()
     train_argv = as_argv(train_flags) + (["--use_video"] if args.video else [])
     train_cli.main(train_argv)
     trained = time.time()
 
-    experiment = os.path.join(args.outputs, sorted(d for d in os.listdir(args.outputs) if d[0].isdigit())[-1])
     per_class = args.per_class or (4 if args.video else 10)
-    sample_argv = ["--ckpt", experiment, "--sampler", "ddpm", "--num_sampling_steps", str(args.sampling_steps), "--cfg_scale", "4.0", "--output", os.path.join(experiment, "samples"), "--check_fidelity"]
+    sample_argv = ["--ckpt", experiment, "--sampler", "ddpm", "--num_sampling_steps", str(args.sampling_steps), "--cfg_scale", "4.0",
+                   "--output", os.path.join(experiment, "samples"), "--check_fidelity"]
     if args.text:  # every class, moving each way (video) or as is (images)
         from opendit.data.shapes import SHAPE_CLASSES
 

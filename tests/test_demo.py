@@ -2,6 +2,8 @@
 import json
 import os
 
+import pytest
+
 from opendit import demo
 
 
@@ -38,3 +40,31 @@ def test_prompt_directions():
     from opendit.sampling.conditions import prompt_directions
 
     assert prompt_directions(["a red circle moving left", "A green square Moving down", "a blue triangle"]) == ["left", "down", None]
+
+
+def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
+    """--outputs holding someone's experiments is left untouched: one line, nothing removed."""
+    (tmp_path / "003-DiT-XL-2").mkdir()
+    (tmp_path / "notes.txt").write_text("keep")
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--outputs", str(tmp_path), "--max_steps", "1"])
+    assert "003-DiT-XL-2, notes.txt" in str(e.value) and "--outputs" in str(e.value)
+    assert sorted(os.listdir(tmp_path)) == ["003-DiT-XL-2", "notes.txt"]
+
+
+@pytest.mark.parametrize("item, words", [("lrr=2e-3", "train.py's flags"), ("lr", "FLAG=VALUE"), ("lr=abc", "float"), ("mixed_precision=fp8", "choose one of")])
+def test_demo_checks_set_before_touching_the_folder(tmp_path, item, words):
+    """A mistyped --set is refused in one line before an earlier demo run is removed."""
+    earlier = tmp_path / "000-DiT-S-2"
+    earlier.mkdir()
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--outputs", str(tmp_path), "--set", item])
+    assert words in str(e.value) and item in str(e.value)
+    assert earlier.is_dir()
+
+
+def test_text_demo_writes_experiment_000(tmp_path):
+    """The demo names its run folder itself, so the text encoder's folder does not shift it to 001."""
+    (tmp_path / "001-DiT-S-2").mkdir()  # an earlier demo run: replaced
+    demo.main(["--text", "--outputs", str(tmp_path), "--max_steps", "1", "--per_class", "1", "--sampling_steps", "2", "--min_fidelity", "0", "--set", "batch_size=4"])
+    assert sorted(os.listdir(tmp_path)) == [".demo", "000-DiT-S-2", "text_encoder"]
