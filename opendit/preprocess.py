@@ -73,6 +73,10 @@ def media_rows(root: str, files: list, classes: Optional[list] = None) -> list:
     """(path, caption, label) per file. Files in class sub-folders get the folder's words as caption and its index as
     label; a `name.txt` beside a file gives its caption instead; files at the top level are captioned by their name."""
     labelled = all(os.sep in f for f in files)
+    loose = [f for f in files if os.sep not in f]
+    if loose and len(loose) < len(files):
+        print(f"warning: {len(loose)} file(s) lie at the top of {root} beside class folders (the first: {loose[0]}): no class labels are "
+              "written and every file is captioned by its name; move them into a class folder to label by folder", file=sys.stderr)
     if labelled and not classes:
         classes = sorted({f.split(os.sep)[0] for f in files})
     rows = []
@@ -104,11 +108,27 @@ def write_csv(rows: list, output: str) -> None:
             writer.writerow([path, caption, label] if labelled else [path, caption])
 
 
+def check_output_file(output: str, overwrite: bool) -> None:
+    """--output must name a file this command may write: not a folder, not under a file, not an existing file unless --overwrite."""
+    folder = os.path.dirname(os.path.abspath(output))
+    if os.path.isdir(output):
+        raise UsageError(f"--output {output}: is a folder; give the CSV file to write")
+    if os.path.exists(output) and not overwrite:
+        raise UsageError(f"--output {output}: already exists; add --overwrite to replace it, or choose another name")
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UsageError(f"--output {output}: {folder} is a file, not a folder")
+
+
 def to_csv(args: argparse.Namespace, extensions: tuple) -> None:
     """The ucf101 / folder subcommands."""
+    check_output_file(args.output, args.overwrite)
     root, split = args.root, args.split
     if split and not os.path.isfile(split) and os.path.isdir(os.path.join(root, split)):
         root, split = os.path.join(root, split), None  # OpenDiT's layout: root/<split>/<Class>/<video>
+    if os.path.isfile(root):
+        raise UsageError(f"--root {root}: is a file; give the folder that holds the media")
     if not os.path.isdir(root):
         raise UsageError(f"--root {root}: no such folder")
     if split and not os.path.isfile(split):
@@ -123,7 +143,8 @@ def to_csv(args: argparse.Namespace, extensions: tuple) -> None:
         classes = sorted({f.split(os.sep)[0] for f in tree if os.sep in f}) or None
     rows = media_rows(root, present, classes)
     write_csv(rows, args.output)
-    missing = f"; {len(files) - len(present)} listed files are missing" if len(present) < len(files) else ""
+    absent = sorted(set(files) - set(present))
+    missing = f"; {len(absent)} listed files are missing (the first: {os.path.join(root, absent[0])})" if absent else ""
     print(f"Wrote {len(rows)} rows to {args.output}{missing}")
 
 
@@ -252,7 +273,12 @@ def extract_latents(args: argparse.Namespace) -> None:
         "dtype": args.dtype,
         "shard_size": args.shard_size,
     }
-    os.makedirs(args.output, exist_ok=True)
+    if os.path.isfile(args.output):
+        raise UsageError(f"--output {args.output}: is a file; give the cache folder to write")
+    try:
+        os.makedirs(args.output, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UsageError(f"--output {args.output}: cannot be made (a file stands in its path)") from None
     num_shards = math.ceil(len(dataset) / args.shard_size)
     mine = range(info.rank, num_shards, info.world_size)
     todo = [k for k in mine if not shard_done(os.path.join(args.output, shard_name(k)), settings)]
@@ -286,13 +312,16 @@ def get_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for name, what in (("ucf101", "a UCF101 tree (root/<Class>/<video>.avi) -> CSV path,caption,label"),
                        ("folder", "any folder of videos or images -> CSV path,caption[,label]")):
-        sub = commands.add_parser(name, help=what, description=what)
-        sub.add_argument("--root", required=True, help="the data folder (UCF101: the one holding the class folders)")
+        sub = commands.add_parser(name, help=what, description=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        root_help = "the UCF101 folder (the one holding the class folders)" if name == "ucf101" else "the media folder (class sub-folders label the files)"
+        sub.add_argument("--root", required=True, help=root_help)
         sub.add_argument("--split", default=None, help="an official split list (trainlist01.txt, testlist01.txt) or a sub-folder name (OpenDiT: train)")
         sub.add_argument("--output", required=True, help="the CSV to write")
+        sub.add_argument("--overwrite", action="store_true", help="replace --output when it exists")
         if name == "folder":
             sub.add_argument("--images", action="store_true", help="list images instead of videos")
-    sub = commands.add_parser("latents", help="encode a dataset once into a latent cache for train.py --dataset latents")
+    sub = commands.add_parser("latents", help="encode a dataset once into a latent cache for train.py --dataset latents",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub.add_argument("--data_path", required=True, help="what train.py would read: a CSV, an image folder, CIFAR-10's folder")
     sub.add_argument("--dataset", default="auto", choices=[k for k in KINDS if k != "latents"])
     sub.add_argument("--output", required=True, help="the cache folder (shards + index.json)")

@@ -53,7 +53,7 @@ def test_ucf101_to_csv_with_the_official_splits(ucf, capsys):
                         for i, (n, words) in enumerate(zip(CLASSES, ["Apply Eye Makeup", "Boxing Punching Bag", "Yo Yo"]))]
     preprocess.main(["ucf101", "--root", str(ucf / "UCF-101"), "--split", str(ucf / "ucfTrainTestlist" / "testlist01.txt"), "--output", str(ucf / "test.csv")])
     assert [r[2] for r in read(ucf / "test.csv")[1:]] == ["0", "1", "2"]
-    assert "1 listed files are missing" in capsys.readouterr().out  # g09 is listed but absent
+    assert f"1 listed files are missing (the first: {ucf / 'UCF-101' / 'YoYo' / 'v_YoYo_g09_c01.avi'})" in capsys.readouterr().out
     preprocess.main(["ucf101", "--root", str(ucf / "UCF-101"), "--output", str(ucf / "UCF-101" / "all.csv")])
     all_rows = read(ucf / "UCF-101" / "all.csv")[1:]
     assert len(all_rows) == 6 and all_rows[5] == ["YoYo/v_YoYo_g02_c01.avi", "Yo Yo", "2"]  # relative: beside the CSV
@@ -81,6 +81,33 @@ def test_preprocess_errors_are_one_line(tmp_path, capsys):
             preprocess.main(argv)
         lines = capsys.readouterr().err.strip().splitlines()
         assert info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], lines
+
+
+def test_an_existing_csv_is_kept_unless_overwrite(tmp_path, capsys):
+    clip(tmp_path / "mine" / "a.mp4")
+    out = tmp_path / "data.csv"
+    out.write_text("path,caption\nhand-edited.mp4,keep me\n")
+    for argv, needle in ((["--output", str(out)], f"--output {out}: already exists; add --overwrite"),
+                         (["--output", str(tmp_path / "mine")], "is a folder"),
+                         (["--output", str(tmp_path / "mine" / "a.mp4" / "x.csv")], "is a file, not a folder")):
+        with pytest.raises(SystemExit):
+            preprocess.main(["folder", "--root", str(tmp_path / "mine")] + argv)
+        assert needle in capsys.readouterr().err
+    assert out.read_text() == "path,caption\nhand-edited.mp4,keep me\n"
+    preprocess.main(["folder", "--root", str(tmp_path / "mine"), "--output", str(out), "--overwrite"])
+    assert read(out)[1:] == [["mine/a.mp4", "a"]]
+    with pytest.raises(SystemExit):
+        preprocess.main(["folder", "--root", str(tmp_path / "mine" / "a.mp4"), "--output", str(tmp_path / "y.csv")])
+    assert "is a file; give the folder" in capsys.readouterr().err
+
+
+def test_a_loose_file_beside_class_folders_is_reported(tmp_path, capsys):
+    """One top-level file among class folders drops the labels; the user is told which file did it."""
+    clip(tmp_path / "clips" / "Cats" / "a.mp4")
+    clip(tmp_path / "clips" / "top.mp4")
+    preprocess.main(["folder", "--root", str(tmp_path / "clips"), "--output", str(tmp_path / "d.csv")])
+    assert read(tmp_path / "d.csv")[0] == ["path", "caption"]
+    assert "1 file(s) lie at the top of" in capsys.readouterr().err and "top.mp4" in read(tmp_path / "d.csv")[2][0]
 
 
 def test_latents_on_two_ranks_then_train_from_the_cache(ucf, tmp_path):
