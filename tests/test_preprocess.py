@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from opendit import preprocess
-from opendit.training import train as train_cli
 from opendit.data.latents import LatentDataset
+from opendit.training import train as train_cli
 from opendit.utils.media import save_video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

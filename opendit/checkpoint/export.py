@@ -18,6 +18,7 @@ from opendit.builders import build_model
 from opendit.checkpoint.layout import EXPORT_CONFIG, EXPORT_WEIGHTS
 from opendit.checkpoint.weights import load_model_weights
 from opendit.errors import CheckpointError, UsageError, run_or_exit
+from opendit.utils.media import atomic_path
 
 OFFICIAL_LAYOUT = "model.pt"
 
@@ -27,14 +28,28 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("ckpt", help="a training checkpoint folder, or an experiment folder (its latest checkpoint)")
     parser.add_argument("--output", required=True, help="folder to write model.safetensors, config.json and model.pt into")
     parser.add_argument("--weights", default="ema", choices=["ema", "model"], help="the EMA (DiT samples from it) or the raw model weights")
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in --output")
     return parser
 
 
-def export(ckpt: str, output: str, weights: str = "ema") -> dict:
-    """Write the three files; returns their paths. The weights are checked against the config (strict load)."""
+def check_output(output: str, overwrite: bool) -> None:
+    """--output must be a folder (or not exist yet) without an earlier export, unless overwrite."""
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise UsageError(f"--output {output}: is a file; give the folder to export into")
+    earlier = [name for name in (EXPORT_WEIGHTS, EXPORT_CONFIG, OFFICIAL_LAYOUT) if os.path.exists(os.path.join(output, name))]
+    if earlier and not overwrite:
+        raise UsageError(f"--output {output}: already holds an export ({', '.join(earlier)}); add --overwrite to replace it, or choose another folder")
+
+
+def export(ckpt: str, output: str, weights: str = "ema", overwrite: bool = False) -> dict:
+    """Write the three files, each atomically; returns their paths. The weights are checked against the config (strict load)."""
     from safetensors.torch import save_file
 
-    state_dict, config = load_model_weights(ckpt, use_ema=weights == "ema")
+    check_output(output, overwrite)
+    try:
+        state_dict, config = load_model_weights(ckpt, use_ema=weights == "ema")
+    except CheckpointError as e:  # its messages name sample.py's flag; here the checkpoint is the first argument
+        raise CheckpointError(str(e).removeprefix("--ckpt ")) from None
     if not config or "model" not in config:
         raise UsageError(f"{ckpt}: holds no training config; only this project's training checkpoints can be exported")
     try:
@@ -42,18 +57,26 @@ def export(ckpt: str, output: str, weights: str = "ema") -> dict:
     except RuntimeError as e:
         raise CheckpointError(f"{ckpt}: weights do not fit the model config {config['model']} ({str(e).splitlines()[1].strip()})") from None
     state_dict = {name: tensor.contiguous() for name, tensor in state_dict.items()}
-    os.makedirs(output, exist_ok=True)
+    try:
+        os.makedirs(output, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UsageError(f"--output {output}: cannot be made (a file stands in its path)") from None
     paths = {"safetensors": os.path.join(output, EXPORT_WEIGHTS), "config": os.path.join(output, EXPORT_CONFIG), "pt": os.path.join(output, OFFICIAL_LAYOUT)}
-    save_file(state_dict, paths["safetensors"], metadata={"format": "pt", "weights": weights})
-    with open(paths["config"], "w") as f:
+    with atomic_path(paths["safetensors"]) as tmp:
+        save_file(state_dict, tmp, metadata={"format": "pt", "weights": weights})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; an export is for sharing, as model.pt and config.json are
+    with atomic_path(paths["config"]) as tmp, open(tmp, "w") as f:
         json.dump({**config, "weights": weights, "source": os.path.abspath(ckpt)}, f, indent=2)
-    torch.save(state_dict, paths["pt"])
+    with atomic_path(paths["pt"]) as tmp:
+        torch.save(state_dict, tmp)
     return paths
 
 
 def main(argv: Optional[list] = None) -> dict:
     args = get_parser().parse_args(argv)
-    paths = run_or_exit(lambda a: export(a.ckpt, a.output, a.weights), args)
+    paths = run_or_exit(lambda a: export(a.ckpt, a.output, a.weights, a.overwrite), args)
     print(f"Exported the {args.weights} weights of {args.ckpt} to {', '.join(paths.values())}")
     return paths
 

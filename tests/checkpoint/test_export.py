@@ -9,14 +9,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from opendit.checkpoint import export
-from opendit.sampling import sample, sample_ddp
 from opendit.builders import build_model
+from opendit.checkpoint import export
 from opendit.checkpoint.dcp import save_checkpoint
-from opendit.training.ema import ShardedEMA
-from opendit.training.optim import ShardedAdamW
 from opendit.parallel.mesh import build_mesh
 from opendit.parallel.parallelize import parallelize
+from opendit.sampling import sample, sample_ddp
+from opendit.training.ema import ShardedEMA
+from opendit.training.optim import ShardedAdamW
 
 # A pixel-space model of train.py's geometry (16 px, patch 2, 3 channels), so sample.py can decode without a VAE.
 CONFIG = dict(model="DiT-S/2", input_size=16, in_channels=3, num_classes=8, depth=2, hidden_size=32, num_heads=2)
@@ -74,6 +74,25 @@ def test_export_then_sample_matches_in_memory_ema(trained, tmp_path):
     a, b, c, d = (pngs(tmp_path / name) for name in "abcd")
     assert sorted(a) == ["0000-class0.png", "0001-class3.png", "grid.png"]
     assert all(np.array_equal(a[k], other[k]) for other in (b, c, d) for k in a)
+
+
+def test_export_keeps_an_earlier_export_unless_overwrite(trained, tmp_path, capsys):
+    """A second export into the same folder is refused in one line (files untouched) until --overwrite; files are shareable."""
+    out = tmp_path / "export"
+    paths = export.main([trained, "--output", str(out), "--weights", "model"])
+    assert len({os.stat(path).st_mode for path in paths.values()}) == 1  # model.safetensors as shareable as model.pt (umask)
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    for argv, needle in (([trained, "--output", str(out)], "already holds an export (model.safetensors, config.json, model.pt); add --overwrite"),
+                         ([trained, "--output", paths["pt"]], "is a file"),
+                         ([str(tmp_path / "nope"), "--output", str(tmp_path / "e")], f"error: {tmp_path / 'nope'}: no such file")):
+        with pytest.raises(SystemExit):
+            export.main(argv)
+        assert needle in capsys.readouterr().err
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    export.main([trained, "--output", str(out), "--overwrite"])
+    with open(out / "config.json") as f:
+        assert json.load(f)["weights"] == "ema"
+
 
 def sample_ranks(rank, world_size, argv):
     sample_ddp.main(argv)
