@@ -74,6 +74,7 @@ def _subfolders(path: str, label: str) -> tuple:
 
 def _load(path: str, subfolders: tuple, local_files_only: bool, dtype: torch.dtype):
     """CLIPTokenizer and CLIPTextModel from one folder or hub id, without transformers' progress bars."""
+    from safetensors import SafetensorError
     from transformers import CLIPTextModel, CLIPTokenizer
     from transformers.utils import logging
 
@@ -82,6 +83,8 @@ def _load(path: str, subfolders: tuple, local_files_only: bool, dtype: torch.dty
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder=subfolders[0], local_files_only=local_files_only)
         model = CLIPTextModel.from_pretrained(path, subfolder=subfolders[1], local_files_only=local_files_only, dtype=dtype)
+    except SafetensorError as e:  # a damaged weights file: an OSError, which the caller reports in one line
+        raise OSError(f"damaged model.safetensors: {e}") from None
     finally:
         if bars:
             logging.enable_progress_bar()

@@ -91,3 +91,9 @@ def test_bad_paths_are_one_line_errors(folder, tmp_path):
     with pytest.raises(ValueError, match="--text_encoder .*could not load") as e:
         build_text_encoder(str(tmp_path / "no_weights"))
     assert "\n" not in str(e.value)
+    shutil.copytree(folder, tmp_path / "damaged")
+    weights = tmp_path / "damaged" / "model.safetensors"
+    weights.write_bytes(b"\xff" * 64 + weights.read_bytes()[64:])  # the header's length and start overwritten
+    with pytest.raises(ValueError, match="--text_encoder .*could not load .*damaged model.safetensors") as e:
+        build_text_encoder(str(tmp_path / "damaged"))
+    assert "\n" not in str(e.value)
