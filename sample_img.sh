@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# Sample DiT-XL/2 at 256: CKPT is this project's checkpoint or an official DiT-XL-2-256x256.pt.
+# Sample a DiT checkpoint: CKPT is this project's checkpoint (its model and image size come from it) or an official
+# Meta DiT file (default DiT-XL-2-256x256.pt: DiT-XL/2 at 256; for DiT-XL-2-512x512.pt add --image_size 512).
 # Text-conditioned checkpoints need prompts: add --prompt "..." (repeatable) or --prompt_path FILE (one per line).
 set -euo pipefail
 python sample.py \
-    --model DiT-XL/2 \
-    --image_size 256 \
     --ckpt "${CKPT:-DiT-XL-2-256x256.pt}" \
     "$@"

@@ -3,6 +3,7 @@
 # encoded with --text_encoder, add --captions off for labels only); extra flags are passed through.
 set -euo pipefail
 NPROC=${NPROC:-2}
+[[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || { echo "error: NPROC=$NPROC: must be a positive number of processes" >&2; exit 2; }
 torchrun --standalone --nproc_per_node="$NPROC" train.py \
     --model VDiT-XL/1x2x2 \
     --use_video \
