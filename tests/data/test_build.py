@@ -122,6 +122,9 @@ def test_demo_clips_are_reproducible_and_readable(tmp_path):
     shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "videos", "demo.csv")
     make_demo_videos(str(tmp_path))
     assert (tmp_path / "demo.csv").read_text() == open(shipped).read()
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    make_demo_videos(str(tmp_path))  # again: nothing changes, byte for byte
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
     ds = VideoCSVDataset(shipped, image_size=32, num_frames=16, frame_interval=3, train=False, num_classes=8)
     assert [tuple(ds[i]["x"].shape) for i in range(len(ds))] == [(3, 16, 32, 32)] * 5
     assert ds[0]["text"] == "a red circle moving up" and ds[0]["y"] == 0
