@@ -7,6 +7,7 @@ ImageNet-style class folder. Every user mistake found here is a one-line UsageEr
 
 import itertools
 import os
+import sys
 
 import torch
 
@@ -81,11 +82,15 @@ def build_dataset(args, train: bool = True):
     """The dataset for the flags; file-backed ones are probed, then wrapped to skip bad items (--on_bad_sample)."""
     kind = infer_kind(args)
     captions = getattr(args, "captions", "auto")
-    if kind == "shapes":
-        return _shapes(args, captions == "on")
     path = args.data_path
+    if kind == "shapes":
+        if args.dataset == "shapes" and path != DEFAULT_DATA_PATH and os.path.exists(path):
+            print(f"note: --dataset shapes: the built-in data; --data_path {path} is not read", file=sys.stderr)
+        return _shapes(args, captions == "on")
     if not os.path.exists(path):
         raise UsageError(f"--data_path {path}: no such file or folder (--dataset {kind})")
+    if kind == "csv" and os.path.isdir(path):
+        raise UsageError(f"--data_path {path}: a folder; --dataset csv needs a .csv file")
     if kind != "csv" and not os.path.isdir(path):
         raise UsageError(f"--data_path {path}: --dataset {kind} needs a folder")
     if kind == "latents":

@@ -103,7 +103,14 @@ def test_bad_inputs_stop_before_training_in_one_line(tmp_path, folder, capsys, m
     assert "labels.csv row 2: label 5 is outside [0, --num_classes 3)" in run_error(capsys, *TINY, "--num_classes", "3", "--data_path", str(tmp_path / "labels.csv"), *out)
     assert "--use_video trains on clips listed in a CSV" in run_error(capsys, *VIDEO, "--data_path", folder, *out)
     assert "--captions on" in run_error(capsys, *TINY, "--captions", "on", "--data_path", folder, *out)
+    assert f"--data_path {folder}: a folder; --dataset csv needs a .csv file" in run_error(capsys, *TINY, "--dataset", "csv", "--data_path", folder, *out)
     assert not os.path.exists(tmp_path / "out")  # nothing was started
+
+
+def test_shapes_notes_an_unread_data_path(folder, capsys):
+    flags = dict(data_path=folder, dataset="shapes", use_video=False, image_size=16, num_classes=8, dataset_size=4)
+    build_dataset(SimpleNamespace(**flags))
+    assert capsys.readouterr().err.strip() == f"note: --dataset shapes: the built-in data; --data_path {folder} is not read"
 
 
 def test_on_bad_sample_error_stops_in_one_line(tmp_path, media, capsys):
