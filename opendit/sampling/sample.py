@@ -1,5 +1,6 @@
 """Sample images (PNG grid + one file each) or videos (one mp4 each) from a trained DiT / VDiT, by class or prompt."""
 import argparse
+import math
 import os
 import sys
 from typing import Optional
@@ -18,8 +19,8 @@ from opendit.sampling.conditions import (
     prompt_directions,
     read_prompts,
 )
-from opendit.sampling.denoise import SAMPLERS, cuda_graph_on, denoise, wants_graph
-from opendit.sampling.fidelity import check_fidelity
+from opendit.sampling.denoise import SAMPLERS, check_steps, cuda_graph_on, denoise, wants_graph
+from opendit.sampling.fidelity import check_fidelity, check_shapes_labels
 from opendit.sampling.layout import SamplingLayout, build_layout
 
 # Flags that fall back to the checkpoint's training config when not given, then to these defaults.
@@ -205,6 +206,10 @@ def cast_matmul_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.
     return model
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def gather_samples(outputs: list, layout: SamplingLayout) -> Optional[torch.Tensor]:
     """Every dp group's decoded samples, in order, on rank 0 (None elsewhere)."""
     mine = torch.cat(outputs) if outputs else None
@@ -217,10 +222,21 @@ def gather_samples(outputs: list, layout: SamplingLayout) -> Optional[torch.Tens
     return torch.cat([p for p in parts if p is not None]) if layout.rank == 0 else None
 
 
+def check_sampling_flags(args: argparse.Namespace) -> None:
+    """One-line errors, before anything loads, for values no run can use (sample.py and sample_ddp.py)."""
+    for flag in ("per_class", "batch_size", "num_fid_samples", "per_proc_batch_size"):
+        if getattr(args, flag, 1) < 1:
+            raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if not math.isfinite(args.cfg_scale):
+        raise UsageError(f"--cfg_scale {args.cfg_scale:g}: must be a finite number (<= 1: no guidance)")
+    if not (math.isfinite(getattr(args, "fps", 1)) and getattr(args, "fps", 1) > 0):
+        raise UsageError(f"--fps {args.fps:g}: must be a positive number")
+    check_steps(args.sampler, args.num_sampling_steps)
+
+
 @torch.no_grad()
 def sample(args: argparse.Namespace) -> dict:
-    if args.num_sampling_steps < 1 or args.per_class < 1 or args.batch_size < 1:
-        raise UsageError("--num_sampling_steps, --per_class and --batch_size must be at least 1")
+    check_sampling_flags(args)
     state_dict, train_config = load_model_weights(args.ckpt, use_ema=not args.use_model)
     resolve_model_flags(args, train_config)
     check_model_flags(args.model, args.image_size, args.vae, args.use_video)
@@ -245,6 +261,8 @@ def sample(args: argparse.Namespace) -> dict:
     labels, prompt_ids = conditions(args, prompts, model.y_embedder is not None)
     name_class = not prompts or args.labels is not None
     fidelity_labels = (labels if name_class else prompt_classes([prompts[j] for j in prompt_ids])) if args.check_fidelity else None
+    if fidelity_labels is not None:
+        check_shapes_labels(fidelity_labels)
     text_emb = text_encoder.encode(prompts) if text_encoder is not None else None  # (P, text_dim), each prompt once
     null_text = text_encoder.null_embedding() if text_encoder is not None else None  # (1, text_dim)
     latent_shape = (config["in_channels"], args.num_frames, config["input_size"], config["input_size"]) if args.use_video else (config["in_channels"], config["input_size"], config["input_size"])
@@ -274,7 +292,7 @@ def sample(args: argparse.Namespace) -> dict:
             files.append(save_image(x, stem + ".png"))
     if not args.use_video:
         files.append(save_image_grid(samples, os.path.join(args.output, "grid.png"), nrow=max(args.per_class, 4) if args.per_class > 1 else 4))
-    print(f"Saved {len(samples)} samples to {args.output}")
+    print(f"Saved {plural(len(samples), 'sample')} to {args.output}")
     result = {"files": files, "labels": labels}
     if prompts:
         result["prompts"] = [prompts[j] for j in prompt_ids]

@@ -22,7 +22,7 @@ from opendit.encoders import load_vae
 from opendit.errors import UsageError, run_or_exit
 from opendit.parallel.process import barrier, cleanup, setup_distributed
 from opendit.sampling.denoise import SAMPLERS, denoise
-from opendit.sampling.sample import add_speed_flags, build_sampling_model, resolve_model_flags, resolve_speed_flags, speed_up
+from opendit.sampling.sample import add_speed_flags, build_sampling_model, check_sampling_flags, resolve_model_flags, resolve_speed_flags, speed_up
 from opendit.utils.media import save_image
 
 
@@ -71,8 +71,7 @@ def write_npz(folder: str, num_samples: int) -> str:
 
 @torch.no_grad()
 def sample_ddp(args: argparse.Namespace) -> dict:
-    if min(args.num_fid_samples, args.per_proc_batch_size, args.num_sampling_steps) < 1:
-        raise UsageError("--num_fid_samples, --per_proc_batch_size and --num_sampling_steps must be at least 1")
+    check_sampling_flags(args)
     info = setup_distributed(args.device)
     state_dict, train_config = load_model_weights(args.ckpt, use_ema=not args.use_model)
     args.num_frames, args.use_video = None, False

@@ -1,0 +1,64 @@
+"""sample.py's user-facing checks: an earlier run's files in --output (refused, or replaced with --overwrite), flag
+values refused before anything loads, model flags against the checkpoint's config, short weight-mismatch errors,
+help text and messages."""
+
+import pytest
+import torch
+from tiny import TINY_SAMPLING_ARGS, tiny_checkpoint
+
+from opendit.sampling import sample as sample_cli
+
+FAST = ["--num_sampling_steps", "2", "--device", "cpu"]
+ARGS = TINY_SAMPLING_ARGS
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+def error_line(capsys, argv) -> str:
+    """Run sample.py; it must exit 2 with one line on stderr, which is returned."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        sample_cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--fps", "-5"], "--fps -5"), (["--fps", "0"], "--fps 0"), (["--fps", "nan"], "--fps nan"),
+    (["--cfg_scale", "inf"], "--cfg_scale inf"), (["--cfg_scale", "nan"], "--cfg_scale nan"),
+    (["--num_sampling_steps", "2000"], "2 to 1000"), (["--num_sampling_steps", "1"], "--sampler ddpm takes 2 to 1000"), (["--num_sampling_steps", "1001"], "--num_sampling_steps 1001"),
+    (["--num_sampling_steps", "333", "--sampler", "ddim"], "250 or 334"), (["--num_sampling_steps", "1000", "--sampler", "dpm-solver"], "1 to 999"),
+    (["--batch_size", "0"], "--batch_size 0"),
+])
+def test_bad_values_are_refused_before_anything_loads(tmp_path, capsys, flags, words):
+    err = error_line(capsys, ["--ckpt", str(tmp_path / "missing.pt"), "--output", str(tmp_path / "o"), *flags])
+    assert words in err and "missing.pt" not in err
+
+
+def test_steps_every_sampler_can_space_are_accepted():
+    from opendit.diffusion import create_diffusion
+    from opendit.sampling.denoise import check_steps
+    from opendit.sampling.engine import make_schedule
+
+    for sampler, steps in (("ddpm", 2), ("ddpm", 1000), ("ddim", 2), ("ddim", 334), ("ddim", 1000), ("dpm-solver", 1), ("dpm-solver", 999)):
+        check_steps(sampler, steps)
+        assert len(set(make_schedule(sampler, steps, "linear", torch.device("cpu")).timesteps.tolist())) == steps, (sampler, steps)
+    with pytest.raises(ValueError):  # what the check stands in front of
+        create_diffusion("ddim333")
+
+
+def test_prompt_file_that_is_not_utf8_is_named(ckpt, tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_bytes(b"a red circle\n\xff\xfe caf\xe9\n")
+    err = error_line(capsys, ["--ckpt", ckpt, *FAST, "--prompt_path", str(tmp_path / "prompts.txt"), "--output", str(tmp_path / "o")])
+    assert f"--prompt_path {tmp_path / 'prompts.txt'}" in err and "UTF-8" in err
+
+
+def test_check_fidelity_refuses_other_labels_before_sampling(ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sample_cli, "denoise", lambda *a, **k: pytest.fail("sampled before refusing"))
+    err = error_line(capsys, ["--ckpt", ckpt, *FAST, "--labels", "1,9", "--check_fidelity", "--output", str(tmp_path / "o")])
+    assert "--check_fidelity" in err and "label 9" in err
+    assert not (tmp_path / "o").exists()
