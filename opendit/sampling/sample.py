@@ -2,6 +2,7 @@
 import argparse
 import math
 import os
+import re
 import sys
 from typing import Optional
 
@@ -26,6 +27,8 @@ from opendit.sampling.layout import SamplingLayout, build_layout
 # Flags that fall back to the checkpoint's training config when not given, then to these defaults.
 MODEL_DEFAULTS = dict(model="DiT-XL/2", vae="ema", image_size=256, num_classes=1000, num_frames=16, noise_schedule="linear")
 FLOAT8_FAST_ACCUM = True  # --float8: the scaled GEMMs with fast accumulation (measured faster at the same quality: docs/benchmarks.md)
+# What sample.py writes into --output: NNNN-*.png / .mp4, grid.png and --check_fidelity's report (--overwrite removes these only).
+OUTPUT_FILE = re.compile(r"\d{4,}-(class\d+|prompt\d+(-class\d+)?-[a-z0-9-]+)\.(png|mp4)|grid\.png|fidelity\.json")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -46,7 +49,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ckpt", type=str, required=True, help="checkpoint: this project's (step folder, experiment folder, export folder), an official DiT .pt, or .safetensors")
     # Additions.
     parser.add_argument("--sampler", type=str, default="ddpm", choices=SAMPLERS)
-    parser.add_argument("--output", type=str, default="samples", help="output folder")
+    parser.add_argument("--output", type=str, default="samples", help="output folder; refused when it holds an earlier run's samples, unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run's files in --output (NNNN-*.png/mp4, grid.png, fidelity.json; nothing else)")
     parser.add_argument("--labels", type=str, default=None, help="comma-separated class labels, or 'all' (default: DiT's 8 ImageNet classes, or 0..9)")
     parser.add_argument("--prompt", type=str, action="append", default=None, help="a prompt for a text-conditioned model; repeat the flag for several")
     parser.add_argument("--prompt_path", type=str, default=None, help="a text file of prompts, one per line (after any --prompt)")
@@ -206,6 +210,24 @@ def cast_matmul_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.
     return model
 
 
+def output_files(folder: str) -> list:
+    """The files of an earlier sample.py run in folder (OUTPUT_FILE), sorted; [] when there is no such folder."""
+    return sorted(n for n in os.listdir(folder) if OUTPUT_FILE.fullmatch(n) and os.path.isfile(os.path.join(folder, n))) if os.path.isdir(folder) else []
+
+
+def check_output(args: argparse.Namespace) -> None:
+    """Before anything loads: --output must be (or be creatable as) a folder, and hold no earlier run's files unless --overwrite."""
+    path = os.path.abspath(args.output)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise UsageError(f"--output {args.output}: {path} is a file, not a folder")
+    earlier = output_files(args.output)
+    if earlier and not args.overwrite:
+        raise UsageError(f"--output {args.output}: holds {len(earlier)} files of an earlier run ({', '.join(earlier[:3])}{', ...' if len(earlier) > 3 else ''}); "
+                         "pass --overwrite to replace them, or choose another folder")
+
+
 def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
@@ -237,6 +259,7 @@ def check_sampling_flags(args: argparse.Namespace) -> None:
 @torch.no_grad()
 def sample(args: argparse.Namespace) -> dict:
     check_sampling_flags(args)
+    check_output(args)
     state_dict, train_config = load_model_weights(args.ckpt, use_ema=not args.use_model)
     resolve_model_flags(args, train_config)
     check_model_flags(args.model, args.image_size, args.vae, args.use_video)
@@ -263,6 +286,11 @@ def sample(args: argparse.Namespace) -> dict:
     fidelity_labels = (labels if name_class else prompt_classes([prompts[j] for j in prompt_ids])) if args.check_fidelity else None
     if fidelity_labels is not None:
         check_shapes_labels(fidelity_labels)
+    if layout.rank == 0:  # the writing rank: the folder exists before any sampling
+        try:
+            os.makedirs(args.output, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--output {args.output}: cannot be created ({e.strerror or e})") from None
     text_emb = text_encoder.encode(prompts) if text_encoder is not None else None  # (P, text_dim), each prompt once
     null_text = text_encoder.null_embedding() if text_encoder is not None else None  # (1, text_dim)
     latent_shape = (config["in_channels"], args.num_frames, config["input_size"], config["input_size"]) if args.use_video else (config["in_channels"], config["input_size"], config["input_size"])
@@ -282,7 +310,8 @@ def sample(args: argparse.Namespace) -> dict:
 
     from opendit.utils.media import save_image, save_image_grid, save_video
 
-    os.makedirs(args.output, exist_ok=True)
+    for name in output_files(args.output):  # --overwrite (checked up front): no earlier file stays beside the new ones
+        os.remove(os.path.join(args.output, name))
     files = []
     for i, (x, label, j) in enumerate(zip(samples, labels, prompt_ids)):
         stem = os.path.join(args.output, file_stem(i, label, j, prompts, name_class))

@@ -1,6 +1,7 @@
 """sample.py's user-facing checks: an earlier run's files in --output (refused, or replaced with --overwrite), flag
 values refused before anything loads, model flags against the checkpoint's config, short weight-mismatch errors,
 help text and messages."""
+import os
 
 import pytest
 import torch
@@ -25,6 +26,31 @@ def error_line(capsys, argv) -> str:
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
     return err
+
+
+def test_rerun_into_an_output_folder_is_refused_unless_overwrite(ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    sample_cli.main(["--ckpt", ckpt, *FAST, "--labels", "0,1", "--per_class", "2", "--output", str(out)])
+    assert "Saved 4 samples" in capsys.readouterr().out
+    (out / "notes.txt").write_text("mine")
+    (out / "2024-03-01.png").write_bytes(b"mine too")
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    err = error_line(capsys, ["--ckpt", ckpt, *FAST, "--labels", "0", "--output", str(out)])
+    assert "--output" in err and "--overwrite" in err and "5 files" in err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing touched
+    sample_cli.main(["--ckpt", ckpt, *FAST, "--labels", "3", "--output", str(out), "--overwrite"])
+    assert "Saved 1 sample to" in capsys.readouterr().out
+    # The earlier run's files are gone (no stale 0001-0003 beside the new grid); the user's files stay.
+    assert sorted(os.listdir(out)) == ["0000-class3.png", "2024-03-01.png", "grid.png", "notes.txt"]
+
+
+@pytest.mark.parametrize("under", [False, True])
+def test_output_that_is_a_file_is_refused_before_anything_loads(tmp_path, capsys, under):
+    (tmp_path / "f").write_text("x")
+    output = tmp_path / "f" / "sub" if under else tmp_path / "f"
+    # A missing --ckpt would be the error if the output were checked after loading.
+    err = error_line(capsys, ["--ckpt", str(tmp_path / "missing.pt"), "--output", str(output)])
+    assert f"--output {output}" in err and "is a file" in err
 
 
 @pytest.mark.parametrize("flags,words", [
