@@ -5,11 +5,16 @@
 Writes {sample_dir}/{model}-{ckpt}-size-{S}-vae-{V}-cfg-{C}-seed-{G}/NNNNNN.png and, next to that folder, the same
 name + .npz with arr_0 = uint8 (N, H, W, 3). Batch b of rank r holds the samples ((b * world + r) * n ...) and draws
 its labels and noise from the seed (global_seed, first index): every sample has its own seeds, different on every
-rank, and a rerun skips the batches whose PNGs all exist (resumable, also on another number of ranks).
+rank, and a rerun skips the batches whose PNGs all exist (resumable, also on another number of ranks). settings.json
+in the folder records what decides the pixels (a digest of the weights, the sampler's and model's flags): a rerun
+with other settings is refused rather than mixed with the samples already there.
 """
 import argparse
+import hashlib
+import json
 import math
 import os
+import re
 from typing import Optional
 
 import numpy as np
@@ -22,8 +27,11 @@ from opendit.encoders import load_vae
 from opendit.errors import UsageError, run_or_exit
 from opendit.parallel.process import barrier, cleanup, setup_distributed
 from opendit.sampling.denoise import SAMPLERS, denoise
-from opendit.sampling.sample import add_speed_flags, build_sampling_model, check_sampling_flags, resolve_model_flags, resolve_speed_flags, speed_up
+from opendit.sampling.sample import add_speed_flags, build_sampling_model, check_sampling_flags, plural, resolve_model_flags, resolve_speed_flags, speed_up
 from opendit.utils.media import save_image
+
+SETTINGS = "settings.json"  # in the sample folder: what made its PNGs (run_settings)
+SAMPLE_FILE = re.compile(r"\d{6}\.png")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -61,6 +69,55 @@ def batch_seed(global_seed: int, first_index: int) -> int:
     return global_seed * 1_000_003 + first_index
 
 
+def weights_digest(state_dict: dict) -> str:
+    """sha256 of every tensor's name, dtype, shape and bytes: which weights made a sample folder's PNGs."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name} {t.dtype} {list(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
+def run_settings(args: argparse.Namespace, state_dict: dict) -> dict:
+    """What decides each sample's pixels, as settings.json records it (the path is for the reader; the digest is compared)."""
+    keys = ("use_model", "model", "image_size", "num_classes", "vae", "noise_schedule", "sampler", "num_sampling_steps", "cfg_scale", "cfg_channels",
+            "global_seed", "per_proc_batch_size", "mixed_precision", "tf32", "float8", "bf16_residual")
+    return {**{key: getattr(args, key) for key in keys}, "ckpt": os.path.realpath(args.ckpt), "weights": weights_digest(state_dict)}
+
+
+def as_flag(key: str, value) -> str:
+    """A recorded setting as the flag that gives it: --sampler ddim, --use_model, no --tf32."""
+    return (f"--{key}" if value else f"no --{key}") if isinstance(value, bool) else f"--{key} {value}"
+
+
+def check_resume(folder: str, settings: dict) -> list:
+    """A one-line error when folder holds PNGs made with other settings (or with none recorded). -> the indices of its PNGs"""
+    found = sorted(int(n[:6]) for n in os.listdir(folder) if SAMPLE_FILE.fullmatch(n)) if os.path.isdir(folder) else []
+    path = os.path.join(folder, SETTINGS)
+    if found and not os.path.isfile(path):
+        raise UsageError(f"{folder}: holds {plural(len(found), 'sample')} but no {SETTINGS} recording how they were made; move them away or choose another --sample_dir")
+    if not found:
+        return found
+    with open(path) as f:
+        saved = json.load(f)
+    for key, value in settings.items():
+        if key != "ckpt" and saved.get(key) != value:
+            then = f"the weights of {saved.get('ckpt')} (digest {saved.get(key)})" if key == "weights" else as_flag(key, saved.get(key))
+            now = f"--ckpt {settings['ckpt']} holds other weights (digest {value})" if key == "weights" else f"this run has {as_flag(key, value)}"
+            raise UsageError(f"{folder}: its {plural(len(found), 'sample')} were made with {then}, {now}; "
+                             "rerun with the same settings to resume, or choose another --sample_dir")
+    return found
+
+
+def write_settings(folder: str, settings: dict) -> None:
+    """settings.json, written whole (a reader never sees half of it)."""
+    path = os.path.join(folder, SETTINGS)
+    with open(path + ".tmp", "w") as f:
+        f.write(json.dumps(settings, indent=2) + "\n")
+    os.replace(path + ".tmp", path)
+
+
 def write_npz(folder: str, num_samples: int) -> str:
     """Pack NNNNNN.png, 0 <= N < num_samples, into {folder}.npz (arr_0: uint8 NHWC), as ADM's evaluator reads."""
     images = np.stack([np.asarray(Image.open(os.path.join(folder, f"{i:06d}.png")).convert("RGB")) for i in range(num_samples)])
@@ -82,13 +139,18 @@ def sample_ddp(args: argparse.Namespace) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
     torch.set_flush_denormal(True)
+    resolve_speed_flags(args, info.device)
+    folder = os.path.join(args.sample_dir, folder_name(args))
+    settings = json.loads(json.dumps(run_settings(args, state_dict)))  # as read back from the file
+    reused = len([i for i in check_resume(folder, settings) if i < args.num_fid_samples])  # every rank, before any rank writes
     vae = load_vae(args.vae, info.device)
     config = model_config(args, vae)
-    resolve_speed_flags(args, info.device)
     model = speed_up(args, build_sampling_model(args, config, state_dict, info.device))
-
-    folder = os.path.join(args.sample_dir, folder_name(args))
-    os.makedirs(folder, exist_ok=True)
+    barrier()
+    if info.is_main:
+        os.makedirs(folder, exist_ok=True)
+        write_settings(folder, settings)
+    barrier()
     n, world = args.per_proc_batch_size, info.world_size
     latent_shape = (config["in_channels"], config["input_size"], config["input_size"])
     written = []
@@ -108,7 +170,8 @@ def sample_ddp(args: argparse.Namespace) -> dict:
     barrier()
     npz = write_npz(folder, args.num_fid_samples) if info.is_main else None
     if npz:
-        print(f"Saved {args.num_fid_samples} samples to {folder} and {npz}")
+        new = args.num_fid_samples - reused
+        print(f"Saved {plural(args.num_fid_samples, 'sample')} ({new} new, {reused} reused) to {folder} and {npz}")
     barrier()
     cleanup()
     return {"folder": folder, "written": written, "npz": f"{folder}.npz"}
