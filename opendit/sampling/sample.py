@@ -146,10 +146,21 @@ def speed_up(args: argparse.Namespace, model: torch.nn.Module, mesh=None) -> tor
                        low_precision_residual=getattr(args, "bf16_residual", False))
 
 
-def resolve_model_flags(args: argparse.Namespace, train_config: Optional[dict]) -> None:
-    """Fill unset model flags from the checkpoint's training config, then from OpenDiT's defaults."""
+def resolve_model_flags(args: argparse.Namespace, train_config: Optional[dict]) -> list:
+    """Fill unset model flags from the checkpoint's training config, then from OpenDiT's defaults; a one-line error
+    when a given flag contradicts the config. -> notes to print (a --num_frames other than the trained one)"""
     saved_args = (train_config or {}).get("args", {})
     saved_model = (train_config or {}).get("model", {})
+    notes = []
+    for key in MODEL_DEFAULTS:
+        given, saved = getattr(args, key), saved_args.get(key)
+        if given is None or saved is None or given == saved:
+            continue
+        if key == "num_frames":  # the temporal position embedding is computed for any count
+            if args.use_video or saved_args.get("use_video"):
+                notes.append(f"note: --num_frames {given}: the checkpoint was trained on {saved}-frame clips")
+        elif key != "vae" or (given == "none") != (saved == "none"):  # ema, mse or a local VAE folder: the same latent space
+            raise UsageError(f"--{key} {given}: the checkpoint in --ckpt {args.ckpt} was trained with {saved}; leave the flag out to use the checkpoint's")
     for key, default in MODEL_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, saved_args.get(key, default))
@@ -157,6 +168,7 @@ def resolve_model_flags(args: argparse.Namespace, train_config: Optional[dict]) 
         setattr(args, key, saved_model.get(key))
     if saved_args.get("use_video"):
         args.use_video = True
+    return notes
 
 
 def resolve_text_flags(args: argparse.Namespace, state_dict: dict, prompts: list, train_config: Optional[dict]) -> int:
@@ -185,14 +197,30 @@ def setup_parallel(args: argparse.Namespace):
     return info, build_layout(info.rank, info.world_size, args.sequence_parallel_size, args.cfg_parallel, info.device.type)
 
 
-def build_sampling_model(args: argparse.Namespace, config: dict, state_dict: dict, device: torch.device) -> torch.nn.Module:
-    """The model of config with the checkpoint's weights (strict), in eval mode; a one-line error when they do not fit."""
+def weights_mismatch(model: torch.nn.Module, state_dict: dict) -> str:
+    """How state_dict differs from the model's own: a count and the first few names of each kind of difference."""
+    own = model.state_dict()
+    kinds = {
+        "missing": [k for k in own if k not in state_dict],
+        "unexpected": [k for k in state_dict if k not in own],
+        "of another shape": [f"{k} {list(state_dict[k].shape)} in the file, {list(own[k].shape)} in the model"
+                             for k in own if k in state_dict and state_dict[k].shape != own[k].shape],
+    }
+    return "; ".join(f"{len(keys)} {kind}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}" for kind, keys in kinds.items() if keys)
+
+
+def build_sampling_model(args: argparse.Namespace, config: dict, state_dict: dict, device: torch.device, has_config: bool = True) -> torch.nn.Module:
+    """The model of config with the checkpoint's weights (strict), in eval mode; a one-line error when they do not fit
+    (has_config=False: the checkpoint carried no training config, so the model flags came from the user or the defaults)."""
     with torch.device(device):  # initialised where it runs: the random init of a large model is slow on the CPU
         model = build_model(config)
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
-        raise UsageError(f"--ckpt {args.ckpt}: weights do not fit {args.model} at --image_size {args.image_size} ({str(e).splitlines()[1].strip()})") from None
+        why = weights_mismatch(model, state_dict) or str(e).strip().splitlines()[-1][:300]
+        hint = ("; the file carries no config, so the model came from the flags: pass the export folder or its model.safetensors, which carry "
+                "the config (or the --model, --image_size and --num_classes it was trained with)") if not has_config and os.path.isfile(args.ckpt) else ""
+        raise UsageError(f"--ckpt {args.ckpt}: weights do not fit {args.model} at --image_size {args.image_size} ({why}){hint}") from None
     if getattr(args, "float8", False):  # quantized from the fp32 weights, before the bf16 cast
         from opendit.kernels.float8 import to_float8
 
@@ -261,7 +289,7 @@ def sample(args: argparse.Namespace) -> dict:
     check_sampling_flags(args)
     check_output(args)
     state_dict, train_config = load_model_weights(args.ckpt, use_ema=not args.use_model)
-    resolve_model_flags(args, train_config)
+    notes = resolve_model_flags(args, train_config)
     check_model_flags(args.model, args.image_size, args.vae, args.use_video)
     prompts = read_prompts(args)
     text_dim = resolve_text_flags(args, state_dict, prompts, train_config)
@@ -271,15 +299,17 @@ def sample(args: argparse.Namespace) -> dict:
     info, layout = setup_parallel(args)
     device = info.device if info else torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     resolve_speed_flags(args, device)
-    if wants_graph(args) and (layout.cfg > 1 or layout.sp > 1) and layout.rank == 0:
-        print("note: --compile / --cuda_graph: steps with --cfg_parallel or sequence parallelism run without CUDA graphs (their collectives are not captured)")
+    if wants_graph(args) and (layout.cfg > 1 or layout.sp > 1):
+        notes.append("note: --compile / --cuda_graph: steps with --cfg_parallel or sequence parallelism run without CUDA graphs (their collectives are not captured)")
+    for note in notes if layout.rank == 0 else []:
+        print(note)
 
     vae = load_vae(args.vae, device)
     text_encoder = load_text_encoder(args.text_encoder, device) if text_dim else None
     if text_encoder is not None and text_encoder.dim != text_dim:
         raise UsageError(f"--text_encoder {args.text_encoder}: gives {text_encoder.dim}-d embeddings; the checkpoint's model takes {text_dim}-d")
     config = model_config(args, vae, text_encoder)
-    model = speed_up(args, build_sampling_model(args, config, state_dict, device), layout.mesh)
+    model = speed_up(args, build_sampling_model(args, config, state_dict, device, has_config=train_config is not None), layout.mesh)
 
     labels, prompt_ids = conditions(args, prompts, model.y_embedder is not None)
     name_class = not prompts or args.labels is not None

@@ -145,7 +145,7 @@ def sample_ddp(args: argparse.Namespace) -> dict:
     reused = len([i for i in check_resume(folder, settings) if i < args.num_fid_samples])  # every rank, before any rank writes
     vae = load_vae(args.vae, info.device)
     config = model_config(args, vae)
-    model = speed_up(args, build_sampling_model(args, config, state_dict, info.device))
+    model = speed_up(args, build_sampling_model(args, config, state_dict, info.device, has_config=train_config is not None))
     barrier()
     if info.is_main:
         os.makedirs(folder, exist_ok=True)

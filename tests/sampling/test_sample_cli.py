@@ -88,3 +88,45 @@ def test_check_fidelity_refuses_other_labels_before_sampling(ckpt, tmp_path, cap
     err = error_line(capsys, ["--ckpt", ckpt, *FAST, "--labels", "1,9", "--check_fidelity", "--output", str(tmp_path / "o")])
     assert "--check_fidelity" in err and "label 9" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag,value,saved", [("--model", "DiT-B/2", "DiT-S/2"), ("--image_size", "32", "16"), ("--num_classes", "8", "10"),
+                                              ("--vae", "ema", "none"), ("--noise_schedule", "squaredcos_cap_v2", "linear")])
+def test_model_flags_that_contradict_the_checkpoint_are_refused(ckpt, tmp_path, capsys, flag, value, saved):
+    err = error_line(capsys, ["--ckpt", ckpt, *FAST, flag, value, "--output", str(tmp_path / "o")])
+    assert f"{flag} {value}" in err and f"trained with {saved}" in err
+
+
+def test_model_flags_that_agree_with_the_checkpoint_are_accepted(ckpt, tmp_path):
+    sample_cli.main(["--ckpt", ckpt, *FAST, "--model", "DiT-S/2", "--image_size", "16", "--num_classes", "10", "--vae", "none", "--labels", "1",
+                     "--output", str(tmp_path / "o")])
+    args = sample_cli.get_parser().parse_args(["--ckpt", ckpt, "--vae", "mse"])  # another VAE of the same latent space: DiT samples with either
+    assert sample_cli.resolve_model_flags(args, {"args": dict(ARGS, vae="ema")}) == [] and args.vae == "mse"
+
+
+def test_video_num_frames_other_than_trained_is_a_note(tmp_path, capsys):
+    config = dict(model="VDiT-S/1x2x2", input_size=8, in_channels=3, num_classes=4, num_frames=3, depth=1, hidden_size=32, num_heads=2)
+    ckpt = tiny_checkpoint(tmp_path / "video.pt", config, dict(ARGS, model="VDiT-S/1x2x2", image_size=8, num_classes=4, num_frames=3, use_video=True))
+    result = sample_cli.main(["--ckpt", ckpt, *FAST, "--num_frames", "2", "--labels", "1", "--fps", "8", "--output", str(tmp_path / "o")])
+    assert "note: --num_frames 2: the checkpoint was trained on 3-frame clips" in capsys.readouterr().out
+    from opendit.utils.media import read_video
+
+    assert read_video(result["files"][0]).shape[0] == 2
+
+
+def test_use_model_is_refused_for_a_single_set_of_weights(ckpt, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    save_file(torch.load(ckpt)["ema"], tmp_path / "w.safetensors")
+    plain = tiny_checkpoint(tmp_path / "plain.pt", plain=True)
+    for path in (str(tmp_path / "w.safetensors"), plain):
+        err = error_line(capsys, ["--ckpt", path, *FAST, "--use_model", "--output", str(tmp_path / "o")])
+        assert "single set of weights" in err and "--use_model" in err
+    sample_cli.main(["--ckpt", ckpt, *FAST, "--use_model", "--labels", "1", "--output", str(tmp_path / "raw")])  # a .pt with both: fine
+
+
+def test_weights_that_do_not_fit_give_a_short_error_with_a_hint(tmp_path, capsys):
+    plain = tiny_checkpoint(tmp_path / "model.pt", plain=True)
+    err = error_line(capsys, ["--ckpt", plain, *FAST, "--vae", "none", "--image_size", "16", "--num_classes", "10", "--output", str(tmp_path / "o")])
+    assert "weights do not fit DiT-XL/2" in err and "missing" in err and "of another shape" in err and len(err) < 1000
+    assert "export folder or its model.safetensors" in err
