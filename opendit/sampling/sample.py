@@ -104,8 +104,10 @@ def resolve_speed_flags(args: argparse.Namespace, device: torch.device) -> None:
     if args.mixed_precision is None:
         args.mixed_precision = "bf16" if device.type == "cuda" else "fp32"
     args.cuda_graph = cuda_graph_on(args)
-    if device.type != "cuda" and (args.enable_flashattn or args.compile or args.cuda_graph or args.mixed_precision == "fp16"):
-        raise UsageError("--enable_flashattn, --compile, --cuda_graph and --mixed_precision fp16 need a CUDA GPU")
+    gpu_only = [flag for flag, on in (("--enable_flashattn", args.enable_flashattn), ("--compile", args.compile), ("--cuda_graph", args.cuda_graph),
+                                      ("--mixed_precision fp16", args.mixed_precision == "fp16")) if on]
+    if device.type != "cuda" and gpu_only:
+        raise UsageError(f"{' and '.join(gpu_only)} need{'s' if len(gpu_only) == 1 else ''} a CUDA GPU")
     if args.enable_flashattn and args.mixed_precision == "fp32":
         raise UsageError("--enable_flashattn needs --mixed_precision bf16 or fp16")
     if getattr(args, "float8", False):
@@ -361,14 +363,24 @@ def sample(args: argparse.Namespace) -> dict:
     return result
 
 
+def raised_in_parallel(e: BaseException) -> bool:
+    """Whether e comes from opendit/parallel (the split of heads, tokens or frames over the processes), by its innermost frame."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    parallel = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "parallel") + os.sep
+    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(parallel)
+
+
 def main(argv: Optional[list] = None) -> dict:
     args = get_parser().parse_args(argv)
     try:
         return run_or_exit(sample, args)
     except ValueError as e:  # sequence parallelism: heads or tokens that do not divide by the group size
-        if args.sequence_parallel_size == 1 and not args.cfg_parallel:
+        if (args.sequence_parallel_size == 1 and not args.cfg_parallel) or not raised_in_parallel(e):
             raise
-        print(f"error: --sequence_parallel_size {args.sequence_parallel_size}: {e}", file=sys.stderr)
+        flag = f"--sequence_parallel_size {args.sequence_parallel_size}" if args.sequence_parallel_size > 1 else "--cfg_parallel"
+        print(f"error: {flag}: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
         from opendit.parallel.process import cleanup

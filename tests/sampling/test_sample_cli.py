@@ -7,6 +7,7 @@ import pytest
 import torch
 from tiny import TINY_SAMPLING_ARGS, tiny_checkpoint
 
+from opendit.errors import UsageError
 from opendit.sampling import sample as sample_cli
 
 FAST = ["--num_sampling_steps", "2", "--device", "cpu"]
@@ -130,3 +131,32 @@ def test_weights_that_do_not_fit_give_a_short_error_with_a_hint(tmp_path, capsys
     err = error_line(capsys, ["--ckpt", plain, *FAST, "--vae", "none", "--image_size", "16", "--num_classes", "10", "--output", str(tmp_path / "o")])
     assert "weights do not fit DiT-XL/2" in err and "missing" in err and "of another shape" in err and len(err) < 1000
     assert "export folder or its model.safetensors" in err
+
+
+def test_gpu_flags_error_names_only_the_flags_given():
+    args = sample_cli.get_parser().parse_args(["--ckpt", "x", "--compile"])
+    with pytest.raises(UsageError) as e:
+        sample_cli.resolve_speed_flags(args, torch.device("cpu"))
+    assert str(e.value) == "--compile needs a CUDA GPU"
+    args = sample_cli.get_parser().parse_args(["--ckpt", "x", "--cuda_graph", "--mixed_precision", "fp16"])
+    with pytest.raises(UsageError, match="^--cuda_graph and --mixed_precision fp16 need a CUDA GPU$"):
+        sample_cli.resolve_speed_flags(args, torch.device("cpu"))
+
+
+def test_only_errors_of_the_split_are_blamed_on_sequence_parallelism(monkeypatch, capsys):
+    def elsewhere(args):
+        raise ValueError("cannot divide section of 1000 steps into 2000")
+
+    monkeypatch.setattr(sample_cli, "sample", elsewhere)
+    with pytest.raises(ValueError, match="cannot divide section"):  # a bug elsewhere stays a bug, not the sp flag's fault
+        sample_cli.main(["--ckpt", "x", "--sequence_parallel_size", "2"])
+
+    def split(args):
+        from opendit.parallel.mesh import build_mesh
+
+        build_mesh(3, 2, "cpu")
+
+    monkeypatch.setattr(sample_cli, "sample", split)
+    with pytest.raises(SystemExit) as e:
+        sample_cli.main(["--ckpt", "x", "--sequence_parallel_size", "2"])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --sequence_parallel_size 2: sequence-parallel size 2 does not divide")
