@@ -31,8 +31,17 @@ FLOAT8_FAST_ACCUM = True  # --float8: the scaled GEMMs with fast accumulation (m
 OUTPUT_FILE = re.compile(r"\d{4,}-(class\d+|prompt\d+(-class\d+)?-[a-z0-9-]+)\.(png|mp4)|grid\.png|fidelity\.json")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each flag's default once: not when its help already says it, nor for unset (None) or off (False) flags."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     # OpenDiT's flags (Meta DiT's hyphenated spellings are aliases); model flags default to the checkpoint's training config, then to DiT-XL/2 at 256.
     parser.add_argument("--model", type=str, default=None, help=f"registry name (default: from the checkpoint, else {MODEL_DEFAULTS['model']})")
     parser.add_argument("--vae", type=str, default=None, help="ema | mse | none | PATH (default: from the checkpoint, else ema)")
@@ -40,7 +49,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_classes", "--num-classes", type=int, default=None, help="class-table size (default: from the checkpoint, else 1000)")
     parser.add_argument("--cfg_scale", "--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (<= 1: no guidance)")
     parser.add_argument("--num_sampling_steps", "--num-sampling-steps", type=int, default=250, help="denoising steps")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the noise's seed: the same seed and flags give the same samples")
     parser.add_argument("--num_frames", type=int, default=None, help="frames per video (default: from the checkpoint, else 16)")
     parser.add_argument("--noise_schedule", type=str, default=None, choices=["linear", "squaredcos_cap_v2"], help="beta schedule (default: from the checkpoint, else linear)")
     parser.add_argument("--frame_interval", type=int, default=1, help="temporal stride the model was trained with (video)")
@@ -48,10 +57,11 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text_encoder", type=str, default=None, help=f"CLIP text encoder of a text model (default: the checkpoint's, else {DEFAULT_TEXT_ENCODER})")
     parser.add_argument("--ckpt", type=str, required=True, help="checkpoint: this project's (step folder, experiment folder, export folder), an official DiT .pt, or .safetensors")
     # Additions.
-    parser.add_argument("--sampler", type=str, default="ddpm", choices=SAMPLERS)
+    parser.add_argument("--sampler", type=str, default="ddpm", choices=SAMPLERS, help="ddpm, ddim (eta 0) or dpm-solver (DPM-Solver++ 2M)")
     parser.add_argument("--output", type=str, default="samples", help="output folder; refused when it holds an earlier run's samples, unless --overwrite")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run's files in --output (NNNN-*.png/mp4, grid.png, fidelity.json; nothing else)")
-    parser.add_argument("--labels", type=str, default=None, help="comma-separated class labels, or 'all' (default: DiT's 8 ImageNet classes, or 0..9)")
+    parser.add_argument("--labels", type=str, default=None, help="comma-separated class labels, or 'all' "
+                        "(default: DiT's 8 ImageNet classes for a 1000-class model, else the first min(num_classes, 10) classes)")
     parser.add_argument("--prompt", type=str, action="append", default=None, help="a prompt for a text-conditioned model; repeat the flag for several")
     parser.add_argument("--prompt_path", type=str, default=None, help="a text file of prompts, one per line (after any --prompt)")
     parser.add_argument("--per_class", type=int, default=1, help="samples per label (text models: per prompt and label)")
@@ -60,7 +70,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--use_model", action="store_true", help="use the raw model weights instead of the EMA")
     parser.add_argument("--fps", type=float, default=20, help="frames per second of the mp4 files")
     parser.add_argument("--check_fidelity", action="store_true", help="score samples with the built-in shapes class-fidelity checker")
-    parser.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"], help="where to sample (auto: a GPU when there is one)")
     parser.add_argument("--sequence_parallel_size", type=int, default=1, help="under torchrun: processes that split each step's tokens (as in train.py); the rest sample other conditions")
     parser.add_argument("--cfg_parallel", action="store_true", help="under torchrun: the conditional and unconditional halves of each step on two processes (world = dp x 2 x sp)")
     add_speed_flags(parser)
@@ -69,23 +79,25 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_speed_flags(parser: argparse.ArgumentParser) -> None:
-    """--mixed_precision, --enable_flashattn, --enable_modulate_kernel, --compile, --compile_scope, --float8, --bf16_residual, --cuda_graph (sample.py and sample_ddp.py)."""
+def add_speed_flags(parser: argparse.ArgumentParser, ddp: bool = False) -> None:
+    """--mixed_precision, --enable_flashattn, --enable_modulate_kernel, --compile, --compile_scope, --float8, --bf16_residual, --cuda_graph (sample.py and,
+    ddp=True, sample_ddp.py: no --cfg_parallel, sequence parallelism or --attention_broadcast there)."""
     parser.add_argument("--mixed_precision", type=str, default=None, choices=list(PRECISIONS), help="autocast dtype (default: bf16 on a GPU, fp32 on the CPU)")
     parser.add_argument("--enable_flashattn", action="store_true", help="attention on the fused GPU kernels only (cuDNN/flash; bf16/fp16)")
     parser.add_argument("--enable_modulate_kernel", action="store_true", help="Triton fused LayerNorm + modulate (adaLN) in every block")
-    parser.add_argument("--compile", action="store_true", help="GPU: torch.compile the model and capture each whole denoising step as one CUDA graph "
-                        "(not under --cfg_parallel or sequence parallelism: compiled only)")
+    parser.add_argument("--compile", action="store_true", help="GPU: torch.compile the model and capture each whole denoising step as one CUDA graph"
+                        + ("" if ddp else " (not under --cfg_parallel or sequence parallelism: compiled only)"))
     parser.add_argument("--compile_scope", type=str, default="auto", choices=["auto", "model", "blocks"],
-                        help="what --compile compiles: the whole model (faster, longer first call) or each block; auto: model on one process, blocks under sequence parallelism")
+                        help="what --compile compiles: the whole model (faster, longer first call) or each block; auto: "
+                        + ("the whole model" if ddp else "model on one process, blocks under sequence parallelism"))
     parser.add_argument("--float8", action="store_true", help="GPU of compute capability 8.9+ (Ada, Hopper), bf16: the blocks' qkv and MLP GEMMs in float8 e4m3 "
                         "(weights per channel, activations per row; fc1's GELU and the row quantization in one Triton pass)")
     parser.add_argument("--bf16_residual", action="store_true", help="DiT / VDiT under bf16/fp16: carry the residual stream in that dtype, as train.py's flag "
                         "(less memory traffic; changes rounding)")
     parser.add_argument("--cuda_graph", nargs="?", const="on", default="off", choices=["on", "off"],
-                        help="GPU: capture each denoising step as a CUDA graph without compiling (--compile does it too; on every data-parallel rank, "
-                        "not under --cfg_parallel or sequence parallelism); "
-                        "with --attention_broadcast one graph per compute/reuse pattern of the schedule")
+                        help="GPU: capture each denoising step as a CUDA graph without compiling (--compile does it too; on every "
+                        + ("rank)" if ddp else "data-parallel rank, not under --cfg_parallel or sequence parallelism); "
+                           "with --attention_broadcast one graph per compute/reuse pattern of the schedule"))
 
 
 def add_broadcast_flags(parser: argparse.ArgumentParser) -> None:

@@ -27,7 +27,17 @@ from opendit.encoders import load_vae
 from opendit.errors import UsageError, run_or_exit
 from opendit.parallel.process import barrier, cleanup, setup_distributed
 from opendit.sampling.denoise import SAMPLERS, denoise
-from opendit.sampling.sample import add_speed_flags, build_sampling_model, check_sampling_flags, plural, resolve_model_flags, resolve_speed_flags, speed_up
+from opendit.sampling.sample import (
+    MODEL_DEFAULTS,
+    HelpFormatter,
+    add_speed_flags,
+    build_sampling_model,
+    check_sampling_flags,
+    plural,
+    resolve_model_flags,
+    resolve_speed_flags,
+    speed_up,
+)
 from opendit.utils.media import save_image
 
 SETTINGS = "settings.json"  # in the sample folder: what made its PNGs (run_settings)
@@ -35,26 +45,26 @@ SAMPLE_FILE = re.compile(r"\d{6}\.png")
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     # DiT's sample_ddp.py flags (its hyphenated spellings work too); model flags default to the checkpoint's config.
     parser.add_argument("--ckpt", type=str, required=True, help="training checkpoint / experiment / export folder, .safetensors, or an official DiT .pt")
-    parser.add_argument("--model", type=str, default=None)
-    parser.add_argument("--vae", type=str, default=None)
-    parser.add_argument("--image_size", "--image-size", type=int, default=None)
-    parser.add_argument("--num_classes", "--num-classes", type=int, default=None)
-    parser.add_argument("--noise_schedule", type=str, default=None, choices=["linear", "squaredcos_cap_v2"])
-    parser.add_argument("--sample_dir", "--sample-dir", type=str, default="samples")
-    parser.add_argument("--per_proc_batch_size", "--per-proc-batch-size", type=int, default=32)
-    parser.add_argument("--num_fid_samples", "--num-fid-samples", type=int, default=50_000)
+    parser.add_argument("--model", type=str, default=None, help=f"registry name (default: from the checkpoint, else {MODEL_DEFAULTS['model']})")
+    parser.add_argument("--vae", type=str, default=None, help="ema | mse | none | PATH (default: from the checkpoint, else ema)")
+    parser.add_argument("--image_size", "--image-size", type=int, default=None, help="image side in pixels (default: from the checkpoint, else 256)")
+    parser.add_argument("--num_classes", "--num-classes", type=int, default=None, help="class-table size (default: from the checkpoint, else 1000)")
+    parser.add_argument("--noise_schedule", type=str, default=None, choices=["linear", "squaredcos_cap_v2"], help="beta schedule (default: from the checkpoint, else linear)")
+    parser.add_argument("--sample_dir", "--sample-dir", type=str, default="samples", help="the sample folder and its .npz go here")
+    parser.add_argument("--per_proc_batch_size", "--per-proc-batch-size", type=int, default=32, help="samples per forward pass on each rank")
+    parser.add_argument("--num_fid_samples", "--num-fid-samples", type=int, default=50_000, help="samples in all, over every rank")
     parser.add_argument("--cfg_scale", "--cfg-scale", type=float, default=1.5, help="classifier-free guidance (<= 1: off)")
-    parser.add_argument("--cfg_channels", type=str, default="3", choices=["3", "all"])
-    parser.add_argument("--num_sampling_steps", "--num-sampling-steps", type=int, default=250)
-    parser.add_argument("--sampler", type=str, default="ddpm", choices=SAMPLERS)
-    parser.add_argument("--global_seed", "--global-seed", type=int, default=0)
+    parser.add_argument("--cfg_channels", type=str, default="3", choices=["3", "all"], help="channels guided: 3 as in DiT's published numbers, or all")
+    parser.add_argument("--num_sampling_steps", "--num-sampling-steps", type=int, default=250, help="denoising steps")
+    parser.add_argument("--sampler", type=str, default="ddpm", choices=SAMPLERS, help="ddpm, ddim (eta 0) or dpm-solver (DPM-Solver++ 2M)")
+    parser.add_argument("--global_seed", "--global-seed", type=int, default=0, help="each batch's labels and noise come from (this, its first sample index)")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls (DiT: on)")
-    parser.add_argument("--use_model", action="store_true", help="the raw model weights instead of the EMA")
-    parser.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"])
-    add_speed_flags(parser)
+    parser.add_argument("--use_model", action="store_true", help="the raw model weights instead of the EMA (training checkpoints)")
+    parser.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"], help="where to sample (auto: a GPU when there is one)")
+    add_speed_flags(parser, ddp=True)
     return parser
 
 

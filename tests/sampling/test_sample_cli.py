@@ -160,3 +160,16 @@ def test_only_errors_of_the_split_are_blamed_on_sequence_parallelism(monkeypatch
     with pytest.raises(SystemExit) as e:
         sample_cli.main(["--ckpt", "x", "--sequence_parallel_size", "2"])
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --sequence_parallel_size 2: sequence-parallel size 2 does not divide")
+
+
+def test_help_shows_each_default_once():
+    from opendit.sampling import sample_ddp
+
+    parser = sample_cli.get_parser()
+    for action in parser._actions:
+        assert action.help and parser._get_formatter()._expand_help(action).count("default") <= 1, action.dest
+    text = " ".join(parser.format_help().split())
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: 4.0)" in text
+    assert "--seed SEED the noise's seed" in text and "--sampler {ddpm,ddim,dpm-solver} ddpm, ddim" in text
+    ddp = " ".join(sample_ddp.get_parser().format_help().split())
+    assert "(default: 50000)" in ddp and "(default: 32)" in ddp and "--cfg_parallel" not in ddp and "--attention_broadcast" not in ddp
