@@ -109,8 +109,11 @@ def check_resume(folder: str, settings: dict) -> list:
         raise UsageError(f"{folder}: holds {plural(len(found), 'sample')} but no {SETTINGS} recording how they were made; move them away or choose another --sample_dir")
     if not found:
         return found
-    with open(path) as f:
-        saved = json.load(f)
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except ValueError:
+        raise UsageError(f"{path}: not readable as JSON, so its {plural(len(found), 'sample')} cannot be matched to this run; move them away or choose another --sample_dir") from None
     for key, value in settings.items():
         if key != "ckpt" and saved.get(key) != value:
             then = f"the weights of {saved.get('ckpt')} (digest {saved.get(key)})" if key == "weights" else as_flag(key, saved.get(key))

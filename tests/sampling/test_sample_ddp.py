@@ -62,9 +62,13 @@ def test_resumed_run_reports_new_and_reused(tmp_path, capsys):
 def test_samples_without_settings_are_not_reused(tmp_path, capsys):
     ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
     result, _ = run(capsys, ckpt, tmp_path / "s")
-    os.remove(os.path.join(result["folder"], "settings.json"))  # as a folder written before the check existed
+    settings = os.path.join(result["folder"], "settings.json")
+    os.remove(settings)  # as a folder written before the check existed
     err = refused(capsys, ckpt, tmp_path / "s")
     assert "no settings.json" in err and "3 samples" in err
+    with open(settings, "w") as f:
+        f.write("{ half")
+    assert "not readable as JSON" in refused(capsys, ckpt, tmp_path / "s")
 
 
 def test_bad_values_are_refused_before_anything_loads(tmp_path, capsys):
