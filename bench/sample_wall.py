@@ -117,7 +117,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, vae_dir = write_inputs(tmp, opts.tiny)
         model = ["--model", "DiT-S/2", "--image_size", "64", "--device", "cpu"] if opts.tiny else ["--model", "DiT-XL/2", "--image_size", "256"]
-        base = [*model, "--ckpt", ckpt, "--vae", vae_dir, "--num_sampling_steps", str(5 if opts.tiny else opts.steps), "--output", os.path.join(tmp, "out")]
+        base = [*model, "--ckpt", ckpt, "--vae", vae_dir, "--num_sampling_steps", str(5 if opts.tiny else opts.steps), "--output", os.path.join(tmp, "out"),
+                "--overwrite"]  # every run writes the same folder
         print(f"# python sample.py end to end, {gpu}, torch {torch.__version__}, {'DiT-S/2 at 64' if opts.tiny else 'DiT-XL/2 at 256'}, 8 images, cfg 4\n")
         print("| variant | run | wall | " + " | ".join(PARTS) + " | unaccounted | outside the loop |")
         print("|---|---:|---:|" + "---:|" * len(PARTS) + "---:|---:|")

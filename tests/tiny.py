@@ -1,4 +1,6 @@
 """Helpers for tiny test models (tests/conftest.py puts tests/ on sys.path)."""
+import os
+
 import torch
 
 
@@ -47,3 +49,19 @@ def run_steps(step, steps: int = 7) -> tuple:
     results = [step(x, {"y": y}) for x, y in data]
     losses = torch.stack([r.loss_dict["loss"].mean() for r in results]).cpu()
     return losses, [r.lr for r in results], [p.detach().clone() for p in step.model.parameters()], [e.clone() for e in step.ema.state_dict().values()]
+
+
+# A pixel-space DiT-S/2 of one block at 16 px (10 classes) as sample.py / sample_ddp.py read it: random weights, built in milliseconds.
+TINY_SAMPLING_CONFIG = dict(model="DiT-S/2", input_size=16, in_channels=3, num_classes=10, depth=1, hidden_size=32, num_heads=2)
+TINY_SAMPLING_ARGS = dict(model="DiT-S/2", vae="none", image_size=16, num_classes=10, noise_schedule="linear")
+
+
+def tiny_checkpoint(path, config=TINY_SAMPLING_CONFIG, args=TINY_SAMPLING_ARGS, seed: int = 0, plain: bool = False) -> str:
+    """Save {"ema", "model", "config"} (plain: a bare state dict, as Meta's released .pt) of random weights at path; -> path."""
+    from opendit.builders import build_model
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.manual_seed(seed)
+    state = {k: 0.05 * torch.randn_like(v) for k, v in build_model(config).state_dict().items()}
+    torch.save(state if plain else {"ema": state, "model": {k: v + 0.01 for k, v in state.items()}, "config": {"model": config, "args": args}}, path)
+    return str(path)

@@ -18,6 +18,8 @@ from opendit.errors import CheckpointError
 OFFICIAL_DIT_CHECKPOINTS = {"DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt"}
 
 OFFICIAL_DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/{}"
+SINGLE_SET = ("--ckpt {}: holds a single set of weights (an export, a .safetensors file or a plain state-dict .pt), not both the EMA and the raw model; "
+              "the raw model weights (--use_model) come from a training checkpoint")
 
 
 def _download_official(name: str) -> str:
@@ -138,7 +140,8 @@ def load_model_weights(path: str, use_ema: bool = True) -> tuple[Dict[str, torch
     Weights for sampling, on this process alone, from: a training checkpoint (step folder or experiment folder; the
     EMA by default, read from the DCP shards), an export folder or its model.safetensors (opendit/export.py), an
     official DiT .pt (a plain state dict), a .pt with an "ema"/"model" entry, or an OpenDiT checkpoint folder.
-    Returns (state_dict, training config or None).
+    Returns (state_dict, training config or None). use_ema=False (the raw model weights) is refused for the formats
+    that hold a single set of weights (export, .safetensors, plain state dict).
     """
     if not os.path.exists(path) and os.path.basename(path) in OFFICIAL_DIT_CHECKPOINTS:
         path = _download_official(os.path.basename(path))
@@ -147,6 +150,8 @@ def load_model_weights(path: str, use_ema: bool = True) -> tuple[Dict[str, torch
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, EXPORT_WEIGHTS)):
         path = os.path.join(path, EXPORT_WEIGHTS)
     if path.endswith(".safetensors"):
+        if not use_ema:
+            raise CheckpointError(SINGLE_SET.format(path))
         return _load_safetensors(path)
     if is_opendit_folder(path):
         return load_opendit_folder(path, use_ema), None
@@ -165,4 +170,6 @@ def load_model_weights(path: str, use_ema: bool = True) -> tuple[Dict[str, torch
         return obj[key], config
     if "ema" in obj or "model" in obj:
         raise CheckpointError(f"--ckpt {path}: holds no '{key}' weights")
+    if not use_ema:
+        raise CheckpointError(SINGLE_SET.format(path))
     return obj, config  # a plain state dict, as in Meta's released checkpoints

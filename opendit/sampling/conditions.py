@@ -39,6 +39,8 @@ def read_prompts(args: argparse.Namespace) -> list:
                 prompts += [line.strip() for line in f if line.strip()]
         except OSError as e:
             raise UsageError(f"--prompt_path {args.prompt_path}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--prompt_path {args.prompt_path}: not UTF-8 text (byte {e.start}); save the prompts as UTF-8") from None
     return prompts
 
 

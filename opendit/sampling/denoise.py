@@ -9,10 +9,26 @@ import torch.distributed as dist
 
 from opendit.builders import PRECISIONS
 from opendit.diffusion import create_diffusion
+from opendit.errors import UsageError
 from opendit.sampling.engine import Engine, Guided, make_schedule
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver")
+TRAINING_STEPS = 1000  # the schedule every sampler spaces its steps over (create_diffusion's diffusion_steps)
 _ENGINES: dict = {}  # one engine (and its CUDA graph) per model and sampling setting, reused across batches
+
+
+def check_steps(sampler: str, steps: int) -> None:
+    """One-line error for a --num_sampling_steps the sampler cannot space over the training schedule."""
+    if sampler == "ddim":  # an integer stride over the schedule: 1000 / stride, rounded up
+        allowed = sorted({len(range(0, TRAINING_STEPS, stride)) for stride in range(1, TRAINING_STEPS)})
+        if steps not in allowed:
+            near = [n for n in (max([n for n in allowed if n < steps], default=None), min([n for n in allowed if n > steps], default=None)) if n]
+            raise UsageError(f"--num_sampling_steps {steps}: --sampler ddim takes a count that an integer stride over the {TRAINING_STEPS}-step schedule "
+                             f"gives ({allowed[0]}-{allowed[-1]}, e.g. 50, 100, 250; nearest: {' or '.join(map(str, near))})")
+        return
+    low, high = (2, TRAINING_STEPS) if sampler == "ddpm" else (1, TRAINING_STEPS - 1)  # DDPM's posterior needs 2; DPM-Solver: steps + 1 distinct timesteps
+    if not low <= steps <= high:
+        raise UsageError(f"--num_sampling_steps {steps}: --sampler {sampler} takes {low} to {high} steps (the schedule has {TRAINING_STEPS})")
 
 
 def cuda_graph_on(args: argparse.Namespace) -> bool:

@@ -1,6 +1,8 @@
 """Sample images (PNG grid + one file each) or videos (one mp4 each) from a trained DiT / VDiT, by class or prompt."""
 import argparse
+import math
 import os
+import re
 import sys
 from typing import Optional
 
@@ -18,17 +20,28 @@ from opendit.sampling.conditions import (
     prompt_directions,
     read_prompts,
 )
-from opendit.sampling.denoise import SAMPLERS, cuda_graph_on, denoise, wants_graph
-from opendit.sampling.fidelity import check_fidelity
+from opendit.sampling.denoise import SAMPLERS, check_steps, cuda_graph_on, denoise, wants_graph
+from opendit.sampling.fidelity import check_fidelity, check_shapes_labels
 from opendit.sampling.layout import SamplingLayout, build_layout
 
 # Flags that fall back to the checkpoint's training config when not given, then to these defaults.
 MODEL_DEFAULTS = dict(model="DiT-XL/2", vae="ema", image_size=256, num_classes=1000, num_frames=16, noise_schedule="linear")
 FLOAT8_FAST_ACCUM = True  # --float8: the scaled GEMMs with fast accumulation (measured faster at the same quality: docs/benchmarks.md)
+# What sample.py writes into --output: NNNN-*.png / .mp4, grid.png and --check_fidelity's report (--overwrite removes these only).
+OUTPUT_FILE = re.compile(r"\d{4,}-(class\d+|prompt\d+(-class\d+)?-[a-z0-9-]+)\.(png|mp4)|grid\.png|fidelity\.json")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each flag's default once: not when its help already says it, nor for unset (None) or off (False) flags."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     # OpenDiT's flags (Meta DiT's hyphenated spellings are aliases); model flags default to the checkpoint's training config, then to DiT-XL/2 at 256.
     parser.add_argument("--model", type=str, default=None, help=f"registry name (default: from the checkpoint, else {MODEL_DEFAULTS['model']})")
     parser.add_argument("--vae", type=str, default=None, help="ema | mse | none | PATH (default: from the checkpoint, else ema)")
@@ -36,7 +49,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_classes", "--num-classes", type=int, default=None, help="class-table size (default: from the checkpoint, else 1000)")
     parser.add_argument("--cfg_scale", "--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (<= 1: no guidance)")
     parser.add_argument("--num_sampling_steps", "--num-sampling-steps", type=int, default=250, help="denoising steps")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the noise's seed: the same seed and flags give the same samples")
     parser.add_argument("--num_frames", type=int, default=None, help="frames per video (default: from the checkpoint, else 16)")
     parser.add_argument("--noise_schedule", type=str, default=None, choices=["linear", "squaredcos_cap_v2"], help="beta schedule (default: from the checkpoint, else linear)")
     parser.add_argument("--frame_interval", type=int, default=1, help="temporal stride the model was trained with (video)")
@@ -44,9 +57,11 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text_encoder", type=str, default=None, help=f"CLIP text encoder of a text model (default: the checkpoint's, else {DEFAULT_TEXT_ENCODER})")
     parser.add_argument("--ckpt", type=str, required=True, help="checkpoint: this project's (step folder, experiment folder, export folder), an official DiT .pt, or .safetensors")
     # Additions.
-    parser.add_argument("--sampler", type=str, default="ddpm", choices=SAMPLERS)
-    parser.add_argument("--output", type=str, default="samples", help="output folder")
-    parser.add_argument("--labels", type=str, default=None, help="comma-separated class labels, or 'all' (default: DiT's 8 ImageNet classes, or 0..9)")
+    parser.add_argument("--sampler", type=str, default="ddpm", choices=SAMPLERS, help="ddpm, ddim (eta 0) or dpm-solver (DPM-Solver++ 2M)")
+    parser.add_argument("--output", type=str, default="samples", help="output folder; refused when it holds an earlier run's samples, unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run's files in --output (NNNN-*.png/mp4, grid.png, fidelity.json; nothing else)")
+    parser.add_argument("--labels", type=str, default=None, help="comma-separated class labels, or 'all' "
+                        "(default: DiT's 8 ImageNet classes for a 1000-class model, else the first min(num_classes, 10) classes)")
     parser.add_argument("--prompt", type=str, action="append", default=None, help="a prompt for a text-conditioned model; repeat the flag for several")
     parser.add_argument("--prompt_path", type=str, default=None, help="a text file of prompts, one per line (after any --prompt)")
     parser.add_argument("--per_class", type=int, default=1, help="samples per label (text models: per prompt and label)")
@@ -55,7 +70,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--use_model", action="store_true", help="use the raw model weights instead of the EMA")
     parser.add_argument("--fps", type=float, default=20, help="frames per second of the mp4 files")
     parser.add_argument("--check_fidelity", action="store_true", help="score samples with the built-in shapes class-fidelity checker")
-    parser.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"], help="where to sample (auto: a GPU when there is one)")
     parser.add_argument("--sequence_parallel_size", type=int, default=1, help="under torchrun: processes that split each step's tokens (as in train.py); the rest sample other conditions")
     parser.add_argument("--cfg_parallel", action="store_true", help="under torchrun: the conditional and unconditional halves of each step on two processes (world = dp x 2 x sp)")
     add_speed_flags(parser)
@@ -64,23 +79,25 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_speed_flags(parser: argparse.ArgumentParser) -> None:
-    """--mixed_precision, --enable_flashattn, --enable_modulate_kernel, --compile, --compile_scope, --float8, --bf16_residual, --cuda_graph (sample.py and sample_ddp.py)."""
+def add_speed_flags(parser: argparse.ArgumentParser, ddp: bool = False) -> None:
+    """--mixed_precision, --enable_flashattn, --enable_modulate_kernel, --compile, --compile_scope, --float8, --bf16_residual, --cuda_graph (sample.py and,
+    ddp=True, sample_ddp.py: no --cfg_parallel, sequence parallelism or --attention_broadcast there)."""
     parser.add_argument("--mixed_precision", type=str, default=None, choices=list(PRECISIONS), help="autocast dtype (default: bf16 on a GPU, fp32 on the CPU)")
     parser.add_argument("--enable_flashattn", action="store_true", help="attention on the fused GPU kernels only (cuDNN/flash; bf16/fp16)")
     parser.add_argument("--enable_modulate_kernel", action="store_true", help="Triton fused LayerNorm + modulate (adaLN) in every block")
-    parser.add_argument("--compile", action="store_true", help="GPU: torch.compile the model and capture each whole denoising step as one CUDA graph "
-                        "(not under --cfg_parallel or sequence parallelism: compiled only)")
+    parser.add_argument("--compile", action="store_true", help="GPU: torch.compile the model and capture each whole denoising step as one CUDA graph"
+                        + ("" if ddp else " (not under --cfg_parallel or sequence parallelism: compiled only)"))
     parser.add_argument("--compile_scope", type=str, default="auto", choices=["auto", "model", "blocks"],
-                        help="what --compile compiles: the whole model (faster, longer first call) or each block; auto: model on one process, blocks under sequence parallelism")
+                        help="what --compile compiles: the whole model (faster, longer first call) or each block; auto: "
+                        + ("the whole model" if ddp else "model on one process, blocks under sequence parallelism"))
     parser.add_argument("--float8", action="store_true", help="GPU of compute capability 8.9+ (Ada, Hopper), bf16: the blocks' qkv and MLP GEMMs in float8 e4m3 "
                         "(weights per channel, activations per row; fc1's GELU and the row quantization in one Triton pass)")
     parser.add_argument("--bf16_residual", action="store_true", help="DiT / VDiT under bf16/fp16: carry the residual stream in that dtype, as train.py's flag "
                         "(less memory traffic; changes rounding)")
     parser.add_argument("--cuda_graph", nargs="?", const="on", default="off", choices=["on", "off"],
-                        help="GPU: capture each denoising step as a CUDA graph without compiling (--compile does it too; on every data-parallel rank, "
-                        "not under --cfg_parallel or sequence parallelism); "
-                        "with --attention_broadcast one graph per compute/reuse pattern of the schedule")
+                        help="GPU: capture each denoising step as a CUDA graph without compiling (--compile does it too; on every "
+                        + ("rank)" if ddp else "data-parallel rank, not under --cfg_parallel or sequence parallelism); "
+                           "with --attention_broadcast one graph per compute/reuse pattern of the schedule"))
 
 
 def add_broadcast_flags(parser: argparse.ArgumentParser) -> None:
@@ -99,8 +116,10 @@ def resolve_speed_flags(args: argparse.Namespace, device: torch.device) -> None:
     if args.mixed_precision is None:
         args.mixed_precision = "bf16" if device.type == "cuda" else "fp32"
     args.cuda_graph = cuda_graph_on(args)
-    if device.type != "cuda" and (args.enable_flashattn or args.compile or args.cuda_graph or args.mixed_precision == "fp16"):
-        raise UsageError("--enable_flashattn, --compile, --cuda_graph and --mixed_precision fp16 need a CUDA GPU")
+    gpu_only = [flag for flag, on in (("--enable_flashattn", args.enable_flashattn), ("--compile", args.compile), ("--cuda_graph", args.cuda_graph),
+                                      ("--mixed_precision fp16", args.mixed_precision == "fp16")) if on]
+    if device.type != "cuda" and gpu_only:
+        raise UsageError(f"{' and '.join(gpu_only)} need{'s' if len(gpu_only) == 1 else ''} a CUDA GPU")
     if args.enable_flashattn and args.mixed_precision == "fp32":
         raise UsageError("--enable_flashattn needs --mixed_precision bf16 or fp16")
     if getattr(args, "float8", False):
@@ -141,10 +160,21 @@ def speed_up(args: argparse.Namespace, model: torch.nn.Module, mesh=None) -> tor
                        low_precision_residual=getattr(args, "bf16_residual", False))
 
 
-def resolve_model_flags(args: argparse.Namespace, train_config: Optional[dict]) -> None:
-    """Fill unset model flags from the checkpoint's training config, then from OpenDiT's defaults."""
+def resolve_model_flags(args: argparse.Namespace, train_config: Optional[dict]) -> list:
+    """Fill unset model flags from the checkpoint's training config, then from OpenDiT's defaults; a one-line error
+    when a given flag contradicts the config. -> notes to print (a --num_frames other than the trained one)"""
     saved_args = (train_config or {}).get("args", {})
     saved_model = (train_config or {}).get("model", {})
+    notes = []
+    for key in MODEL_DEFAULTS:
+        given, saved = getattr(args, key), saved_args.get(key)
+        if given is None or saved is None or given == saved:
+            continue
+        if key == "num_frames":  # the temporal position embedding is computed for any count
+            if args.use_video or saved_args.get("use_video"):
+                notes.append(f"note: --num_frames {given}: the checkpoint was trained on {saved}-frame clips")
+        elif key != "vae" or (given == "none") != (saved == "none"):  # ema, mse or a local VAE folder: the same latent space
+            raise UsageError(f"--{key} {given}: the checkpoint in --ckpt {args.ckpt} was trained with {saved}; leave the flag out to use the checkpoint's")
     for key, default in MODEL_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, saved_args.get(key, default))
@@ -152,6 +182,7 @@ def resolve_model_flags(args: argparse.Namespace, train_config: Optional[dict]) 
         setattr(args, key, saved_model.get(key))
     if saved_args.get("use_video"):
         args.use_video = True
+    return notes
 
 
 def resolve_text_flags(args: argparse.Namespace, state_dict: dict, prompts: list, train_config: Optional[dict]) -> int:
@@ -180,14 +211,30 @@ def setup_parallel(args: argparse.Namespace):
     return info, build_layout(info.rank, info.world_size, args.sequence_parallel_size, args.cfg_parallel, info.device.type)
 
 
-def build_sampling_model(args: argparse.Namespace, config: dict, state_dict: dict, device: torch.device) -> torch.nn.Module:
-    """The model of config with the checkpoint's weights (strict), in eval mode; a one-line error when they do not fit."""
+def weights_mismatch(model: torch.nn.Module, state_dict: dict) -> str:
+    """How state_dict differs from the model's own: a count and the first few names of each kind of difference."""
+    own = model.state_dict()
+    kinds = {
+        "missing": [k for k in own if k not in state_dict],
+        "unexpected": [k for k in state_dict if k not in own],
+        "of another shape": [f"{k} {list(state_dict[k].shape)} in the file, {list(own[k].shape)} in the model"
+                             for k in own if k in state_dict and state_dict[k].shape != own[k].shape],
+    }
+    return "; ".join(f"{len(keys)} {kind}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}" for kind, keys in kinds.items() if keys)
+
+
+def build_sampling_model(args: argparse.Namespace, config: dict, state_dict: dict, device: torch.device, has_config: bool = True) -> torch.nn.Module:
+    """The model of config with the checkpoint's weights (strict), in eval mode; a one-line error when they do not fit
+    (has_config=False: the checkpoint carried no training config, so the model flags came from the user or the defaults)."""
     with torch.device(device):  # initialised where it runs: the random init of a large model is slow on the CPU
         model = build_model(config)
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
-        raise UsageError(f"--ckpt {args.ckpt}: weights do not fit {args.model} at --image_size {args.image_size} ({str(e).splitlines()[1].strip()})") from None
+        why = weights_mismatch(model, state_dict) or str(e).strip().splitlines()[-1][:300]
+        hint = ("; the file carries no config, so the model came from the flags: pass the export folder or its model.safetensors, which carry "
+                "the config (or the --model, --image_size and --num_classes it was trained with)") if not has_config and os.path.isfile(args.ckpt) else ""
+        raise UsageError(f"--ckpt {args.ckpt}: weights do not fit {args.model} at --image_size {args.image_size} ({why}){hint}") from None
     if getattr(args, "float8", False):  # quantized from the fp32 weights, before the bf16 cast
         from opendit.kernels.float8 import to_float8
 
@@ -205,6 +252,28 @@ def cast_matmul_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.
     return model
 
 
+def output_files(folder: str) -> list:
+    """The files of an earlier sample.py run in folder (OUTPUT_FILE), sorted; [] when there is no such folder."""
+    return sorted(n for n in os.listdir(folder) if OUTPUT_FILE.fullmatch(n) and os.path.isfile(os.path.join(folder, n))) if os.path.isdir(folder) else []
+
+
+def check_output(args: argparse.Namespace) -> None:
+    """Before anything loads: --output must be (or be creatable as) a folder, and hold no earlier run's files unless --overwrite."""
+    path = os.path.abspath(args.output)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise UsageError(f"--output {args.output}: {path} is a file, not a folder")
+    earlier = output_files(args.output)
+    if earlier and not args.overwrite:
+        raise UsageError(f"--output {args.output}: holds {len(earlier)} files of an earlier run ({', '.join(earlier[:3])}{', ...' if len(earlier) > 3 else ''}); "
+                         "pass --overwrite to replace them, or choose another folder")
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def gather_samples(outputs: list, layout: SamplingLayout) -> Optional[torch.Tensor]:
     """Every dp group's decoded samples, in order, on rank 0 (None elsewhere)."""
     mine = torch.cat(outputs) if outputs else None
@@ -217,12 +286,24 @@ def gather_samples(outputs: list, layout: SamplingLayout) -> Optional[torch.Tens
     return torch.cat([p for p in parts if p is not None]) if layout.rank == 0 else None
 
 
+def check_sampling_flags(args: argparse.Namespace) -> None:
+    """One-line errors, before anything loads, for values no run can use (sample.py and sample_ddp.py)."""
+    for flag in ("per_class", "batch_size", "num_fid_samples", "per_proc_batch_size"):
+        if getattr(args, flag, 1) < 1:
+            raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if not math.isfinite(args.cfg_scale):
+        raise UsageError(f"--cfg_scale {args.cfg_scale:g}: must be a finite number (<= 1: no guidance)")
+    if not (math.isfinite(getattr(args, "fps", 1)) and getattr(args, "fps", 1) > 0):
+        raise UsageError(f"--fps {args.fps:g}: must be a positive number")
+    check_steps(args.sampler, args.num_sampling_steps)
+
+
 @torch.no_grad()
 def sample(args: argparse.Namespace) -> dict:
-    if args.num_sampling_steps < 1 or args.per_class < 1 or args.batch_size < 1:
-        raise UsageError("--num_sampling_steps, --per_class and --batch_size must be at least 1")
+    check_sampling_flags(args)
+    check_output(args)
     state_dict, train_config = load_model_weights(args.ckpt, use_ema=not args.use_model)
-    resolve_model_flags(args, train_config)
+    notes = resolve_model_flags(args, train_config)
     check_model_flags(args.model, args.image_size, args.vae, args.use_video)
     prompts = read_prompts(args)
     text_dim = resolve_text_flags(args, state_dict, prompts, train_config)
@@ -232,19 +313,28 @@ def sample(args: argparse.Namespace) -> dict:
     info, layout = setup_parallel(args)
     device = info.device if info else torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     resolve_speed_flags(args, device)
-    if wants_graph(args) and (layout.cfg > 1 or layout.sp > 1) and layout.rank == 0:
-        print("note: --compile / --cuda_graph: steps with --cfg_parallel or sequence parallelism run without CUDA graphs (their collectives are not captured)")
+    if wants_graph(args) and (layout.cfg > 1 or layout.sp > 1):
+        notes.append("note: --compile / --cuda_graph: steps with --cfg_parallel or sequence parallelism run without CUDA graphs (their collectives are not captured)")
+    for note in notes if layout.rank == 0 else []:
+        print(note)
 
     vae = load_vae(args.vae, device)
     text_encoder = load_text_encoder(args.text_encoder, device) if text_dim else None
     if text_encoder is not None and text_encoder.dim != text_dim:
         raise UsageError(f"--text_encoder {args.text_encoder}: gives {text_encoder.dim}-d embeddings; the checkpoint's model takes {text_dim}-d")
     config = model_config(args, vae, text_encoder)
-    model = speed_up(args, build_sampling_model(args, config, state_dict, device), layout.mesh)
+    model = speed_up(args, build_sampling_model(args, config, state_dict, device, has_config=train_config is not None), layout.mesh)
 
     labels, prompt_ids = conditions(args, prompts, model.y_embedder is not None)
     name_class = not prompts or args.labels is not None
     fidelity_labels = (labels if name_class else prompt_classes([prompts[j] for j in prompt_ids])) if args.check_fidelity else None
+    if fidelity_labels is not None:
+        check_shapes_labels(fidelity_labels)
+    if layout.rank == 0:  # the writing rank: the folder exists before any sampling
+        try:
+            os.makedirs(args.output, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--output {args.output}: cannot be created ({e.strerror or e})") from None
     text_emb = text_encoder.encode(prompts) if text_encoder is not None else None  # (P, text_dim), each prompt once
     null_text = text_encoder.null_embedding() if text_encoder is not None else None  # (1, text_dim)
     latent_shape = (config["in_channels"], args.num_frames, config["input_size"], config["input_size"]) if args.use_video else (config["in_channels"], config["input_size"], config["input_size"])
@@ -264,7 +354,8 @@ def sample(args: argparse.Namespace) -> dict:
 
     from opendit.utils.media import save_image, save_image_grid, save_video
 
-    os.makedirs(args.output, exist_ok=True)
+    for name in output_files(args.output):  # --overwrite (checked up front): no earlier file stays beside the new ones
+        os.remove(os.path.join(args.output, name))
     files = []
     for i, (x, label, j) in enumerate(zip(samples, labels, prompt_ids)):
         stem = os.path.join(args.output, file_stem(i, label, j, prompts, name_class))
@@ -274,7 +365,7 @@ def sample(args: argparse.Namespace) -> dict:
             files.append(save_image(x, stem + ".png"))
     if not args.use_video:
         files.append(save_image_grid(samples, os.path.join(args.output, "grid.png"), nrow=max(args.per_class, 4) if args.per_class > 1 else 4))
-    print(f"Saved {len(samples)} samples to {args.output}")
+    print(f"Saved {plural(len(samples), 'sample')} to {args.output}")
     result = {"files": files, "labels": labels}
     if prompts:
         result["prompts"] = [prompts[j] for j in prompt_ids]
@@ -284,14 +375,24 @@ def sample(args: argparse.Namespace) -> dict:
     return result
 
 
+def raised_in_parallel(e: BaseException) -> bool:
+    """Whether e comes from opendit/parallel (the split of heads, tokens or frames over the processes), by its innermost frame."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    parallel = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "parallel") + os.sep
+    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(parallel)
+
+
 def main(argv: Optional[list] = None) -> dict:
     args = get_parser().parse_args(argv)
     try:
         return run_or_exit(sample, args)
     except ValueError as e:  # sequence parallelism: heads or tokens that do not divide by the group size
-        if args.sequence_parallel_size == 1 and not args.cfg_parallel:
+        if (args.sequence_parallel_size == 1 and not args.cfg_parallel) or not raised_in_parallel(e):
             raise
-        print(f"error: --sequence_parallel_size {args.sequence_parallel_size}: {e}", file=sys.stderr)
+        flag = f"--sequence_parallel_size {args.sequence_parallel_size}" if args.sequence_parallel_size > 1 else "--cfg_parallel"
+        print(f"error: {flag}: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
         from opendit.parallel.process import cleanup

@@ -141,7 +141,7 @@ def test_sample_cli_with_broadcast(tmp_path, capsys):
     assert os.listdir(tmp_path / "s") == ["0000-class1.mp4"]
     for bad, flag in ((["--broadcast_every", "0"], "--broadcast_every"), (["--broadcast_mlp_range", "0.9,0.1"], "--broadcast_mlp_range")):
         with pytest.raises(SystemExit) as e:
-            sample_cli.main(base + ["--attention_broadcast", *bad])
+            sample_cli.main(base + ["--attention_broadcast", *bad, "--output", str(tmp_path / "bad")])  # "s" holds the run above
         err = capsys.readouterr().err
         assert e.value.code == 2 and flag in err and "Traceback" not in err
 
