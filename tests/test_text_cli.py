@@ -100,10 +100,12 @@ def test_video_text_model_writes_mp4_per_prompt(clip, tmp_path):
     assert read_video(result["files"][1]).shape == (3, 16, 16, 3)
 
 
-def one_line_error(capsys, *argv, needles=()):
+def one_line_error(capsys, *argv, needles=(), tmp_output="/nonexistent/samples"):
+    """The run must stop in one line before writing anything; its --output, unless given, is not the checkout's samples/
+    (whose earlier files would be refused first)."""
     capsys.readouterr()  # drop earlier output
     with pytest.raises(SystemExit) as e:
-        run(*argv)
+        run(*argv, *([] if "--output" in argv else ["--output", str(tmp_output)]))
     assert e.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), lines
