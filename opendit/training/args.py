@@ -13,13 +13,21 @@ from opendit.training.profile import parse_steps
 DEFAULT_BATCH = 2
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to a flag's help once: not for an unset (None), empty or off default, which the help describes."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default == "" or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     # OpenDiT's flags, same names and defaults; Meta DiT's hyphenated spellings are aliases.
     parser.add_argument("--model", type=str, default="DiT-XL/2", help="registry name, e.g. DiT-XL/2 or VDiT-XL/1x2x2")
     parser.add_argument("--vae", type=str, default="ema", help="ema | mse (Stable Diffusion VAEs) | none (pixel space) | a local path or hub id")
-    parser.add_argument("--use_video", action="store_true", help="train a video model (VDiT) on clips")
+    parser.add_argument("--use_video", action="store_true", help="train a video model (VDiT, Latte, vDiT) on clips")
     parser.add_argument("--plugin", type=str, default="zero2", help="zero2 | zero3 (FSDP2: sharded optimizer, gradients, EMA; zero3 also parameters) | ddp; one process trains unwrapped")
     parser.add_argument("--outputs", "--results-dir", type=str, default="./outputs", help="parent folder of the experiment folders")
     parser.add_argument("--load", type=str, default=None, help="resume from a checkpoint folder or an experiment folder (its latest checkpoint); auto: --experiment_dir's latest, if any")
@@ -29,15 +37,15 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_path", "--data-path", type=str, default="./datasets", help="dataset location; when it does not exist the built-in shapes data is used")
     parser.add_argument("--image_size", "--image-size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--num_classes", "--num-classes", type=int, default=1000, help="size of the class-label table (unlabelled data: none is built)")
-    parser.add_argument("--epochs", type=int, default=1400)
-    parser.add_argument("--batch_size", type=int, default=None, help=f"per data-parallel rank (default {DEFAULT_BATCH})")
+    parser.add_argument("--epochs", type=int, default=1400, help="passes over the data (--max_steps stops earlier)")
+    parser.add_argument("--batch_size", type=int, default=None, help=f"per data-parallel rank (default: {DEFAULT_BATCH})")
     parser.add_argument("--global_batch_size", "--global-batch-size", type=int, default=None, help="Meta DiT's batch flag: the batch over all data-parallel ranks (divided by their number)")
-    parser.add_argument("--global_seed", "--global-seed", type=int, default=42, help="rank r seeds with global_seed * world_size + r")
+    parser.add_argument("--global_seed", "--global-seed", type=int, default=42, help="t and noise: seed global_seed * dp_size + dp_rank (sequence-parallel peers share it); data order: global_seed")
     parser.add_argument("--num_workers", "--num-workers", type=int, default=4, help="DataLoader worker processes")
     parser.add_argument("--log_every", "--log-every", type=int, default=10, help="log loss and speed every N steps")
     parser.add_argument("--ckpt_every", "--ckpt-every", type=int, default=1000, help="checkpoint every N steps (<= 0: only at the end)")
     parser.add_argument("--mixed_precision", type=str, default="bf16", choices=list(PRECISIONS), help="autocast dtype; weights, optimizer and EMA stay fp32")
-    parser.add_argument("--grad_clip", type=float, default=1.0, help="max global gradient norm (<= 0 disables)")
+    parser.add_argument("--grad_clip", type=float, default=1.0, help="max global gradient norm (<= 0 disables; must be finite)")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     parser.add_argument("--grad_checkpoint", action="store_true", help="activation checkpointing per transformer block")
     parser.add_argument("--enable_modulate_kernel", action="store_true", help="Triton fused kernels: LayerNorm + modulate (adaLN) and gate + residual in every block and the final layer, and in training fc1's bias + GELU")
@@ -56,9 +64,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--snr_gamma", type=float, default=0.0, help="> 0: Min-SNR-gamma weighting of the noise MSE (e.g. 5; Hang et al., 2023); 0: DiT's unweighted loss")
     parser.add_argument("--lr_schedule", type=str, default="constant", choices=["constant", "cosine"], help="constant (DiT) or cosine decay to 0 at the last step")
     parser.add_argument("--lr_warmup_steps", type=int, default=0, help="linear learning-rate warmup steps")
-    parser.add_argument("--ema_decay", type=float, default=0.9999)
-    parser.add_argument("--weight_decay", type=float, default=0.0)
-    parser.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--ema_decay", type=float, default=0.9999, help="EMA of the weights: ema = decay * ema + (1 - decay) * weights each step, in [0, 1]")
+    parser.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (>= 0)")
+    parser.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"], help="auto: the GPU when there is one (torchrun: GPU LOCAL_RANK), else the CPU")
     # Data (opendit/data/build.py).
     parser.add_argument("--dataset", type=str, default="auto", choices=["auto", "shapes", "folder", "cifar10", "csv", "latents"], help="auto: shapes when --data_path does not exist, else inferred from it (a .csv, a latent cache, CIFAR-10's folder, a class folder)")
     parser.add_argument("--on_bad_sample", type=str, default="skip", choices=["skip", "error"], help="an unreadable image or video: replace it by another item and log the count, or stop")
