@@ -36,6 +36,8 @@ from opendit.training.sampler import EpochBatches, EpochBatchSampler, ResumableS
 from opendit.training.step import TrainStep, build_train_step
 from opendit.utils.flops import train_flops_per_sample
 
+NOT_COMPARED = ("load", "experiment_dir", "outputs")  # where to resume from and write to, not how to train
+
 
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
@@ -282,16 +284,24 @@ def resume(args, resume_dir: str, resume_state: dict, model: torch.nn.Module, tr
     """Load a checkpoint into the (parallelized) model, optimizer, EMA, scaler and LR schedule, and the RNG when the
     world size is unchanged. Returns (step, epoch, items of that epoch consumed by all dp ranks, this rank's bad samples)."""
     rng = load_checkpoint(resume_dir, model, train_step.optimizer, train_step.ema)  # DCP reshards model, optimizer and EMA to this run's layout
-    for note in train_step.load_state_dict(resume_state, args.lr, args.weight_decay):  # this run's --lr, schedule, weight decay win
-        logger.info(f"Resume: {note}")
+    train_step.load_state_dict(resume_state, args.lr, args.weight_decay)  # this run's --lr, schedule, weight decay win
+    changed = changed_flags(args, resume_state["config"]["args"])
+    if changed:
+        logger.info(f"Resume: changed flags: {', '.join(changed)}")
     bad_samples = restored_bad_samples(dataset, resume_state.get("bad_samples", []), _rank())
     if resume_state["world_size"] != world_size or rng is None:
-        logger.info(f"Resuming on {world_size} processes from a run on {resume_state['world_size']}: the RNG restarts")
+        processes = "1 process" if world_size == 1 else f"{world_size} processes"
+        logger.info(f"Resuming on {processes} from a run on {resume_state['world_size']}: the RNG restarts")
     else:
         set_rng_state(rng)
     step, epoch, consumed = resume_state["step"], resume_state["epoch"], resume_state["consumed"]
     logger.info(f"Resumed from {resume_dir} at step {step} (epoch {epoch}, {consumed} of its items done)")
     return step, epoch, consumed, bad_samples
+
+
+def changed_flags(args: argparse.Namespace, saved: dict) -> list:
+    """"--flag value (was old)" for each flag that differs from the checkpoint's run (where the run's files go aside)."""
+    return [f"--{flag} {value} (was {saved[flag]})" for flag, value in vars(args).items() if flag in saved and flag not in NOT_COMPARED and saved[flag] != value]
 
 
 def _rank() -> int:
