@@ -1,9 +1,10 @@
 """train.py's flags (OpenDiT's names and defaults, then additions) and the checks that refuse bad ones in one line."""
 import argparse
+import math
 
 import torch
 
-from opendit.builders import PRECISIONS, check_model_flags
+from opendit.builders import PRECISIONS, check_model_flags, model_size
 from opendit.errors import UsageError
 from opendit.parallel.parallelize import BLOCKS_PER_UNIT, PLUGINS
 from opendit.training.experiment import restarted_by_torchrun
@@ -122,6 +123,7 @@ def check_flags(args: argparse.Namespace, world_size: int) -> None:
         raise UsageError(f"--snr_gamma {args.snr_gamma}: must be at least 0 (0: no weighting)")
     if args.max_steps is not None and args.max_steps < 1:
         raise UsageError(f"--max_steps {args.max_steps}: must be at least 1")
+    check_numbers(args)
     parse_steps(args.profile_steps, args.max_steps)
     if args.enable_flashattn and (args.mixed_precision == "fp32" or args.device == "cpu" or not torch.cuda.is_available()):
         raise UsageError("--enable_flashattn needs a CUDA GPU and --mixed_precision bf16 or fp16")
@@ -132,6 +134,56 @@ def check_flags(args: argparse.Namespace, world_size: int) -> None:
     if args.cuda_graph == "on" and why:
         raise UsageError(f"--cuda_graph on: {why}")
     check_model_flags(args.model, args.image_size, args.vae, args.use_video)
+    check_model_size(args)
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Refuse, in one line, out-of-range numbers (config.json never holds NaN or an infinity)."""
+    for flag, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{flag} {value:g}: must be a finite number" + (" (<= 0 disables clipping)" if flag == "grad_clip" else ""))
+    if args.lr <= 0:
+        raise UsageError(f"--lr {args.lr:g}: must be positive")
+    if args.weight_decay < 0:
+        raise UsageError(f"--weight_decay {args.weight_decay:g}: must be at least 0")
+    if not 0 <= args.ema_decay <= 1:
+        raise UsageError(f"--ema_decay {args.ema_decay:g}: must be in [0, 1]")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise UsageError(f"--peak_tflops {args.peak_tflops:g}: must be positive")
+    for flag in ("num_workers", "sample_every"):
+        if getattr(args, flag) < 0:
+            raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 0")
+    for flag in ("depth", "hidden_size", "num_heads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+
+
+def check_model_size(args: argparse.Namespace) -> None:
+    """The hidden size must split into the heads, and the heads over the sequence-parallel ranks (DSP splits no heads)."""
+    _, hidden, heads = model_size(args.model, args.depth, args.hidden_size, args.num_heads)
+    if hidden % heads:
+        raise UsageError(f"--num_heads {heads}: the hidden size {hidden} (--hidden_size) does not divide by it")
+    sp, latte = args.sequence_parallel_size, args.model.startswith("Latte")
+    if sp > 1 and heads % sp and not (latte and args.sequence_parallel_type in (None, "dsp")):
+        raise UsageError(f"--sequence_parallel_size {sp}: the model's {heads} attention heads (--num_heads) do not divide by it")
+
+
+def check_sequence_parallel_tokens(args: argparse.Namespace, model: torch.nn.Module) -> None:
+    """A sample's tokens must split evenly over the sequence-parallel ranks (there is no padding); for Latte its token
+    frames and its positions per frame each."""
+    sp = args.sequence_parallel_size
+    if sp == 1:
+        return
+    if hasattr(model, "frames_positions"):  # Latte: each rank holds whole frames, then whole position tracks
+        t, s = model.frames_positions
+        counts = {"token frames (--num_frames)": t, "positions per frame (--image_size)": s}
+    elif hasattr(model, "grid"):  # VDiT, vDiT
+        counts = {"tokens per clip (--num_frames, --image_size)": math.prod(model.grid)}
+    else:
+        counts = {"tokens per image (--image_size)": model.x_embedder.num_patches}
+    for what, n in counts.items():
+        if n % sp:
+            raise UsageError(f"--sequence_parallel_size {sp}: the model's {n} {what} do not divide by it")
 
 
 # Resume rule (README): flags that define what is being trained must match the checkpoint; the rest take effect.

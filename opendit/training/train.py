@@ -24,7 +24,7 @@ from opendit.errors import UsageError, run_or_exit
 from opendit.parallel import build_mesh, parallelize
 from opendit.parallel.mesh import ParallelMesh
 from opendit.parallel.process import DistInfo, cleanup, setup_distributed
-from opendit.training.args import check_flags, check_resume_flags, get_parser
+from opendit.training.args import check_flags, check_resume_flags, check_sequence_parallel_tokens, get_parser
 from opendit.training.experiment import open_experiment, restarted_by_torchrun, resume_dir_for
 from opendit.training.graph_step import maybe_graph_step
 from opendit.training.guard import DivergenceError, non_finite_tensors
@@ -133,6 +133,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     if resume_state is not None and resume_state["config"]["model"] != config:
         raise UsageError(f"--load {resume_dir}: checkpoint model {resume_state['config']['model']} differs from the flags' {config}")
     model = build_model(config).to(device)
+    check_sequence_parallel_tokens(args, model)
     loader, sampler = build_loader(args, dataset, mesh, seed, device)
     max_steps = args.max_steps or args.epochs * (len(sampler) // args.batch_size)
     return Setup(args, info, mesh, model, config, dataset, loader, sampler, max_steps, vae, text_encoder, resume_dir, resume_state, opendit_init)
