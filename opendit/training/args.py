@@ -190,10 +190,12 @@ def check_sequence_parallel_tokens(args: argparse.Namespace, model: torch.nn.Mod
 FIXED_ON_RESUME = ("global_seed", "noise_schedule", "dataset", "use_video", "num_frames", "frame_interval", "captions")
 
 
-def check_resume_flags(args: argparse.Namespace, resume_state) -> None:
-    """Refuse, in one line, a resumed run whose data or objective flags differ from the checkpoint's (the model's
-    shape is checked against its config); lr, schedule, max_steps, cadences and the rest take effect."""
+def check_resume_flags(args: argparse.Namespace, resume_state, resume_dir: str = None) -> None:
+    """Refuse, in one line, a resumed run of another model or whose data or objective flags differ from the
+    checkpoint's (the model's shape is checked against its config); lr, schedule, max_steps, cadences and the rest take effect."""
     saved = (resume_state or {}).get("config", {}).get("args", {})
+    if saved.get("model", args.model) != args.model:
+        raise UsageError(f"--model {args.model}: the checkpoint {resume_dir} trained {saved['model']}; resuming cannot change the model (start a new run)")
     for flag in FIXED_ON_RESUME:
         if flag in saved and saved[flag] != getattr(args, flag):
             raise UsageError(f"--{flag} {getattr(args, flag)}: the checkpoint was trained with {saved[flag]}; resuming cannot change it (start a new run)")

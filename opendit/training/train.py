@@ -25,7 +25,7 @@ from opendit.parallel import build_mesh, parallelize
 from opendit.parallel.mesh import ParallelMesh
 from opendit.parallel.process import DistInfo, cleanup, setup_distributed
 from opendit.training.args import check_flags, check_resume_flags, check_sequence_parallel_tokens, get_parser
-from opendit.training.experiment import open_experiment, restarted_by_torchrun, resume_dir_for
+from opendit.training.experiment import check_experiment_dir, check_load_path, open_experiment, restarted_by_torchrun, resume_dir_for
 from opendit.training.graph_step import maybe_graph_step
 from opendit.training.guard import DivergenceError, non_finite_tensors
 from opendit.training.metrics import Meter, MetricsWriter, log_line, peak_tflops
@@ -120,10 +120,13 @@ def prepare(args: argparse.Namespace) -> Setup:
     mesh = build_mesh(info.world_size, args.sequence_parallel_size, device.type)
     seed = args.global_seed * mesh.dp_size + mesh.dp_rank  # data-parallel ranks draw different t and noise; sp peers the same
     seed_everything(seed)
+    if args.load not in (None, "auto"):
+        check_load_path(args.load)
     opendit_init = args.load if args.load not in (None, "auto") and is_opendit_folder(args.load) else None  # weights only
     resume_dir = None if opendit_init else resume_dir_for(args)
+    check_experiment_dir(args, resume_dir)
     resume_state = read_train_state(resume_dir) if resume_dir else None  # verifies the manifest and DCP metadata
-    check_resume_flags(args, resume_state)
+    check_resume_flags(args, resume_state, resume_dir)
     dataset = EpochSeeded(build_dataset(args, train=True), args.global_seed)  # flips, crops, clip windows from (seed, epoch, index)
     if dataset.num_classes == 0:  # unlabelled data (captions only): no label table, which would never get a gradient
         args.num_classes = 0
