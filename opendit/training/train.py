@@ -206,7 +206,7 @@ def run(setup: Setup, experiment_dir: str, logger) -> None:
             if profiler is not None:
                 profiler.after(step)
             if step % check_every == 0 or step == max_steps or (args.ckpt_every > 0 and step % args.ckpt_every == 0):
-                train_step.guard.check(step, last_good, logger)
+                train_step.guard.check(step, last_good, logger, end=step >= max_steps)
             # Log:
             if step % args.log_every == 0 or step == max_steps:
                 record = {**meter.record(step, epoch, result.grad_norm, result.lr), **train_step.scaler_metrics()}
@@ -231,6 +231,7 @@ def run(setup: Setup, experiment_dir: str, logger) -> None:
                 break
         else:
             epoch, consumed = epoch + 1, 0
+    train_step.guard.check(step, last_good, logger, end=True)  # a run ending in non-finite steps stops as diverged
     if last_saved != step:
         checkpoint()
     stop.restore()

@@ -159,6 +159,24 @@ def test_divergence_is_skipped_then_stops_and_no_bad_checkpoint(tmp_path, monkey
     assert "step(s) skipped: non-finite loss" in open(out / "log.txt").read()
 
 
+def test_run_ending_inside_non_finite_steps_stops_as_diverged(tmp_path, monkeypatch, capsys):
+    real = train_cli.prepare_batch
+    calls = []
+
+    def poisoned(*args, **kwargs):  # steps 3 and 4 (the last two) are NaN: fewer than --max_bad_steps in a row
+        x, kw = real(*args, **kwargs)
+        calls.append(1)
+        return (x * float("nan") if len(calls) >= 3 else x), kw
+
+    monkeypatch.setattr(train_cli, "prepare_batch", poisoned)
+    out = tmp_path / "run"
+    assert run([*TRAIN_FLAGS, "--max_steps", "4", "--ckpt_every", "2", "--experiment_dir", str(out)]) == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training ended inside 2 step(s) in a row with a non-finite loss" in err[0] and "step-0000002" in err[0], err
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step-0000002"]  # no checkpoint at the last step
+    assert "Done!" not in open(out / "log.txt").read()
+
+
 def test_skipped_step_leaves_weights_optimizer_and_ema_untouched(tmp_path, monkeypatch):
     from opendit.training.step import TrainStep
 
