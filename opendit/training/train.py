@@ -17,7 +17,7 @@ from opendit.checkpoint.dcp import load_checkpoint, read_train_state, save_check
 from opendit.checkpoint.layout import set_rng_state
 from opendit.checkpoint.weights import is_opendit_folder, load_opendit_folder
 from opendit.data import build_dataset, prepare_batch, text_encoder_for
-from opendit.data.robust import error_line
+from opendit.data.robust import error_line, inner_dataset
 from opendit.data.seeded import EpochSeeded
 from opendit.encoders import load_vae
 from opendit.errors import UsageError, run_or_exit
@@ -148,7 +148,7 @@ def run(setup: Setup, experiment_dir: str, logger) -> None:
     max_steps, vae, text_encoder, resume_dir, resume_state = setup.max_steps, setup.vae, setup.text_encoder, setup.resume_dir, setup.resume_state
     device = info.device
     logger.info(f"{args.model} parameters: {sum(p.numel() for p in model.parameters()):,}  config: {config}  parallelism: {mesh.describe(args.plugin)}, {args.mixed_precision}")
-    logger.info(f"Dataset: {type(dataset.dataset).__name__} with {len(dataset):,} items, {len(sampler) // args.batch_size} steps per epoch")
+    logger.info(f"Dataset: {type(inner_dataset(dataset)).__name__} with {len(dataset):,} items, {len(sampler) // args.batch_size} steps per epoch")
     flops_per_image = train_flops_per_sample(model)
     ema_init = init_from_opendit(setup.opendit_init, model, logger) if setup.opendit_init else None
     train_model = parallelize(

@@ -81,6 +81,7 @@ def test_resume_is_exact_with_workers_and_bad_sample_count_carried(images, tmp_p
     assert image_run(images, tmp_path / "cut", 6, workers, "--load", "auto") == 0
     full, cut = metrics(tmp_path / "full"), metrics(tmp_path / "cut")
     assert sorted(cut) == list(range(1, 7)) and all(full[s]["loss"] == cut[s]["loss"] for s in full), (full, cut)
+    assert "Dataset: ImageFolderDataset with 17 items" in open(tmp_path / "full" / "log.txt").read()  # not its SkipBadSamples wrapper
     for part in ("model", "ema"):
         a, b = (read_tensors(str(tmp_path / r / "checkpoints" / "step-0000006"), part) for r in ("full", "cut"))
         assert all(torch.equal(a[k], b[k]) for k in a)
