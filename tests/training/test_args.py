@@ -6,8 +6,8 @@ import os
 
 import pytest
 import torch
-
 from ranks import TRAIN_FLAGS  # tests/ranks.py (tests/conftest.py puts tests/ on sys.path)
+
 from opendit.builders import build_model
 from opendit.errors import UsageError
 from opendit.training import train as train_cli

@@ -4,8 +4,8 @@ import json
 import os
 
 import pytest
-
 from ranks import TRAIN_FLAGS  # tests/ranks.py (tests/conftest.py puts tests/ on sys.path)
+
 from opendit.training import train as train_cli
 
 
