@@ -142,8 +142,8 @@ def check_numbers(args: argparse.Namespace) -> None:
     for flag, value in vars(args).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise UsageError(f"--{flag} {value:g}: must be a finite number" + (" (<= 0 disables clipping)" if flag == "grad_clip" else ""))
-    if args.lr <= 0:
-        raise UsageError(f"--lr {args.lr:g}: must be positive")
+    if args.lr < 0:
+        raise UsageError(f"--lr {args.lr:g}: must be at least 0 (0 keeps the weights as they are)")
     if args.weight_decay < 0:
         raise UsageError(f"--weight_decay {args.weight_decay:g}: must be at least 0")
     if not 0 <= args.ema_decay <= 1:
