@@ -5,6 +5,7 @@ import torch
 
 from opendit.errors import UsageError
 from opendit.models import DiT_models, is_video_model, spatial_patch
+from opendit.models.dit import DIT_SIZES
 
 KNOWN_VAE_DOWNSAMPLE = {"none": 1, "ema": 8, "mse": 8}
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --mixed_precision of train.py and sample.py
@@ -27,6 +28,12 @@ def check_model_flags(model: str, image_size: int, vae: str, use_video: bool) ->
         raise UsageError(f"--image_size {image_size}: must be positive")
     if vae in KNOWN_VAE_DOWNSAMPLE:  # other VAEs are checked once loaded (model_config)
         check_image_size(model, image_size, KNOWN_VAE_DOWNSAMPLE[vae])
+
+
+def model_size(model: str, depth=None, hidden_size=None, num_heads=None) -> tuple:
+    """(depth, hidden size, heads) of a registry model (DiT-XL/2, Latte-S/1x2x2, ...) with the flags' overrides."""
+    sizes = DIT_SIZES[model.split("-")[1].split("/")[0]]
+    return tuple(size if flag is None else flag for flag, size in zip((depth, hidden_size, num_heads), sizes))
 
 
 def check_image_size(model: str, image_size: int, downsample: int) -> None:

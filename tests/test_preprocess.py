@@ -126,8 +126,9 @@ def test_latents_on_two_ranks_then_train_from_the_cache(ucf, tmp_path):
     ds = LatentDataset(str(cache), train=False)
     assert sorted(int(ds._shard(k).get_tensor("index")[j]) for k in range(3) for j in range(2)) == list(range(6))
 
-    train_cli.main(["--model", "VDiT-S/1x2x2", "--use_video", "--num_frames", "3", "--depth", "1", "--hidden_size", "32", "--num_heads", "2",
+    train_cli.main(["--model", "VDiT-S/1x2x2", "--use_video", "--num_frames", "3", "--frame_interval", "2", "--depth", "1", "--hidden_size", "32", "--num_heads", "2",
                     "--image_size", "16", "--vae", "none", "--num_classes", "3", "--batch_size", "2", "--max_steps", "2", "--mixed_precision", "fp32",
                     "--num_workers", "0", "--data_path", str(cache), "--outputs", str(tmp_path / "out")])  # --dataset auto finds the cache
     (run,) = os.listdir(tmp_path / "out")
     assert "Dataset: LatentDataset with 6 items" in (tmp_path / "out" / run / "log.txt").read_text()
+    assert json.loads((tmp_path / "out" / run / "config.json").read_text())["args"]["frame_interval"] == 2  # as the cache was made

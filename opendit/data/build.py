@@ -16,7 +16,7 @@ from opendit.errors import UsageError
 
 from .image import Cifar10Dataset, ImageCSVDataset, ImageFolderDataset, cifar_folder
 from .latents import is_latent_cache, open_cache
-from .robust import SkipBadSamples, error_line
+from .robust import SkipBadSamples, error_line, inner_dataset
 from .shapes import SHAPE_CLASSES, ShapesDataset, ShapesVideoDataset
 
 KINDS = ("auto", "shapes", "folder", "cifar10", "csv", "latents")
@@ -124,7 +124,7 @@ def text_encoder_for(args, dataset, device):
     """The text encoder conditioning on captions (--captions), or None; a latent cache brings its null prompt."""
     captions = getattr(args, "captions", "auto")
     if captions == "on" and not dataset.has_text:
-        raise UsageError(f"--captions on: the {type(getattr(dataset, 'dataset', dataset)).__name__} at --data_path {args.data_path} has no captions")
+        raise UsageError(f"--captions on: the {type(inner_dataset(dataset)).__name__} at --data_path {args.data_path} has no captions")
     if captions == "off" or not dataset.has_text:
         return None
     if dataset.is_latent:

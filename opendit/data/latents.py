@@ -56,6 +56,19 @@ def read_index(folder: str) -> dict:
     return meta
 
 
+def check_shard(path: str, count: int) -> None:
+    """A shard whose header and size agree (safetensors checks that the data fill the file) with index.json's count."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            rows = f.get_slice("mean").get_shape()[0]
+    except Exception as e:  # truncated, overwritten, not safetensors
+        raise UsageError(f"{path}: unreadable latent cache shard ({type(e).__name__}: {e}); rerun preprocess.py latents".split("\n")[0]) from None
+    if rows != count:
+        raise UsageError(f"{path}: {rows} items, but {INDEX} lists {count}; rerun preprocess.py latents")
+
+
 class PromptCache:
     """Stands in for the text encoder on a latent cache: it knows only the empty prompt, from index.json."""
 
@@ -85,6 +98,8 @@ class LatentDataset(Dataset):
         missing = [f for f in self.files if not os.path.isfile(f)]
         if missing:
             raise UsageError(f"--data_path {folder}: {len(missing)} shards of {INDEX} are missing (first: {os.path.basename(missing[0])})")
+        for path, shard in zip(self.files, self.meta["shards"]):
+            check_shard(path, shard["count"])
         self.ends = list(itertools.accumulate(s["count"] for s in self.meta["shards"]))  # for item -> (shard, row)
         if not self.ends or self.ends[-1] == 0:
             raise UsageError(f"--data_path {folder}: the latent cache holds no items")
@@ -136,6 +151,8 @@ def open_cache(args, train: bool = True) -> LatentDataset:
     expected = {"image_size": args.image_size, "use_video": bool(args.use_video), "vae": vae_id(args.vae)}
     if args.use_video:
         expected["num_frames"] = args.num_frames
+        if "frame_interval" in meta:  # a hand-written index.json may lack it
+            expected["frame_interval"] = args.frame_interval
     for key, value in expected.items():
         if meta.get(key) != value:
             raise UsageError(f"{where}: made with {key} {meta.get(key)}, but the flags give --{key} {value}")

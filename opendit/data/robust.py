@@ -28,6 +28,13 @@ class BadSampleError(UsageError):
         super().__init__(message)
 
 
+def inner_dataset(dataset: Dataset) -> Dataset:
+    """The dataset under the wrappers that hold it as .dataset (SkipBadSamples, EpochSeeded): the one that names the data."""
+    while "dataset" in vars(dataset):
+        dataset = dataset.dataset
+    return dataset
+
+
 class SkipBadSamples(Dataset):
     """Wraps a dataset: item i that fails to load is replaced by a deterministic other index (or the run stops). Under
     "skip" an item (a dict) tells in "bad_reads" how many unreadable items it stands in for; `skipped` counts every

@@ -41,9 +41,10 @@ class LatteBlock(DiTBlock):
         fused = self.kernels.fused_adaln
         rows = add_gated(rows, gate_msa, self.attn(norm_modulate(self.norm1, rows, shift_msa, scale_msa, fused)), fused)
         rows = add_gated(rows, gate_mlp, self.mlp(norm_modulate(self.norm2, rows, shift_mlp, scale_mlp, fused)), fused)
+        # A new tensor, not a view of rows: FSDP2 warns on (and in-place ops would break) a wrapped module's view output.
         if self.kind == SPATIAL:
-            return rows.reshape(N, t, s, D)
-        return rows.reshape(N, s, t, D).transpose(1, 2)  # (N, t, s, D)
+            return rows.view(N, t, s, D).clone()
+        return rows.view(N, s, t, D).transpose(1, 2).contiguous()  # (N, t, s, D)
 
 
 class Latte(VDiT):

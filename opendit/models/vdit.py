@@ -71,7 +71,9 @@ class VDiT(DiT):
         x = torch.einsum("nthwopqc->nctohpwq", x)  # (N, C, t, pt, h, ph, w, pw)
         x = x.reshape(x.shape[0], c, t * pt, h * ph, w * pw)
         T, H, W = shape[2:]
-        return x[:, :, :T, :H, :W]
+        if x.shape[2:] != (T, H, W):
+            x = x[:, :, :T, :H, :W].contiguous()  # the padding cropped
+        return x  # not a view: FSDP2 warns on a wrapped model's view output (fp32, where .float() returns it)
 
 
 def _config(depth: int, hidden_size: int, num_heads: int, patch_size: Tuple[int, int, int]):

@@ -7,6 +7,7 @@ its attention_fn (sdpa, fused kernels, ...) on the local heads over the full seq
 import torch
 import torch.distributed as dist
 
+from opendit.errors import UsageError
 from opendit.models.attention import Attention
 from opendit.parallel.comm import all_to_all
 from opendit.parallel.gather_linear import gather_linear
@@ -28,7 +29,7 @@ class SequenceParallelAttention(Attention):
     def convert(cls, attn: Attention, group: dist.ProcessGroup, **options) -> Attention:
         s = dist.get_world_size(group)
         if attn.num_heads % s:
-            raise ValueError(f"{attn.num_heads} attention heads do not divide by the sequence-parallel size {s}")
+            raise UsageError(f"{attn.num_heads} attention heads do not divide by the sequence-parallel size {s}")
         attn.__class__ = cls
         attn.sp_group, attn.sp_rank, attn.sp_size = group, dist.get_rank(group), s
         attn.__dict__.update(options)

@@ -7,13 +7,14 @@ zeros (no communication) and gather_tokens' backward keeps this rank's slice.
 import torch
 import torch.distributed as dist
 
+from opendit.errors import UsageError
 from opendit.parallel import collectives
 
 
 def _token_slice(group: dist.ProcessGroup, num_tokens: int) -> slice:
     s, r = dist.get_world_size(group), dist.get_rank(group)
     if num_tokens % s:
-        raise ValueError(f"{num_tokens} tokens do not divide by the sequence-parallel size {s} (change the frame count or image size)")
+        raise UsageError(f"{num_tokens} tokens do not divide by the sequence-parallel size {s} (change the frame count or image size)")
     n = num_tokens // s
     return slice(r * n, (r + 1) * n)
 

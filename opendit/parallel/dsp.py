@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from opendit.errors import UsageError
 from opendit.models.attention import Attention
 from opendit.parallel import collectives
 from opendit.parallel.attention import FastSeqAttention, UlyssesAttention
@@ -136,9 +137,9 @@ def _check(model: nn.Module, group: dist.ProcessGroup, kind: str) -> None:
     p = dist.get_world_size(group)
     t, s = model.frames_positions
     if t % p:
-        raise ValueError(f"{t} token frames do not divide by the sequence-parallel size {p} (change --num_frames or the temporal patch)")
+        raise UsageError(f"{t} token frames do not divide by the sequence-parallel size {p} (change --num_frames or the temporal patch)")
     if s % p:
-        raise ValueError(f"{s} positions per frame do not divide by the sequence-parallel size {p} (change the image size)")
+        raise UsageError(f"{s} positions per frame do not divide by the sequence-parallel size {p} (change the image size)")
 
 
 def _register(model: nn.Module, group: dist.ProcessGroup, layouts) -> None:

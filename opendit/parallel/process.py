@@ -10,6 +10,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from opendit.errors import UsageError
+
 
 @dataclass
 class DistInfo:
@@ -36,6 +38,8 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available here (use --device cpu or auto)")
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)

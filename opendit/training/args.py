@@ -1,9 +1,10 @@
 """train.py's flags (OpenDiT's names and defaults, then additions) and the checks that refuse bad ones in one line."""
 import argparse
+import math
 
 import torch
 
-from opendit.builders import PRECISIONS, check_model_flags
+from opendit.builders import PRECISIONS, check_model_flags, model_size
 from opendit.errors import UsageError
 from opendit.parallel.parallelize import BLOCKS_PER_UNIT, PLUGINS
 from opendit.training.experiment import restarted_by_torchrun
@@ -13,13 +14,21 @@ from opendit.training.profile import parse_steps
 DEFAULT_BATCH = 2
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to a flag's help once: not for an unset (None), empty or off default, which the help describes."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default == "" or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     # OpenDiT's flags, same names and defaults; Meta DiT's hyphenated spellings are aliases.
     parser.add_argument("--model", type=str, default="DiT-XL/2", help="registry name, e.g. DiT-XL/2 or VDiT-XL/1x2x2")
     parser.add_argument("--vae", type=str, default="ema", help="ema | mse (Stable Diffusion VAEs) | none (pixel space) | a local path or hub id")
-    parser.add_argument("--use_video", action="store_true", help="train a video model (VDiT) on clips")
+    parser.add_argument("--use_video", action="store_true", help="train a video model (VDiT, Latte, vDiT) on clips")
     parser.add_argument("--plugin", type=str, default="zero2", help="zero2 | zero3 (FSDP2: sharded optimizer, gradients, EMA; zero3 also parameters) | ddp; one process trains unwrapped")
     parser.add_argument("--outputs", "--results-dir", type=str, default="./outputs", help="parent folder of the experiment folders")
     parser.add_argument("--load", type=str, default=None, help="resume from a checkpoint folder or an experiment folder (its latest checkpoint); auto: --experiment_dir's latest, if any")
@@ -29,15 +38,15 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_path", "--data-path", type=str, default="./datasets", help="dataset location; when it does not exist the built-in shapes data is used")
     parser.add_argument("--image_size", "--image-size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--num_classes", "--num-classes", type=int, default=1000, help="size of the class-label table (unlabelled data: none is built)")
-    parser.add_argument("--epochs", type=int, default=1400)
-    parser.add_argument("--batch_size", type=int, default=None, help=f"per data-parallel rank (default {DEFAULT_BATCH})")
+    parser.add_argument("--epochs", type=int, default=1400, help="passes over the data (--max_steps stops earlier)")
+    parser.add_argument("--batch_size", type=int, default=None, help=f"per data-parallel rank (default: {DEFAULT_BATCH})")
     parser.add_argument("--global_batch_size", "--global-batch-size", type=int, default=None, help="Meta DiT's batch flag: the batch over all data-parallel ranks (divided by their number)")
-    parser.add_argument("--global_seed", "--global-seed", type=int, default=42, help="rank r seeds with global_seed * world_size + r")
+    parser.add_argument("--global_seed", "--global-seed", type=int, default=42, help="t and noise: seed global_seed * dp_size + dp_rank (sequence-parallel peers share it); data order: global_seed")
     parser.add_argument("--num_workers", "--num-workers", type=int, default=4, help="DataLoader worker processes")
     parser.add_argument("--log_every", "--log-every", type=int, default=10, help="log loss and speed every N steps")
     parser.add_argument("--ckpt_every", "--ckpt-every", type=int, default=1000, help="checkpoint every N steps (<= 0: only at the end)")
     parser.add_argument("--mixed_precision", type=str, default="bf16", choices=list(PRECISIONS), help="autocast dtype; weights, optimizer and EMA stay fp32")
-    parser.add_argument("--grad_clip", type=float, default=1.0, help="max global gradient norm (<= 0 disables)")
+    parser.add_argument("--grad_clip", type=float, default=1.0, help="max global gradient norm (<= 0 disables; must be finite)")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     parser.add_argument("--grad_checkpoint", action="store_true", help="activation checkpointing per transformer block")
     parser.add_argument("--enable_modulate_kernel", action="store_true", help="Triton fused kernels: LayerNorm + modulate (adaLN) and gate + residual in every block and the final layer, and in training fc1's bias + GELU")
@@ -56,9 +65,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--snr_gamma", type=float, default=0.0, help="> 0: Min-SNR-gamma weighting of the noise MSE (e.g. 5; Hang et al., 2023); 0: DiT's unweighted loss")
     parser.add_argument("--lr_schedule", type=str, default="constant", choices=["constant", "cosine"], help="constant (DiT) or cosine decay to 0 at the last step")
     parser.add_argument("--lr_warmup_steps", type=int, default=0, help="linear learning-rate warmup steps")
-    parser.add_argument("--ema_decay", type=float, default=0.9999)
-    parser.add_argument("--weight_decay", type=float, default=0.0)
-    parser.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--ema_decay", type=float, default=0.9999, help="EMA of the weights: ema = decay * ema + (1 - decay) * weights each step, in [0, 1]")
+    parser.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (>= 0)")
+    parser.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"], help="auto: the GPU when there is one (torchrun: GPU LOCAL_RANK), else the CPU")
     # Data (opendit/data/build.py).
     parser.add_argument("--dataset", type=str, default="auto", choices=["auto", "shapes", "folder", "cifar10", "csv", "latents"], help="auto: shapes when --data_path does not exist, else inferred from it (a .csv, a latent cache, CIFAR-10's folder, a class folder)")
     parser.add_argument("--on_bad_sample", type=str, default="skip", choices=["skip", "error"], help="an unreadable image or video: replace it by another item and log the count, or stop")
@@ -114,6 +123,7 @@ def check_flags(args: argparse.Namespace, world_size: int) -> None:
         raise UsageError(f"--snr_gamma {args.snr_gamma}: must be at least 0 (0: no weighting)")
     if args.max_steps is not None and args.max_steps < 1:
         raise UsageError(f"--max_steps {args.max_steps}: must be at least 1")
+    check_numbers(args)
     parse_steps(args.profile_steps, args.max_steps)
     if args.enable_flashattn and (args.mixed_precision == "fp32" or args.device == "cpu" or not torch.cuda.is_available()):
         raise UsageError("--enable_flashattn needs a CUDA GPU and --mixed_precision bf16 or fp16")
@@ -124,16 +134,68 @@ def check_flags(args: argparse.Namespace, world_size: int) -> None:
     if args.cuda_graph == "on" and why:
         raise UsageError(f"--cuda_graph on: {why}")
     check_model_flags(args.model, args.image_size, args.vae, args.use_video)
+    check_model_size(args)
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Refuse, in one line, out-of-range numbers (config.json never holds NaN or an infinity)."""
+    for flag, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{flag} {value:g}: must be a finite number" + (" (<= 0 disables clipping)" if flag == "grad_clip" else ""))
+    if args.lr < 0:
+        raise UsageError(f"--lr {args.lr:g}: must be at least 0 (0 keeps the weights as they are)")
+    if args.weight_decay < 0:
+        raise UsageError(f"--weight_decay {args.weight_decay:g}: must be at least 0")
+    if not 0 <= args.ema_decay <= 1:
+        raise UsageError(f"--ema_decay {args.ema_decay:g}: must be in [0, 1]")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise UsageError(f"--peak_tflops {args.peak_tflops:g}: must be positive")
+    for flag in ("num_workers", "sample_every"):
+        if getattr(args, flag) < 0:
+            raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 0")
+    for flag in ("depth", "hidden_size", "num_heads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+
+
+def check_model_size(args: argparse.Namespace) -> None:
+    """The hidden size must split into the heads, and the heads over the sequence-parallel ranks (DSP splits no heads)."""
+    _, hidden, heads = model_size(args.model, args.depth, args.hidden_size, args.num_heads)
+    if hidden % heads:
+        raise UsageError(f"--num_heads {heads}: the hidden size {hidden} (--hidden_size) does not divide by it")
+    sp, latte = args.sequence_parallel_size, args.model.startswith("Latte")
+    if sp > 1 and heads % sp and not (latte and args.sequence_parallel_type in (None, "dsp")):
+        raise UsageError(f"--sequence_parallel_size {sp}: the model's {heads} attention heads (--num_heads) do not divide by it")
+
+
+def check_sequence_parallel_tokens(args: argparse.Namespace, model: torch.nn.Module) -> None:
+    """A sample's tokens must split evenly over the sequence-parallel ranks (there is no padding); for Latte its token
+    frames and its positions per frame each."""
+    sp = args.sequence_parallel_size
+    if sp == 1:
+        return
+    if hasattr(model, "frames_positions"):  # Latte: each rank holds whole frames, then whole position tracks
+        t, s = model.frames_positions
+        counts = {"token frames (--num_frames)": t, "positions per frame (--image_size)": s}
+    elif hasattr(model, "grid"):  # VDiT, vDiT
+        counts = {"tokens per clip (--num_frames, --image_size)": math.prod(model.grid)}
+    else:
+        counts = {"tokens per image (--image_size)": model.x_embedder.num_patches}
+    for what, n in counts.items():
+        if n % sp:
+            raise UsageError(f"--sequence_parallel_size {sp}: the model's {n} {what} do not divide by it")
 
 
 # Resume rule (README): flags that define what is being trained must match the checkpoint; the rest take effect.
 FIXED_ON_RESUME = ("global_seed", "noise_schedule", "dataset", "use_video", "num_frames", "frame_interval", "captions")
 
 
-def check_resume_flags(args: argparse.Namespace, resume_state) -> None:
-    """Refuse, in one line, a resumed run whose data or objective flags differ from the checkpoint's (the model's
-    shape is checked against its config); lr, schedule, max_steps, cadences and the rest take effect."""
+def check_resume_flags(args: argparse.Namespace, resume_state, resume_dir: str = None) -> None:
+    """Refuse, in one line, a resumed run of another model or whose data or objective flags differ from the
+    checkpoint's (the model's shape is checked against its config); lr, schedule, max_steps, cadences and the rest take effect."""
     saved = (resume_state or {}).get("config", {}).get("args", {})
+    if saved.get("model", args.model) != args.model:
+        raise UsageError(f"--model {args.model}: the checkpoint {resume_dir} trained {saved['model']}; resuming cannot change the model (start a new run)")
     for flag in FIXED_ON_RESUME:
         if flag in saved and saved[flag] != getattr(args, flag):
             raise UsageError(f"--{flag} {getattr(args, flag)}: the checkpoint was trained with {saved[flag]}; resuming cannot change it (start a new run)")

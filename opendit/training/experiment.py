@@ -9,7 +9,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from opendit.checkpoint.dcp import verify_checkpoint
-from opendit.checkpoint.layout import STEP_PATTERN, experiment_dir_of, latest_checkpoint, resolve_checkpoint_dir
+from opendit.checkpoint.layout import EXPORT_CONFIG, EXPORT_WEIGHTS, STEP_PATTERN, experiment_dir_of, latest_checkpoint, resolve_checkpoint_dir
 from opendit.errors import CheckpointError, UsageError
 from opendit.parallel.process import barrier
 from opendit.training.preemption import ExperimentLock
@@ -45,6 +45,47 @@ def run_experiment_dir(outputs: str) -> Optional[str]:
         except (OSError, ValueError):
             continue
     return None
+
+
+RUN_FILES = ("config.json", "log.txt", "metrics.jsonl")  # what a new run in the folder would replace or append to
+
+
+def export_config(path: str) -> Optional[dict]:
+    """The config.json of an export folder (opendit/checkpoint/export.py: model.safetensors beside the training config
+    and which weights), else None; an OpenDiT model/ folder may hold a model.safetensors too."""
+    try:
+        with open(os.path.join(path, EXPORT_CONFIG)) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return config if os.path.isfile(os.path.join(path, EXPORT_WEIGHTS)) and isinstance(config, dict) and {"model", "weights"} <= set(config) else None
+
+
+def check_load_path(path: str) -> None:
+    """--load names something that exists and is not a file nor an export (resume needs a training checkpoint)."""
+    if not os.path.exists(path):
+        raise UsageError(f"--load {path}: no such file or folder")
+    if os.path.isfile(path):
+        raise UsageError(f"--load {path}: is a file; --load takes a checkpoint or experiment folder")
+    export = export_config(path)
+    if export is not None:
+        source = f" ({export['source']})" if export.get("source") else ""
+        raise UsageError(f"--load {path}: an export (weights only, for sample.py --ckpt), not a resumable checkpoint; pass the training checkpoint "
+                         f"or experiment folder it was exported from{source}")
+    folder = os.path.join(path, "checkpoints")
+    if os.path.isfile(os.path.join(path, RUN_FILES[0])) and not (os.path.isdir(folder) and any(re.fullmatch(STEP_PATTERN, e) for e in os.listdir(folder))):
+        raise UsageError(f"--load {path}: an experiment folder without a checkpoint (its run ended before writing one)")
+
+
+def check_experiment_dir(args: argparse.Namespace, resume_dir: Optional[str]) -> None:
+    """Refuse an --experiment_dir holding an earlier run that there is no checkpoint to resume from: its config.json
+    and metrics.jsonl would be replaced. --load auto (the rerun command) and a torchrun restart start it again."""
+    if not args.experiment_dir or resume_dir or args.load == "auto" or restarted_by_torchrun():
+        return
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(args.experiment_dir, name))]
+    if found:
+        raise UsageError(f"--experiment_dir {args.experiment_dir}: holds an earlier run without checkpoints ({', '.join(found)}); "
+                         "use another folder or remove it (--load auto restarts that run from step 0, replacing them)")
 
 
 def resume_dir_for(args: argparse.Namespace) -> Optional[str]:

@@ -5,7 +5,8 @@ non-finite global gradient norm, which FSDP has already all-reduced), so every r
   * CUDA with the fused AdamW: `bad` is handed to the optimizer as `found_inf` (the mechanism GradScaler uses): the
     fused kernel leaves parameters, moments and step counts untouched, and the EMA update is weighted by `bad`, all
     on the device, so the normal path has no host synchronisation. Consecutive-bad counters live on the device and
-    are read at log steps and before each checkpoint (`check`), which stops the run after --max_bad_steps in a row.
+    are read at log steps and before each checkpoint (`check`), which stops the run after --max_bad_steps in a row
+    (and at the last step inside any run of them).
   * CPU (and any non-fused optimizer): reading the flag costs nothing, so the step reads it and does not call the
     optimizer or the EMA at all; `check` runs every step, so the run stops exactly at the max_bad_steps-th bad step.
   * fp16: GradScaler already skips overflowing steps and shrinks the scale; only a non-finite loss counts as bad.
@@ -42,15 +43,19 @@ class DivergenceGuard:
         torch.maximum(self.longest, self.run, out=self.longest)
         self.total.add_(bad)
 
-    def check(self, step: int, last_good: str, logger) -> None:
-        """Log newly skipped steps; raise DivergenceError after max_bad_steps in a row (one host sync)."""
-        longest, total = (int(v) for v in torch.stack([self.longest, self.total]).tolist())
+    def check(self, step: int, last_good: str, logger, end: bool = False) -> None:
+        """Log newly skipped steps; raise DivergenceError after max_bad_steps in a row, or at the end of the run (`end`)
+        inside any run of them: the weights a final checkpoint would hold are those the non-finite steps came from."""
+        longest, total, run = (int(v) for v in torch.stack([self.longest, self.total, self.run]).tolist())
         if total > self.reported:
             logger.warning(f"(step={step:07d}) {total - self.reported} step(s) skipped: non-finite loss or gradient norm (weights, optimizer and EMA left unchanged)")
             self.reported = total
         self.longest.copy_(self.run)
         if longest >= self.max_bad_steps:
             raise DivergenceError(f"training diverged: {longest} steps in a row with a non-finite loss or gradient norm (by step {step}); "
+                                  f"resume from the last good checkpoint ({last_good}) with a lower --lr")
+        if end and run:
+            raise DivergenceError(f"training ended inside {run} step(s) in a row with a non-finite loss or gradient norm (by step {step}): no final checkpoint written; "
                                   f"resume from the last good checkpoint ({last_good}) with a lower --lr")
 
 

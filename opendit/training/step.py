@@ -116,24 +116,18 @@ class TrainStep:
         """The step's state outside DCP's model / optimizer / EMA shards: the LR schedule and the fp16 loss scale."""
         return {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
 
-    def load_state_dict(self, state: dict, lr: float, weight_decay: float) -> list:
+    def load_state_dict(self, state: dict, lr: float, weight_decay: float) -> None:
         """Restore the LR schedule and loss scale; this run's --lr, --weight_decay and schedule (warmup, max_steps)
-        take effect over the checkpoint's. Returns one-line notes of what changed."""
+        take effect over the checkpoint's."""
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        notes = set()
         for group in self.optimizer.param_groups:
-            if group.get("initial_lr", lr) != lr:
-                notes.add(f"--lr {lr:g} replaces the checkpoint's {group['initial_lr']:g}")
-            if group.get("weight_decay", weight_decay) != weight_decay:
-                notes.add(f"--weight_decay {weight_decay:g} replaces the checkpoint's {group['weight_decay']:g}")
             group["initial_lr"], group["weight_decay"] = lr, weight_decay
         self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
         factors = [fn(self.scheduler.last_epoch) for fn in self.scheduler.lr_lambdas]  # LambdaLR: the new schedule's
         for group, factor in zip(self.optimizer.param_groups, factors):
             group["lr"] = lr * factor
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-        return sorted(notes)
 
     def scaler_metrics(self) -> dict:
         """fp16: the loss scale and the overflow steps skipped so far; nothing otherwise."""

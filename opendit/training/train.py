@@ -17,15 +17,15 @@ from opendit.checkpoint.dcp import load_checkpoint, read_train_state, save_check
 from opendit.checkpoint.layout import set_rng_state
 from opendit.checkpoint.weights import is_opendit_folder, load_opendit_folder
 from opendit.data import build_dataset, prepare_batch, text_encoder_for
-from opendit.data.robust import error_line
+from opendit.data.robust import error_line, inner_dataset
 from opendit.data.seeded import EpochSeeded
 from opendit.encoders import load_vae
 from opendit.errors import UsageError, run_or_exit
 from opendit.parallel import build_mesh, parallelize
 from opendit.parallel.mesh import ParallelMesh
 from opendit.parallel.process import DistInfo, cleanup, setup_distributed
-from opendit.training.args import check_flags, check_resume_flags, get_parser
-from opendit.training.experiment import open_experiment, restarted_by_torchrun, resume_dir_for
+from opendit.training.args import check_flags, check_resume_flags, check_sequence_parallel_tokens, get_parser
+from opendit.training.experiment import check_experiment_dir, check_load_path, open_experiment, restarted_by_torchrun, resume_dir_for
 from opendit.training.graph_step import maybe_graph_step
 from opendit.training.guard import DivergenceError, non_finite_tensors
 from opendit.training.metrics import Meter, MetricsWriter, log_line, peak_tflops
@@ -35,6 +35,8 @@ from opendit.training.profile import StepProfiler, parse_steps
 from opendit.training.sampler import EpochBatches, EpochBatchSampler, ResumableSampler
 from opendit.training.step import TrainStep, build_train_step
 from opendit.utils.flops import train_flops_per_sample
+
+NOT_COMPARED = ("load", "experiment_dir", "outputs")  # where to resume from and write to, not how to train
 
 
 def seed_everything(seed: int) -> None:
@@ -118,10 +120,13 @@ def prepare(args: argparse.Namespace) -> Setup:
     mesh = build_mesh(info.world_size, args.sequence_parallel_size, device.type)
     seed = args.global_seed * mesh.dp_size + mesh.dp_rank  # data-parallel ranks draw different t and noise; sp peers the same
     seed_everything(seed)
+    if args.load not in (None, "auto"):
+        check_load_path(args.load)
     opendit_init = args.load if args.load not in (None, "auto") and is_opendit_folder(args.load) else None  # weights only
     resume_dir = None if opendit_init else resume_dir_for(args)
+    check_experiment_dir(args, resume_dir)
     resume_state = read_train_state(resume_dir) if resume_dir else None  # verifies the manifest and DCP metadata
-    check_resume_flags(args, resume_state)
+    check_resume_flags(args, resume_state, resume_dir)
     dataset = EpochSeeded(build_dataset(args, train=True), args.global_seed)  # flips, crops, clip windows from (seed, epoch, index)
     if dataset.num_classes == 0:  # unlabelled data (captions only): no label table, which would never get a gradient
         args.num_classes = 0
@@ -131,6 +136,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     if resume_state is not None and resume_state["config"]["model"] != config:
         raise UsageError(f"--load {resume_dir}: checkpoint model {resume_state['config']['model']} differs from the flags' {config}")
     model = build_model(config).to(device)
+    check_sequence_parallel_tokens(args, model)
     loader, sampler = build_loader(args, dataset, mesh, seed, device)
     max_steps = args.max_steps or args.epochs * (len(sampler) // args.batch_size)
     return Setup(args, info, mesh, model, config, dataset, loader, sampler, max_steps, vae, text_encoder, resume_dir, resume_state, opendit_init)
@@ -142,7 +148,7 @@ def run(setup: Setup, experiment_dir: str, logger) -> None:
     max_steps, vae, text_encoder, resume_dir, resume_state = setup.max_steps, setup.vae, setup.text_encoder, setup.resume_dir, setup.resume_state
     device = info.device
     logger.info(f"{args.model} parameters: {sum(p.numel() for p in model.parameters()):,}  config: {config}  parallelism: {mesh.describe(args.plugin)}, {args.mixed_precision}")
-    logger.info(f"Dataset: {type(dataset.dataset).__name__} with {len(dataset):,} items, {len(sampler) // args.batch_size} steps per epoch")
+    logger.info(f"Dataset: {type(inner_dataset(dataset)).__name__} with {len(dataset):,} items, {len(sampler) // args.batch_size} steps per epoch")
     flops_per_image = train_flops_per_sample(model)
     ema_init = init_from_opendit(setup.opendit_init, model, logger) if setup.opendit_init else None
     train_model = parallelize(
@@ -200,7 +206,7 @@ def run(setup: Setup, experiment_dir: str, logger) -> None:
             if profiler is not None:
                 profiler.after(step)
             if step % check_every == 0 or step == max_steps or (args.ckpt_every > 0 and step % args.ckpt_every == 0):
-                train_step.guard.check(step, last_good, logger)
+                train_step.guard.check(step, last_good, logger, end=step >= max_steps)
             # Log:
             if step % args.log_every == 0 or step == max_steps:
                 record = {**meter.record(step, epoch, result.grad_norm, result.lr), **train_step.scaler_metrics()}
@@ -225,6 +231,7 @@ def run(setup: Setup, experiment_dir: str, logger) -> None:
                 break
         else:
             epoch, consumed = epoch + 1, 0
+    train_step.guard.check(step, last_good, logger, end=True)  # a run ending in non-finite steps stops as diverged
     if last_saved != step:
         checkpoint()
     stop.restore()
@@ -282,16 +289,24 @@ def resume(args, resume_dir: str, resume_state: dict, model: torch.nn.Module, tr
     """Load a checkpoint into the (parallelized) model, optimizer, EMA, scaler and LR schedule, and the RNG when the
     world size is unchanged. Returns (step, epoch, items of that epoch consumed by all dp ranks, this rank's bad samples)."""
     rng = load_checkpoint(resume_dir, model, train_step.optimizer, train_step.ema)  # DCP reshards model, optimizer and EMA to this run's layout
-    for note in train_step.load_state_dict(resume_state, args.lr, args.weight_decay):  # this run's --lr, schedule, weight decay win
-        logger.info(f"Resume: {note}")
+    train_step.load_state_dict(resume_state, args.lr, args.weight_decay)  # this run's --lr, schedule, weight decay win
+    changed = changed_flags(args, resume_state["config"]["args"])
+    if changed:
+        logger.info(f"Resume: changed flags: {', '.join(changed)}")
     bad_samples = restored_bad_samples(dataset, resume_state.get("bad_samples", []), _rank())
     if resume_state["world_size"] != world_size or rng is None:
-        logger.info(f"Resuming on {world_size} processes from a run on {resume_state['world_size']}: the RNG restarts")
+        processes = "1 process" if world_size == 1 else f"{world_size} processes"
+        logger.info(f"Resuming on {processes} from a run on {resume_state['world_size']}: the RNG restarts")
     else:
         set_rng_state(rng)
     step, epoch, consumed = resume_state["step"], resume_state["epoch"], resume_state["consumed"]
     logger.info(f"Resumed from {resume_dir} at step {step} (epoch {epoch}, {consumed} of its items done)")
     return step, epoch, consumed, bad_samples
+
+
+def changed_flags(args: argparse.Namespace, saved: dict) -> list:
+    """"--flag value (was old)" for each flag that differs from the checkpoint's run (where the run's files go aside)."""
+    return [f"--{flag} {value} (was {saved[flag]})" for flag, value in vars(args).items() if flag in saved and flag not in NOT_COMPARED and saved[flag] != value]
 
 
 def _rank() -> int:

@@ -66,7 +66,7 @@ def test_train_from_an_image_folder(tmp_path, folder):
     run = experiment(tmp_path)
     with open(os.path.join(run, "metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2]
-    assert "Dataset: SkipBadSamples with 6 items" in open(os.path.join(run, "log.txt")).read()
+    assert "Dataset: ImageFolderDataset with 6 items" in open(os.path.join(run, "log.txt")).read()
 
 
 def test_train_from_a_video_csv_with_captions_skipping_a_bad_file(tmp_path, media, clip_dir):

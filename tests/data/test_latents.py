@@ -130,6 +130,34 @@ def test_bad_caches_are_one_line_errors(images, vae_dir, tmp_path):
         LatentDataset(str(tmp_path))
 
 
+def test_truncated_shard_is_one_line_naming_it(images, vae_dir, tmp_path):
+    extract(images, tmp_path / "cache", vae_dir)
+    shard = tmp_path / "cache" / "shard-000001.safetensors"
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) - 10)
+    with pytest.raises(UsageError) as error:
+        LatentDataset(str(tmp_path / "cache"))
+    message = str(error.value)
+    assert message.startswith(f"{shard}: unreadable latent cache shard (SafetensorError") and message.endswith("rerun preprocess.py latents") and "\n" not in message
+
+
+def test_video_cache_records_and_checks_frame_interval(tmp_path, capsys):
+    from opendit.training import train as train_cli
+
+    clips = ["--use_video", "--num_frames", "2", "--image_size", "16", "--vae", "none", "--num_classes", "2"]
+    preprocess.main(["latents", "--dataset", "shapes", "--data_path", "shapes", "--dataset_size", "4", "--output", str(tmp_path / "cache"), "--shard_size", "4",
+                     "--batch_size", "4", "--num_workers", "0", "--dtype", "fp32", "--frame_interval", "3", "--captions", "off", *clips])
+    base = ["--model", "VDiT-S/1x2x2", "--depth", "1", "--hidden_size", "32", "--num_heads", "2", "--batch_size", "2", "--max_steps", "1",
+            "--mixed_precision", "fp32", "--num_workers", "0", "--data_path", str(tmp_path / "cache"), "--outputs", str(tmp_path / "o"), *clips]
+    with pytest.raises(SystemExit):
+        train_cli.main(base)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"error: {tmp_path / 'cache' / 'index.json'}: made with frame_interval 3, but the flags give --frame_interval 1"]
+    train_cli.main(base + ["--frame_interval", "3"])
+    (run,) = os.listdir(tmp_path / "o")
+    assert json.loads((tmp_path / "o" / run / "config.json").read_text())["args"]["frame_interval"] == 3
+
+
 def test_training_flags_must_match_the_cache(images, vae_dir, tmp_path, capsys):
     from opendit.training import train as train_cli
 

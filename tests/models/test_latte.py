@@ -146,3 +146,14 @@ def test_3d_table_matches_direct_formula():
     assert out.shape == (2, 8, 4, 8, 8) and "pos_embed" in model.state_dict()
     with pytest.raises(ValueError, match="divisible by 16"):
         get_3d_sincos_pos_embed(40, (2, 2, 2))
+
+
+@pytest.mark.parametrize("name, num_frames", [("Latte-S/1x2x2", 4), ("Latte-S/2x2x2", 3), ("VDiT-S/1x2x2", 4), ("VDiT-S/2x2x2", 3), ("vDiT-S/222", 4)])
+def test_blocks_and_model_return_new_tensors_not_views(name, num_frames):
+    """FSDP2 warns on a wrapped module's view output (an in-place op on it would skip the pre-backward all-gather):
+    Latte's blocks and the video models' outputs (fp32, where .float() returns the tensor itself; padded frames too)."""
+    model = randomize(tiny_latte(name, num_frames=num_frames)).float()
+    assert model(torch.randn(2, 4, num_frames, 8, 8), torch.tensor([1, 2]), torch.tensor([3, 4]))._base is None
+    if name.startswith("Latte"):
+        for block in model.blocks[:2]:  # spatial, temporal
+            assert block(torch.randn(2, 2, 16, 32), torch.randn(2, 32))._base is None, block.kind

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from opendit.diffusion import create_diffusion
+from opendit.errors import UsageError  # one line from train.py / sample.py, never a traceback
 from opendit.models import DiT, Latte
 from opendit.parallel import build_mesh, collectives, parallelize
 from opendit.parallel.dsp import apply_dsp, apply_latte_sequence_parallel
@@ -94,9 +95,9 @@ def _check_errors(rank, world_size, model):
     group = dist.group.WORLD
     with pytest.raises(ValueError, match="applies to Latte models"):
         apply_dsp(DiT(input_size=8, depth=1, hidden_size=32, num_heads=4, num_classes=10), group)
-    with pytest.raises(ValueError, match="3 token frames do not divide by the sequence-parallel size 2"):
+    with pytest.raises(UsageError, match="3 token frames do not divide by the sequence-parallel size 2"):
         apply_dsp(Latte(num_frames=3, input_size=8, depth=2, hidden_size=32, num_heads=4), group)
-    with pytest.raises(ValueError, match="9 positions per frame do not divide"):
+    with pytest.raises(UsageError, match="9 positions per frame do not divide"):
         apply_dsp(Latte(num_frames=2, input_size=6, depth=2, hidden_size=32, num_heads=4), group)
     with pytest.raises(ValueError, match="sequence-parallel type 'ring' for Latte"):
         apply_latte_sequence_parallel(copy.deepcopy(model), group, "ring")
@@ -104,7 +105,7 @@ def _check_errors(rank, world_size, model):
         apply_dsp(apply_dsp(copy.deepcopy(model), group), group)
     three_heads = Latte(num_frames=2, input_size=8, depth=2, hidden_size=48, num_heads=3)
     apply_dsp(copy.deepcopy(three_heads), group)  # DSP never splits heads
-    with pytest.raises(ValueError, match="3 attention heads do not divide"):
+    with pytest.raises(UsageError, match="3 attention heads do not divide"):
         apply_latte_sequence_parallel(three_heads, group, "ulysses")
 
 

@@ -4,11 +4,12 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
+from ranks import assert_sp_matches  # tests/ranks.py
 
+from opendit.errors import UsageError  # one line from train.py / sample.py, never a traceback
 from opendit.models import DiT
 from opendit.parallel import apply_sequence_parallel
 from opendit.parallel.parallelize import enable_grad_checkpointing
-from ranks import assert_sp_matches  # tests/ranks.py
 
 KINDS = [("fastseq", True), ("fastseq", False), ("ulysses", True), ("fastseq+checkpoint", True)]
 
@@ -52,10 +53,10 @@ def _check_errors(rank, world_size, model):
     group = dist.group.WORLD
     with pytest.raises(ValueError, match="sequence-parallel type"):
         apply_sequence_parallel(copy.deepcopy(model), group, kind="ring")
-    with pytest.raises(ValueError, match="3 attention heads do not divide by the sequence-parallel size 2"):
+    with pytest.raises(UsageError, match="3 attention heads do not divide by the sequence-parallel size 2"):
         apply_sequence_parallel(DiT(input_size=8, depth=1, hidden_size=48, num_heads=3, num_classes=10), group)
     odd = apply_sequence_parallel(DiT(input_size=6, depth=1, hidden_size=64, num_heads=4, num_classes=10), group)
-    with pytest.raises(ValueError, match="9 tokens do not divide by the sequence-parallel size 2"):
+    with pytest.raises(UsageError, match="9 tokens do not divide by the sequence-parallel size 2"):
         odd(torch.randn(1, 4, 6, 6), torch.zeros(1), torch.zeros(1, dtype=torch.long))
     sp_model = apply_sequence_parallel(copy.deepcopy(model), group)
     with pytest.raises(ValueError, match="already applied"):

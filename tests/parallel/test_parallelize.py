@@ -44,3 +44,24 @@ def test_compile_mode_reaches_torch_compile_of_every_block(dt, monkeypatch):
 def test_unknown_compile_mode_is_refused(dt):
     with pytest.raises(RuntimeError, match="Unrecognized mode=fastest"):
         parallelize(dt.tiny_model(), compile=True, compile_mode="fastest")
+
+
+def _latte_zero2_backward(rank, world_size, dt):
+    import warnings
+
+    from opendit.models import Latte
+    from opendit.parallel import build_mesh
+
+    dt.init()
+    torch.manual_seed(0)
+    model = Latte(input_size=8, num_frames=4, num_classes=10, depth=4, hidden_size=32, num_heads=4)
+    parallelize(model, build_mesh(world_size, 1, "cpu"), plugin="zero2", param_dtype=torch.float32, blocks_per_unit=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(torch.randn(2, 4, 4, 8, 8), torch.tensor([1, 2]), torch.tensor([3, 4])).square().mean().backward()
+    assert not [str(w.message) for w in caught if "view tensor" in str(w.message)]
+
+
+def test_latte_under_zero2_returns_no_views(dt):
+    """FSDP2's "returned a view tensor" warning (each Latte block and, in fp32, the model) on 2 gloo ranks."""
+    dt.run(_latte_zero2_backward, 2, dt)

@@ -55,3 +55,14 @@ def test_plain_script_dies_in_the_teardown(tmp_path):
     """The control: without run_script the teardown runs and the planted destructor aborts."""
     result = run(tmp_path, world_size=1, status="return", how="plain")
     assert result.returncode == -6 and (tmp_path / "handlers").read_text() == "exit handlers ran"
+
+
+def test_device_cuda_without_a_gpu_is_a_usage_error(monkeypatch):
+    import torch
+
+    from opendit.errors import UsageError
+    from opendit.parallel.process import setup_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError, match=r"^--device cuda: no CUDA GPU is available here \(use --device cpu or auto\)$"):
+        setup_distributed("cuda")

@@ -20,9 +20,11 @@ def run(tmp_path, name, extra):
         return experiment, [json.loads(line)["loss"] for line in f]
 
 
-def test_sample_every_writes_grids_and_keeps_losses(tmp_path):
+def test_sample_every_writes_grids_and_keeps_losses(tmp_path, capsys):
     _, plain = run(tmp_path, "plain", [])
+    capsys.readouterr()
     experiment, previewed = run(tmp_path, "preview", ["--sample_every", "2", "--ckpt_every", "2"])
+    assert "25/25" not in capsys.readouterr().err  # no sampler progress bars between the log lines
     assert previewed == plain  # training's RNG untouched, bit for bit
     assert sorted(os.listdir(experiment / "samples")) == ["step-0000002", "step-0000004"]
     a, b = (np.array(Image.open(experiment / "samples" / s / "grid.png")) for s in ("step-0000002", "step-0000004"))

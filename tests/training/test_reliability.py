@@ -1,6 +1,7 @@
 """Issue 14: exact resume with DataLoader workers, the divergence guard, resume rules, --load auto fallback, metrics,
 one-line errors for bad checkpoints and data, SIGTERM, and the experiment lock."""
 import json
+import math
 import os
 import random
 import signal
@@ -80,6 +81,7 @@ def test_resume_is_exact_with_workers_and_bad_sample_count_carried(images, tmp_p
     assert image_run(images, tmp_path / "cut", 6, workers, "--load", "auto") == 0
     full, cut = metrics(tmp_path / "full"), metrics(tmp_path / "cut")
     assert sorted(cut) == list(range(1, 7)) and all(full[s]["loss"] == cut[s]["loss"] for s in full), (full, cut)
+    assert "Dataset: ImageFolderDataset with 17 items" in open(tmp_path / "full" / "log.txt").read()  # not its SkipBadSamples wrapper
     for part in ("model", "ema"):
         a, b = (read_tensors(str(tmp_path / r / "checkpoints" / "step-0000006"), part) for r in ("full", "cut"))
         assert all(torch.equal(a[k], b[k]) for k in a)
@@ -158,6 +160,24 @@ def test_divergence_is_skipped_then_stops_and_no_bad_checkpoint(tmp_path, monkey
     assert "step(s) skipped: non-finite loss" in open(out / "log.txt").read()
 
 
+def test_run_ending_inside_non_finite_steps_stops_as_diverged(tmp_path, monkeypatch, capsys):
+    real = train_cli.prepare_batch
+    calls = []
+
+    def poisoned(*args, **kwargs):  # steps 3 and 4 (the last two) are NaN: fewer than --max_bad_steps in a row
+        x, kw = real(*args, **kwargs)
+        calls.append(1)
+        return (x * float("nan") if len(calls) >= 3 else x), kw
+
+    monkeypatch.setattr(train_cli, "prepare_batch", poisoned)
+    out = tmp_path / "run"
+    assert run([*TRAIN_FLAGS, "--max_steps", "4", "--ckpt_every", "2", "--experiment_dir", str(out)]) == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training ended inside 2 step(s) in a row with a non-finite loss" in err[0] and "step-0000002" in err[0], err
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step-0000002"]  # no checkpoint at the last step
+    assert "Done!" not in open(out / "log.txt").read()
+
+
 def test_skipped_step_leaves_weights_optimizer_and_ema_untouched(tmp_path, monkeypatch):
     from opendit.training.step import TrainStep
 
@@ -214,12 +234,13 @@ def four_steps(tmp_path):
     return out
 
 
-def test_lr_zero_on_resume_takes_effect(four_steps, capsys):
-    assert run([*TRAIN_FLAGS, "--max_steps", "6", "--ckpt_every", "2", "--lr", "0", "--load", "auto", "--experiment_dir", str(four_steps)]) == 0
-    a, b = (read_tensors(str(four_steps / "checkpoints" / s), "model") for s in ("step-0000004", "step-0000006"))
-    assert all(torch.equal(a[k], b[k]) for k in a)  # AdamW at lr 0, no weight decay: weights unchanged
-    assert metrics(four_steps)[6]["lr"] == 0
-    assert "--lr 0 replaces the checkpoint's 0.0001" in open(four_steps / "log.txt").read()
+def test_changed_flags_on_resume_take_effect_and_are_logged(four_steps, capsys):
+    assert run([*TRAIN_FLAGS, "--max_steps", "6", "--ckpt_every", "3", "--lr", "3e-4", "--lr_schedule", "cosine", "--load", "auto",
+                "--experiment_dir", str(four_steps)]) == 0
+    assert metrics(four_steps)[5]["lr"] == pytest.approx(3e-4 * 0.5 * (1 + math.cos(math.pi * 4 / 6)))  # the new rate and schedule, at step 5
+    (line,) = [line for line in open(four_steps / "log.txt") if "Resume:" in line]
+    assert line.split("Resume: ")[1].strip() == ("changed flags: --ckpt_every 3 (was 2), --lr 0.0003 (was 0.0001), --max_steps 6 (was 4), "
+                                                 "--lr_schedule cosine (was constant)")  # not --load nor --experiment_dir
 
 
 def test_changed_seed_on_resume_is_refused_and_config_kept(four_steps, capsys):

@@ -59,7 +59,7 @@ def test_resume_on_one_process_reshards(dt, uninterrupted, tmp_path):
     shutil.copytree(uninterrupted, copy)
     train_cli.main(dt.flags + ["--max_steps", "3", "--load", os.path.join(copy, "checkpoints", "step-0000002"), "--peak_tflops", "1"])
     log = open(os.path.join(copy, "log.txt")).read()
-    assert "Resuming on 1 processes from a run on 2: the RNG restarts" in log and "Resumed from" in log
+    assert "Resuming on 1 process from a run on 2: the RNG restarts" in log and "Resumed from" in log
     with open(os.path.join(copy, "metrics.jsonl")) as f:
         last = [json.loads(line) for line in f][-1]
     assert last["step"] == 3 and 0 < last["mfu"] < 1 and last["images_per_sec_per_gpu"] > 0
