@@ -11,8 +11,9 @@
 Each checkpoint is written into .step-NNNNNNN.partial/ and renamed when complete, then `latest` is moved to it, so a
 crash or kill mid-save leaves the previous checkpoint (and `latest`) intact. A folder without manifest.json, or
 whose files do not match it (missing, truncated, or corrupt: a CRC-32 differs), is refused with a one-line
-CheckpointError before DCP reads it; manifests written before the checksums are checked by size only. Reading
-never unpickles code.
+CheckpointError before DCP reads it; manifests written before the checksums are checked by size only. A loaded
+tensor holding a NaN or an infinity (never saved: train.py refuses to write one) is refused too. Reading never
+unpickles code.
 """
 import io
 import json
@@ -37,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from opendit.checkpoint.layout import LATEST, MANIFEST, STEP_PATTERN, TRAIN_STATE, rng_state, torch_load
 from opendit.errors import CheckpointError
+from opendit.parallel.mesh import local_shard
 from opendit.parallel.process import barrier
 
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)  # optimizer keys by parameter name: reshardable
@@ -161,6 +163,7 @@ def read_tensors(path: str, prefix: str) -> Dict[str, torch.Tensor]:
     if not state:
         raise CheckpointError(f"{path}: holds no '{prefix}' weights")
     _load({prefix: state}, path, no_dist=True)
+    _refuse_non_finite({prefix: state}, path, collective=False)
     return state
 
 
@@ -178,6 +181,26 @@ def _load(state: Dict[str, Any], path: str, no_dist: bool = False) -> None:
         raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {reason})") from None
     finally:
         dcp_logger.setLevel(level)
+
+
+def _leaves(tree: Dict[str, Any], prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _refuse_non_finite(state: Dict[str, Any], path: str, collective: bool) -> None:
+    """A loaded tensor holding a NaN or an infinity means corruption (train.py never saves one); each rank checks its
+    own shards and, when collective, every rank learns the verdict, so all stop together."""
+    bad = next((key for key, value in _leaves(state) if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(local_shard(value)).all())), None)
+    if collective:
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, bad)
+        bad = next((key for key in found if key), None)
+    if bad:
+        raise CheckpointError(f"{path}: corrupt checkpoint ({bad} holds NaN or infinite values, which are never saved)")
 
 
 # --- training state ------------------------------------------------------------------------------
@@ -291,6 +314,7 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
     verify_checkpoint(path)
     state = sharded_state(model, optimizer, ema)
     _load(state, path, no_dist=not dist.is_initialized())
+    _refuse_non_finite(state, path, collective=dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=OPTIONS)
     rng_path = os.path.join(path, RNG_FILE.format(_rank()))
     return torch_load(rng_path) if os.path.isfile(rng_path) else None

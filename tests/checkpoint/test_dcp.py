@@ -206,6 +206,20 @@ def test_manifest_without_checksums_still_loads(dt, tmp_path):
         ckpt.load_checkpoint(path, model, opt, ema)
 
 
+def test_non_finite_values_are_refused_on_load(dt, tmp_path):
+    """A checkpoint without CRC-32s (or one corrupted before its checksums were taken) whose bytes put NaNs into the
+    AdamW state or the weights is refused when loaded (train.py never saves one), so a run never resumes from it."""
+    path, (model, opt, ema) = one_checkpoint(dt, tmp_path)
+    write_old_manifest(path)
+    overwrite_tensor(path, "optim.state.blocks.0.attn.qkv.weight.exp_avg_sq")  # the audit's case: NaNs in AdamW's state
+    with pytest.raises(CheckpointError) as error:
+        ckpt.load_checkpoint(path, model, opt, ema)
+    assert str(error.value) == f"{path}: corrupt checkpoint (optim.state.blocks.0.attn.qkv.weight.exp_avg_sq holds NaN or infinite values, which are never saved)"
+    overwrite_tensor(path, "model.blocks.1.mlp.fc1.weight")  # the weights, as sample.py and the export read them
+    with pytest.raises(CheckpointError, match=r"\(model.blocks.1.mlp.fc1.weight holds NaN or infinite values"):
+        ckpt.read_tensors(path, "model")
+
+
 def test_load_auto_skips_a_latest_whose_checksum_fails(dt, tmp_path, capsys):
     """--load auto's fallback (intact_latest) treats a checksum mismatch as damage: the previous checkpoint, warned."""
     from opendit.training.experiment import intact_latest
