@@ -1,6 +1,7 @@
 """Loading a model by local folder or hub id: a local folder directly; a hub id from the local cache first, then from
 the hub only when a 3-second HTTP probe of the model's config.json gets an answer (HF_ENDPOINT and the proxy variables
-honoured), so an offline machine, a dead endpoint or one that never answers fails in seconds, in one line."""
+honoured). The download's requests are then bounded: one that makes no progress for 20 s fails at once instead of
+being retried, so an offline machine, a dead endpoint or one that never answers fails in seconds, in one line."""
 import os
 import re
 import ssl
@@ -12,6 +13,7 @@ from typing import Callable, Optional
 HUB_ID = re.compile(r"^[\w-][\w.-]*/[\w-][\w.-]*$")  # "org/name"
 LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError)
 PROBE_TIMEOUT_S = 3.0  # the whole probe: DNS, connect, request, answer
+STALL_TIMEOUT_S = 20.0  # a hub request (connect, each read or write) without progress for this long fails
 for _name, _seconds in (("HF_HUB_ETAG_TIMEOUT", "10"), ("HF_HUB_DOWNLOAD_TIMEOUT", "20")):  # read when huggingface_hub is imported
     os.environ.setdefault(_name, _seconds)
 
@@ -64,6 +66,35 @@ def hub_url() -> str:
     return constants.ENDPOINT
 
 
+class HubStalled(OSError):
+    """A hub request that made no progress in time or lost its connection; not retried."""
+
+
+def bound_hub_requests() -> None:
+    """From now on, each of huggingface_hub's requests waits at most STALL_TIMEOUT_S for progress, and a timeout or a
+    network error ends the download at once: huggingface_hub retries those (up to 6 tries of 10-60 s), minutes in all."""
+    import httpx2
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils._http import default_client_factory
+
+    def bounded_client():
+        client = default_client_factory()
+        send = client.send
+
+        def bounded_send(request, **kwargs):
+            asked = request.extensions.get("timeout") or {}
+            request.extensions["timeout"] = {k: min(asked.get(k) or STALL_TIMEOUT_S, STALL_TIMEOUT_S) for k in ("connect", "read", "write", "pool")}
+            try:
+                return send(request, **kwargs)
+            except (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError) as e:
+                raise HubStalled(f"{request.method} {request.url}: {type(e).__name__} ({one_line(e)})") from None
+
+        client.send = bounded_send
+        return client
+
+    set_client_factory(bounded_client)
+
+
 def load_local_or_hub(load: Callable[[bool], object], path: str, label: str, what: str):
     """load(local_files_only) for a folder or hub id `path`; every failure is a one-line ValueError naming `label`."""
     if not os.path.isdir(path):
@@ -75,6 +106,7 @@ def load_local_or_hub(load: Callable[[bool], object], path: str, label: str, wha
         problem = probe(f"{endpoint}/{path}/resolve/main/config.json")
         if problem:
             raise ValueError(f"{label}: not in the local cache and the hub ({endpoint}) {problem}; pass a local folder holding {what}")
+        bound_hub_requests()
     try:
         return load(False)
     except LOAD_ERRORS as e:

@@ -138,6 +138,22 @@ def test_endpoint_that_never_answers_or_404s_fails_in_seconds(local_hub, flag, k
     assert "\n" not in message and elapsed < 6, (message, elapsed)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("flag", LOADERS)
+def test_download_that_stalls_after_the_probe_fails_without_retries(local_hub, monkeypatch, flag):
+    """huggingface_hub would retry a stalled metadata request 6 times with a 60 s timeout; ours fail at the first."""
+    monkeypatch.setattr(hub, "STALL_TIMEOUT_S", 1.0)
+    with endpoint("stalls") as url:
+        local_hub(url)
+        start = time.time()
+        with pytest.raises(ValueError) as info:
+            LOADERS[flag]("org/model")
+        elapsed = time.time() - start
+    message = str(info.value)
+    assert message.startswith(f"{flag} org/model: could not load ") and f"from {url}" in message and "\n" not in message, message
+    assert "ReadTimeout" in message and elapsed < 8, (message, elapsed)
+
+
 @pytest.mark.timeout(120)
 def test_train_py_with_a_silent_hub_endpoint_exits_2_in_seconds(tmp_path):
     """The audit's case: HF_ENDPOINT accepts connections and never answers; `train.py --vae ema` took 398 s."""
@@ -158,13 +174,15 @@ def test_train_py_with_a_silent_hub_endpoint_exits_2_in_seconds(tmp_path):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("kind", ["silent"])
-def test_official_checkpoint_from_a_silent_server_fails_in_seconds(monkeypatch, tmp_path, kind):
+@pytest.mark.parametrize("kind", ["silent", "stalls"])
+def test_official_checkpoint_from_a_silent_or_stalling_server_fails_in_seconds(monkeypatch, tmp_path, kind):
+    """The probe's HEAD first; once it passes, torch.hub's download runs under socket timeouts (it sets none)."""
     from opendit.checkpoint import weights
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     monkeypatch.setenv("no_proxy", "127.0.0.1")
+    monkeypatch.setattr(hub, "STALL_TIMEOUT_S", 1.0)
     with endpoint(kind) as url:
         monkeypatch.setattr(weights, "OFFICIAL_DIT_URL", url + "/org/{}")
         start = time.time()
