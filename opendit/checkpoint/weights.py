@@ -26,15 +26,23 @@ def _download_official(name: str) -> str:
     """Fetch one of Meta's DiT checkpoints into pretrained_models/ (needs network)."""
     local = os.path.join("pretrained_models", name)
     if not os.path.isfile(local):
-        from opendit.encoders.hub import reachable
+        import socket
 
-        if not reachable(OFFICIAL_DIT_URL):
-            raise CheckpointError(f"--ckpt {name}: not a local file and {OFFICIAL_DIT_URL.split('/')[2]} cannot be reached; pass a local checkpoint path")
+        from opendit.encoders.hub import STALL_TIMEOUT_S, probe
+
+        url = OFFICIAL_DIT_URL.format(name)
+        problem = probe(url)
+        if problem:
+            raise CheckpointError(f"--ckpt {name}: not a local file and {url.split('/')[2]} {problem}; pass a local checkpoint path")
         os.makedirs("pretrained_models", exist_ok=True)
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(STALL_TIMEOUT_S)  # torch.hub's urlopen sets none: a stalled transfer would wait forever
         try:
-            torch.hub.download_url_to_file(OFFICIAL_DIT_URL.format(name), local, progress=True)
+            torch.hub.download_url_to_file(url, local, progress=True)
         except Exception as e:
             raise CheckpointError(f"--ckpt {name}: not a local file and the download failed ({type(e).__name__})") from None
+        finally:
+            socket.setdefaulttimeout(previous)
     return local
 
 

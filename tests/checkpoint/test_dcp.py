@@ -1,5 +1,6 @@
 """DCP checkpoints: written sharded by 2 ranks, loaded exactly on 1 process and resharded onto 4 (zero3 and DDP);
-atomic writes, keep-last-K, and one-line errors for truncated or unfinished folders."""
+atomic writes, keep-last-K, and one-line errors for truncated, unfinished or corrupt folders."""
+import json
 import os
 import shutil
 
@@ -7,12 +8,12 @@ import pytest
 import torch
 
 from opendit.checkpoint import dcp as ckpt
-from opendit.training.ema import ShardedEMA
-from opendit.training.optim import ShardedAdamW
+from opendit.checkpoint.layout import latest_checkpoint, resolve_checkpoint_dir
+from opendit.errors import CheckpointError
 from opendit.parallel.mesh import build_mesh
 from opendit.parallel.parallelize import parallelize
-from opendit.errors import CheckpointError
-from opendit.checkpoint.layout import latest_checkpoint, resolve_checkpoint_dir
+from opendit.training.ema import ShardedEMA
+from opendit.training.optim import ShardedAdamW
 
 
 def setup(dt, plugin=None, world_size=1):
@@ -67,6 +68,9 @@ def test_sharded_checkpoint_loads_on_any_world_size(dt, tmp_path):
     dt.run(save_sharded, 2, dt, folder)
     assert sorted(os.listdir(folder)) == ["latest", "step-0000002"]
     assert {"__0_0.distcp", "__1_0.distcp", "rng-00000.pt", "rng-00001.pt", "train_state.pt", "manifest.json", ".metadata"} == set(os.listdir(os.path.join(folder, "step-0000002")))
+    with open(os.path.join(folder, "step-0000002", "manifest.json")) as f:
+        crcs = json.load(f)["crc32"]  # each rank checksummed the files it wrote
+    assert sorted(crcs) == [".metadata", "__0_0.distcp", "__1_0.distcp", "rng-00000.pt", "rng-00001.pt", "train_state.pt"]
     reference = torch.load(tmp_path / "reference.pt", weights_only=True)
     model, opt, ema = setup(dt)  # one process, no process group, plain tensors
     rng = ckpt.load_checkpoint(resolve_checkpoint_dir(str(tmp_path)), model, opt, ema)
@@ -129,3 +133,127 @@ def test_metadata_that_would_run_code_is_refused(dt, tmp_path):
     ckpt._write_manifest(path, ckpt._own_files(path, 0))
     with pytest.raises(CheckpointError, match="refusing to load shutil.rmtree"):
         ckpt.read_tensors(path, "ema")
+
+
+def overwrite(path, fraction=0.8, count=4000, byte=b"\xff"):
+    """Overwrite `count` bytes at `fraction` of the file (0xff: NaNs where they land in float32 data); same size."""
+    size = os.path.getsize(path)
+    start = int(size * fraction)
+    with open(path, "r+b") as f:
+        f.seek(start)
+        f.write(byte * min(count, size - start))
+    assert os.path.getsize(path) == size
+
+
+def overwrite_tensor(folder, fqn, count=4000):
+    """Overwrite the middle of one tensor's bytes in its .distcp with 0xff (NaNs), as a disk or copy error would."""
+    metadata = ckpt.SafeReader(folder).read_metadata()
+    (where,) = [info for index, info in metadata.storage_data.items() if index.fqn == fqn]
+    with open(os.path.join(folder, where.relative_path), "r+b") as f:
+        f.seek(where.offset + where.length // 2 - count // 2)
+        f.write(b"\xff" * count)
+
+
+def one_checkpoint(dt, tmp_path, steps=(1,)):
+    model, opt, ema = setup(dt)
+    folder = str(tmp_path / "run" / "checkpoints")
+    os.makedirs(folder)
+    for step in steps:
+        opt.zero_grad()
+        dt.loss_on(model, step).backward()
+        opt.step()
+        ema.update(0.9)
+        path = ckpt.save_checkpoint(folder, step, model, opt, ema, {"step": step})
+    return path, (model, opt, ema)
+
+
+def test_corrupt_file_of_unchanged_size_is_one_line_error(dt, tmp_path):
+    """Every file's CRC-32 is in the manifest; bytes overwritten without changing a size are refused before DCP reads."""
+    path, (model, opt, ema) = one_checkpoint(dt, tmp_path)
+    with open(os.path.join(path, "manifest.json")) as f:
+        manifest = json.load(f)
+    assert set(manifest["crc32"]) == set(manifest["files"]) == set(os.listdir(path)) - {"manifest.json"}
+    assert all(manifest["crc32"][n] == ckpt.file_crc32(os.path.join(path, n)) for n in manifest["files"])
+    for name, readers in (("__0_0.distcp", ("load", "tensors")), ("train_state.pt", ("load", "state"))):
+        copy = str(tmp_path / f"corrupt-{name}")
+        shutil.copytree(path, copy)
+        overwrite(os.path.join(copy, name))
+        for reader in readers:
+            with pytest.raises(CheckpointError) as error:
+                {"load": lambda: ckpt.load_checkpoint(copy, model, opt, ema), "tensors": lambda: ckpt.read_tensors(copy, "ema"),
+                 "state": lambda: ckpt.read_train_state(copy)}[reader]()
+            message = str(error.value)
+            assert message.startswith(f"{copy}: corrupt checkpoint ({name}: CRC-32 ") and "\n" not in message, message
+    ckpt.load_checkpoint(path, model, opt, ema)  # the intact one still loads
+
+
+def write_old_manifest(path):
+    """The manifest as written before the CRC-32s: sizes only."""
+    with open(os.path.join(path, "manifest.json")) as f:
+        sizes = json.load(f)["files"]
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump({"files": sizes}, f)
+
+
+def test_manifest_without_checksums_still_loads(dt, tmp_path):
+    """Checkpoints written before the CRC-32s are checked by size only."""
+    path, (model, opt, ema) = one_checkpoint(dt, tmp_path)
+    write_old_manifest(path)
+    ckpt.load_checkpoint(path, model, opt, ema)
+    assert ckpt.read_train_state(path)["step"] == 1 and ckpt.read_tensors(path, "ema")
+    os.remove(os.path.join(path, "rng-00000.pt"))
+    with pytest.raises(CheckpointError, match=r"incomplete checkpoint \(rng-00000.pt is missing\)"):
+        ckpt.load_checkpoint(path, model, opt, ema)
+
+
+def test_non_finite_values_are_refused_on_load(dt, tmp_path):
+    """A checkpoint without CRC-32s (or one corrupted before its checksums were taken) whose bytes put NaNs into the
+    AdamW state or the weights is refused when loaded (train.py never saves one), so a run never resumes from it."""
+    path, (model, opt, ema) = one_checkpoint(dt, tmp_path)
+    write_old_manifest(path)
+    overwrite_tensor(path, "optim.state.blocks.0.attn.qkv.weight.exp_avg_sq")  # the audit's case: NaNs in AdamW's state
+    with pytest.raises(CheckpointError) as error:
+        ckpt.load_checkpoint(path, model, opt, ema)
+    assert str(error.value) == f"{path}: corrupt checkpoint (optim.state.blocks.0.attn.qkv.weight.exp_avg_sq holds NaN or infinite values, which are never saved)"
+    overwrite_tensor(path, "model.blocks.1.mlp.fc1.weight")  # the weights, as sample.py and the export read them
+    with pytest.raises(CheckpointError, match=r"\(model.blocks.1.mlp.fc1.weight holds NaN or infinite values"):
+        ckpt.read_tensors(path, "model")
+
+
+def test_load_auto_skips_a_latest_whose_checksum_fails(dt, tmp_path, capsys):
+    """--load auto's fallback (intact_latest) treats a checksum mismatch as damage: the previous checkpoint, warned."""
+    from opendit.training.experiment import intact_latest
+
+    path, _ = one_checkpoint(dt, tmp_path, steps=(1, 2))
+    overwrite(os.path.join(path, "__0_0.distcp"))
+    assert intact_latest(str(tmp_path / "run")) == str(tmp_path / "run" / "checkpoints" / "step-0000001")
+    err = capsys.readouterr().err
+    assert "corrupt checkpoint (__0_0.distcp" in err and "resuming from the newest intact checkpoint" in err and err.count("\n") == 1
+
+
+def test_train_py_refuses_a_corrupt_checkpoint_and_load_auto_resumes_the_previous(tmp_path, capsys):
+    """The audit's case: 4000 bytes of AdamW state overwritten with 0xff. --load that folder: status 2 and one line
+    (not a diverged run naming it as the last good checkpoint); --load auto: the previous checkpoint, with a warning."""
+    from ranks import TRAIN_FLAGS  # tests/ranks.py
+
+    from opendit.training import train as train_cli
+
+    def run(*extra):
+        try:
+            train_cli.main([*TRAIN_FLAGS, "--ckpt_every", "2", *extra])
+        except SystemExit as e:
+            return e.code
+        return 0
+
+    out = tmp_path / "run"
+    assert run("--max_steps", "4", "--experiment_dir", str(out)) == 0
+    step4 = str(out / "checkpoints" / "step-0000004")
+    overwrite_tensor(step4, "optim.state.blocks.0.attn.qkv.weight.exp_avg_sq")
+    capsys.readouterr()
+    assert run("--max_steps", "6", "--load", step4) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {step4}: corrupt checkpoint (__0_0.distcp: CRC-32 "), err
+    assert run("--max_steps", "6", "--load", "auto", "--experiment_dir", str(out)) == 0
+    err = capsys.readouterr().err
+    assert "corrupt checkpoint (__0_0.distcp" in err and "resuming from the newest intact checkpoint" in err and "last good" not in err
+    assert "Resumed from" in open(out / "log.txt").read() and "at step 2" in open(out / "log.txt").read()

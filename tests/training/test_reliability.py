@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from ranks import TRAIN_FLAGS  # tests/ranks.py (tests/conftest.py puts tests/ on sys.path)
+from opendit.checkpoint import dcp
 from opendit.checkpoint.dcp import read_tensors
 from opendit.data.image import ImageFolderDataset
 from opendit.errors import UsageError
@@ -254,7 +255,8 @@ def test_changed_seed_on_resume_is_refused_and_config_kept(four_steps, capsys):
 def test_corrupt_metadata_is_one_line_and_config_untouched(four_steps, capsys):
     step = four_steps / "checkpoints" / "step-0000004"
     size = os.path.getsize(step / ".metadata")
-    (step / ".metadata").write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR." .ljust(size, b" "))  # same size: the manifest still matches
+    (step / ".metadata").write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR." .ljust(size, b" "))
+    dcp._write_manifest(str(step), dcp._own_files(str(step), 0))  # a forged manifest: sizes and CRC-32s match
     config = open(four_steps / "config.json").read()
     assert run([*TRAIN_FLAGS, "--max_steps", "6", "--load", str(step), "--lr", "1e-3"]) == 2
     err = capsys.readouterr().err
