@@ -27,6 +27,7 @@ from opendit.data.table import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from opendit.encoders import load_vae
 from opendit.errors import UsageError
 from opendit.parallel.process import barrier, cleanup, setup_distributed
+from opendit.utils.cli import HelpFormatter
 from opendit.utils.logging import create_logger
 from opendit.utils.media import atomic_path
 
@@ -312,7 +313,7 @@ def get_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for name, what in (("ucf101", "a UCF101 tree (root/<Class>/<video>.avi) -> CSV path,caption,label"),
                        ("folder", "any folder of videos or images -> CSV path,caption[,label]")):
-        sub = commands.add_parser(name, help=what, description=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sub = commands.add_parser(name, help=what, description=what, formatter_class=HelpFormatter)
         root_help = "the UCF101 folder (the one holding the class folders)" if name == "ucf101" else "the media folder (class sub-folders label the files)"
         sub.add_argument("--root", required=True, help=root_help)
         sub.add_argument("--split", default=None, help="an official split list (trainlist01.txt, testlist01.txt) or a sub-folder name (OpenDiT: train)")
@@ -321,7 +322,7 @@ def get_parser() -> argparse.ArgumentParser:
         if name == "folder":
             sub.add_argument("--images", action="store_true", help="list images instead of videos")
     sub = commands.add_parser("latents", help="encode a dataset once into a latent cache for train.py --dataset latents",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=HelpFormatter)
     sub.add_argument("--data_path", required=True, help="what train.py would read: a CSV, an image folder, CIFAR-10's folder")
     sub.add_argument("--dataset", default="auto", choices=[k for k in KINDS if k != "latents"])
     sub.add_argument("--output", required=True, help="the cache folder (shards + index.json)")

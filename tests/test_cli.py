@@ -178,6 +178,16 @@ def test_bad_flags_give_one_line_errors(tmp_path):
     one_line_error(run_cli("sample.py", "--ckpt", str(tmp_path / "missing.pt")), "missing.pt")
 
 
+@pytest.mark.parametrize("script, argv", [("train.py", ["--mixed_precision", "fp8"]), ("sample.py", ["--ckpt", "x", "--bogus"]),
+                                          ("sample_ddp.py", ["--ckpt", "x", "--per_proc_batch_size", "2.5"])])
+def test_argparse_errors_are_short(script, argv):
+    """A mistyped flag or value: one usage line pointing at --help, then the error, not every flag's usage."""
+    result = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 2, lines
+    assert lines[0] == f"usage: {script} [flags]  ({script} --help lists them)" and lines[1].startswith(f"{script}: error: ")
+
+
 def test_bad_checkpoints_give_one_line_errors(tmp_path):
     (tmp_path / "truncated.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
     one_line_error(run_cli("sample.py", "--ckpt", str(tmp_path / "truncated.pt"), "--vae", "none"), "truncated.pt")

@@ -18,13 +18,14 @@ from opendit.builders import build_model
 from opendit.checkpoint.layout import EXPORT_CONFIG, EXPORT_WEIGHTS
 from opendit.checkpoint.weights import load_model_weights
 from opendit.errors import CheckpointError, UsageError, run_or_exit
+from opendit.utils.cli import HelpFormatter
 from opendit.utils.media import atomic_path
 
 OFFICIAL_LAYOUT = "model.pt"
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("ckpt", help="a training checkpoint folder, or an experiment folder (its latest checkpoint)")
     parser.add_argument("--output", required=True, help="folder to write model.safetensors, config.json and model.pt into")
     parser.add_argument("--weights", default="ema", choices=["ema", "model"], help="the EMA (DiT samples from it) or the raw model weights")

@@ -93,15 +93,16 @@ def denoise(
     text: Optional[torch.Tensor] = None,
     null_text: Optional[torch.Tensor] = None,
     cfg_group: Optional[dist.ProcessGroup] = None,
+    progress: bool = True,
 ) -> torch.Tensor:
     """Run the chosen sampler from noise z with labels y and/or pooled prompts text; when cfg_scale > 1, guide
     against the null class and the empty prompt's embedding null_text (1, text_dim). cfg_group: two ranks that run
-    the conditional and the unconditional half of each step."""
+    the conditional and the unconditional half of each step. progress: a tqdm bar over the steps."""
     use_cfg = args.cfg_scale > 1.0
     if uses_engine(args, cfg_group):
         cond = dict(y=y, text=text)
         uncond = dict(y=None if y is None else torch.full_like(y, args.num_classes), text=None if text is None else null_text.expand_as(text)) if use_cfg else None
-        return get_engine(args, model, z.device, cfg_group).sample(z, cond, uncond, progress=True)
+        return get_engine(args, model, z.device, cfg_group).sample(z, cond, uncond, progress=progress)
     if use_cfg:
         z = torch.cat([z, z], dim=0)
         if y is not None:
@@ -115,11 +116,11 @@ def denoise(
         model_fn = model.forward
     if args.sampler == "ddpm":
         diffusion = create_diffusion(str(args.num_sampling_steps), noise_schedule=args.noise_schedule)
-        samples = diffusion.p_sample_loop(model_fn, z.shape, z, clip_denoised=args.vae == "none", model_kwargs=model_kwargs, device=z.device, progress=True)
+        samples = diffusion.p_sample_loop(model_fn, z.shape, z, clip_denoised=args.vae == "none", model_kwargs=model_kwargs, device=z.device, progress=progress)
     elif args.sampler == "ddim":
         diffusion = create_diffusion(f"ddim{args.num_sampling_steps}", noise_schedule=args.noise_schedule)
-        samples = diffusion.ddim_sample_loop(model_fn, z.shape, z, clip_denoised=args.vae == "none", model_kwargs=model_kwargs, device=z.device, progress=True)
+        samples = diffusion.ddim_sample_loop(model_fn, z.shape, z, clip_denoised=args.vae == "none", model_kwargs=model_kwargs, device=z.device, progress=progress)
     else:
         diffusion = create_diffusion("", noise_schedule=args.noise_schedule)
-        samples = diffusion.dpm_solver_sample_loop(model_fn, z.shape, num_steps=args.num_sampling_steps, noise=z, model_kwargs=model_kwargs, device=z.device, progress=True)
+        samples = diffusion.dpm_solver_sample_loop(model_fn, z.shape, num_steps=args.num_sampling_steps, noise=z, model_kwargs=model_kwargs, device=z.device, progress=progress)
     return samples.chunk(2, dim=0)[0] if use_cfg else samples

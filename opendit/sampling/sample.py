@@ -23,6 +23,7 @@ from opendit.sampling.conditions import (
 from opendit.sampling.denoise import SAMPLERS, check_steps, cuda_graph_on, denoise, wants_graph
 from opendit.sampling.fidelity import check_fidelity, check_shapes_labels
 from opendit.sampling.layout import SamplingLayout, build_layout
+from opendit.utils.cli import USAGE, HelpFormatter
 
 # Flags that fall back to the checkpoint's training config when not given, then to these defaults.
 MODEL_DEFAULTS = dict(model="DiT-XL/2", vae="ema", image_size=256, num_classes=1000, num_frames=16, noise_schedule="linear")
@@ -31,17 +32,8 @@ FLOAT8_FAST_ACCUM = True  # --float8: the scaled GEMMs with fast accumulation (m
 OUTPUT_FILE = re.compile(r"\d{4,}-(class\d+|prompt\d+(-class\d+)?-[a-z0-9-]+)\.(png|mp4)|grid\.png|fidelity\.json")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows each flag's default once: not when its help already says it, nor for unset (None) or off (False) flags."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, usage=USAGE)
     # OpenDiT's flags (Meta DiT's hyphenated spellings are aliases); model flags default to the checkpoint's training config, then to DiT-XL/2 at 256.
     parser.add_argument("--model", type=str, default=None, help=f"registry name (default: from the checkpoint, else {MODEL_DEFAULTS['model']})")
     parser.add_argument("--vae", type=str, default=None, help="ema | mse | none | PATH (default: from the checkpoint, else ema)")

@@ -29,7 +29,6 @@ from opendit.parallel.process import barrier, cleanup, setup_distributed
 from opendit.sampling.denoise import SAMPLERS, denoise
 from opendit.sampling.sample import (
     MODEL_DEFAULTS,
-    HelpFormatter,
     add_speed_flags,
     build_sampling_model,
     check_sampling_flags,
@@ -38,6 +37,7 @@ from opendit.sampling.sample import (
     resolve_speed_flags,
     speed_up,
 )
+from opendit.utils.cli import USAGE, HelpFormatter
 from opendit.utils.media import save_image
 
 SETTINGS = "settings.json"  # in the sample folder: what made its PNGs (run_settings)
@@ -45,7 +45,7 @@ SAMPLE_FILE = re.compile(r"\d{6}\.png")
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, usage=USAGE)
     # DiT's sample_ddp.py flags (its hyphenated spellings work too); model flags default to the checkpoint's config.
     parser.add_argument("--ckpt", type=str, required=True, help="training checkpoint / experiment / export folder, .safetensors, or an official DiT .pt")
     parser.add_argument("--model", type=str, default=None, help=f"registry name (default: from the checkpoint, else {MODEL_DEFAULTS['model']})")

@@ -10,21 +10,13 @@ from opendit.parallel.parallelize import BLOCKS_PER_UNIT, PLUGINS
 from opendit.training.experiment import restarted_by_torchrun
 from opendit.training.graph_step import graph_step_refusal
 from opendit.training.profile import parse_steps
+from opendit.utils.cli import USAGE, HelpFormatter
 
 DEFAULT_BATCH = 2
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Adds "(default: X)" to a flag's help once: not for an unset (None), empty or off default, which the help describes."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default == "" or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, usage=USAGE)
     # OpenDiT's flags, same names and defaults; Meta DiT's hyphenated spellings are aliases.
     parser.add_argument("--model", type=str, default="DiT-XL/2", help="registry name, e.g. DiT-XL/2 or VDiT-XL/1x2x2")
     parser.add_argument("--vae", type=str, default="ema", help="ema | mse (Stable Diffusion VAEs) | none (pixel space) | a local path or hub id")

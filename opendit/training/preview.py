@@ -3,8 +3,6 @@
 TensorBoard, on rank 0, leaving every RNG of training as it was (resume stays exact)."""
 import argparse
 import os
-from contextlib import contextmanager
-from functools import partial
 from typing import Optional
 
 import torch
@@ -31,19 +29,6 @@ def contact_sheet(videos: torch.Tensor, path: str) -> str:
 def full_weights(ema_state: dict) -> dict:
     """The EMA's full tensors: DTensor shards are gathered (a collective: every rank must call this)."""
     return {name: (t.full_tensor() if isinstance(t, DTensor) else t).detach() for name, t in ema_state.items()}
-
-
-@contextmanager
-def no_progress_bars():
-    """The samplers' tqdm bars off (they import tqdm.auto's when they run): a preview prints nothing between log lines."""
-    import tqdm.auto
-
-    real = tqdm.auto.tqdm
-    tqdm.auto.tqdm = partial(real, disable=True)
-    try:
-        yield
-    finally:
-        tqdm.auto.tqdm = real
 
 
 class Preview:
@@ -101,8 +86,7 @@ class Preview:
         y = self.y.to(**to) if self.y is not None else None
         text = self.text.to(**to) if self.text is not None else None
         null_text = self.null_text.to(**to) if self.null_text is not None else None
-        with no_progress_bars():
-            latents = denoise(self.sampling, model, self.noise.to(**to), y, text, null_text)
+        latents = denoise(self.sampling, model, self.noise.to(**to), y, text, null_text, progress=False)  # no bars between log lines
         pixels = self.vae.decode(latents).clamp(-1, 1).float().cpu()
         folder = os.path.join(self.folder, f"step-{step:07d}")
         os.makedirs(folder, exist_ok=True)
