@@ -16,7 +16,7 @@ import torch
 
 from opendit.builders import build_model
 from opendit.checkpoint.layout import EXPORT_CONFIG, EXPORT_WEIGHTS
-from opendit.checkpoint.weights import load_model_weights
+from opendit.checkpoint.weights import load_model_weights, weights_mismatch
 from opendit.errors import CheckpointError, UsageError, run_or_exit
 from opendit.utils.cli import HelpFormatter
 from opendit.utils.media import atomic_path
@@ -53,10 +53,12 @@ def export(ckpt: str, output: str, weights: str = "ema", overwrite: bool = False
         raise CheckpointError(str(e).removeprefix("--ckpt ")) from None
     if not config or "model" not in config:
         raise UsageError(f"{ckpt}: holds no training config; only this project's training checkpoints can be exported")
+    model = build_model(config["model"])
     try:
-        build_model(config["model"]).load_state_dict(state_dict, strict=True)
+        model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{ckpt}: weights do not fit the model config {config['model']} ({str(e).splitlines()[1].strip()})") from None
+        why = weights_mismatch(model, state_dict) or str(e).strip().splitlines()[-1][:300]
+        raise CheckpointError(f"{ckpt}: weights do not fit the model config {config['model']} ({why})") from None
     state_dict = {name: tensor.contiguous() for name, tensor in state_dict.items()}
     try:
         os.makedirs(output, exist_ok=True)

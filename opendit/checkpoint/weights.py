@@ -181,3 +181,15 @@ def load_model_weights(path: str, use_ema: bool = True) -> tuple[Dict[str, torch
     if not use_ema:
         raise CheckpointError(SINGLE_SET.format(path))
     return obj, config  # a plain state dict, as in Meta's released checkpoints
+
+
+def weights_mismatch(model: torch.nn.Module, state_dict: dict) -> str:
+    """How state_dict differs from the model's own: a count and the first few names of each kind of difference."""
+    own = model.state_dict()
+    kinds = {
+        "missing": [k for k in own if k not in state_dict],
+        "unexpected": [k for k in state_dict if k not in own],
+        "of another shape": [f"{k} {list(state_dict[k].shape)} in the file, {list(own[k].shape)} in the model"
+                             for k in own if k in state_dict and state_dict[k].shape != own[k].shape],
+    }
+    return "; ".join(f"{len(keys)} {kind}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}" for kind, keys in kinds.items() if keys)

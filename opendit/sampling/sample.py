@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from opendit.builders import PRECISIONS, build_model, check_model_flags, model_config
-from opendit.checkpoint.weights import load_model_weights
+from opendit.checkpoint.weights import load_model_weights, weights_mismatch
 from opendit.encoders import load_text_encoder, load_vae
 from opendit.encoders.text import DEFAULT_TEXT_ENCODER
 from opendit.errors import UsageError, run_or_exit
@@ -201,18 +201,6 @@ def setup_parallel(args: argparse.Namespace):
         return None, SamplingLayout()
     info = setup_distributed(args.device)
     return info, build_layout(info.rank, info.world_size, args.sequence_parallel_size, args.cfg_parallel, info.device.type)
-
-
-def weights_mismatch(model: torch.nn.Module, state_dict: dict) -> str:
-    """How state_dict differs from the model's own: a count and the first few names of each kind of difference."""
-    own = model.state_dict()
-    kinds = {
-        "missing": [k for k in own if k not in state_dict],
-        "unexpected": [k for k in state_dict if k not in own],
-        "of another shape": [f"{k} {list(state_dict[k].shape)} in the file, {list(own[k].shape)} in the model"
-                             for k in own if k in state_dict and state_dict[k].shape != own[k].shape],
-    }
-    return "; ".join(f"{len(keys)} {kind}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}" for kind, keys in kinds.items() if keys)
 
 
 def build_sampling_model(args: argparse.Namespace, config: dict, state_dict: dict, device: torch.device, has_config: bool = True) -> torch.nn.Module:
