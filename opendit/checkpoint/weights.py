@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import re
+import sys
 from typing import Any, Dict, Optional
 
 import torch
@@ -130,7 +131,7 @@ def load_opendit_folder(path: str, use_ema: bool = True) -> Dict[str, torch.Tens
     """Weights of an OpenDiT checkpoint (step folder, experiment folder or model/ folder) under this project's names:
     ema.pt by default (else model/), the model/ shards when asked for or when there is no ema.pt."""
     if _is_sharded_dir(path) and not os.path.isfile(os.path.join(path, OPENDIT_EMA)):
-        return _meta_names(_read_sharded(path))
+        return _meta_names(_read_sharded(path))  # a model/ folder: the model weights were asked for by its name
     step = _latest_opendit_step(path)
     ema, model = os.path.join(step, OPENDIT_EMA), os.path.join(step, OPENDIT_MODEL)
     if use_ema and os.path.isfile(ema):
@@ -139,6 +140,8 @@ def load_opendit_folder(path: str, use_ema: bool = True) -> Dict[str, torch.Tens
             raise CheckpointError(f"{ema}: expected a state dict, got {type(state).__name__}")
         return _meta_names(state.get("ema", state))
     if _is_sharded_dir(model):
+        if use_ema:
+            print(f"note: {step} has no {OPENDIT_EMA}; using the model weights of {OPENDIT_MODEL}/", file=sys.stderr)
         return _meta_names(_read_sharded(model))
     raise CheckpointError(f"{path}: an OpenDiT checkpoint folder needs {OPENDIT_EMA} or {OPENDIT_MODEL}/ with its shards")
 

@@ -97,6 +97,10 @@ def resume_dir_for(args: argparse.Namespace) -> Optional[str]:
         return (intact_latest(experiment) if experiment else None) or loaded
     if loaded is None and args.experiment_dir and latest_checkpoint(args.experiment_dir):
         raise UsageError(f"--experiment_dir {args.experiment_dir} already holds checkpoints: add --load auto to resume")
+    own = experiment_dir_of(loaded) if loaded else None
+    if own and args.experiment_dir and os.path.realpath(own) != os.path.realpath(args.experiment_dir):
+        raise UsageError(f"--experiment_dir {args.experiment_dir}: --load {args.load} resumes in its own experiment folder {own}; "
+                         "leave --experiment_dir out or give that folder")
     return loaded
 
 

@@ -59,6 +59,15 @@ def test_reads_model_shards_and_ema(tmp_path, fmt, prefix):
     assert set(got_dir) == set(model)
 
 
+def test_a_step_without_ema_says_it_samples_the_model(tmp_path, capsys):
+    model = random_model(0).state_dict()
+    step = write_opendit(tmp_path, model, random_model(1).state_dict())
+    os.remove(step / "ema.pt")
+    got, _ = load_model_weights(str(step))
+    assert all(torch.equal(got[k], model[k].to(torch.bfloat16).float()) for k in model)
+    assert capsys.readouterr().err.strip() == f"note: {step} has no ema.pt; using the model weights of model/"
+
+
 def test_newest_step_and_missing_shard(tmp_path):
     step = write_opendit(tmp_path, random_model(0).state_dict(), random_model(1).state_dict())
     later = step.parent / "epoch1-global_step12"

@@ -80,3 +80,12 @@ def test_video_checkpoint_into_an_image_run_names_the_model(tmp_path, capsys):
     status, err = run([*TRAIN_FLAGS, "--max_steps", "2", "--load", str(tmp_path / "video")], capsys)
     step = tmp_path / "video" / "checkpoints" / "step-0000001"
     assert status == 2 and err == [f"error: --model DiT-S/2: the checkpoint {step} trained Latte-S/1x2x2; resuming cannot change the model (start a new run)"]
+
+
+def test_load_with_another_experiment_dir_is_refused(tmp_path, capsys):
+    """--load resumes in the checkpoint's own experiment folder; another --experiment_dir would be silently ignored."""
+    assert run([*TRAIN_FLAGS, "--max_steps", "1", "--experiment_dir", str(tmp_path / "a")], capsys)[0] == 0
+    status, err = run([*TRAIN_FLAGS, "--max_steps", "2", "--load", str(tmp_path / "a"), "--experiment_dir", str(tmp_path / "b")], capsys)
+    assert status == 2 and len(err) == 1 and err[0].startswith(f"error: --experiment_dir {tmp_path / 'b'}: --load {tmp_path / 'a'} resumes in its own"), err
+    assert not (tmp_path / "b").exists()
+    assert run([*TRAIN_FLAGS, "--max_steps", "2", "--load", str(tmp_path / "a"), "--experiment_dir", str(tmp_path / "a")], capsys)[0] == 0
