@@ -123,19 +123,24 @@ def local_hub(monkeypatch, tmp_path):
 LOADERS = {"--vae": lambda repo: build_vae(repo), "--text_encoder": lambda repo: build_text_encoder(repo)}
 
 
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("flag", LOADERS)
-@pytest.mark.parametrize("kind, problem", [("silent", "cannot be reached (no answer within 3 s)"), ("missing", "answered HTTP 404 for {url}/org/model/resolve/main/config.json")])
-def test_endpoint_that_never_answers_or_404s_fails_in_seconds(local_hub, flag, kind, problem):
+def load_failure(local_hub, kind: str, flag: str) -> tuple:
+    """(endpoint, error message, seconds) of loading org/model with `flag` from a local endpoint of this kind."""
     with endpoint(kind) as url:
         local_hub(url)
         start = time.time()
         with pytest.raises(ValueError) as info:
             LOADERS[flag]("org/model")
-        elapsed = time.time() - start
-    message = str(info.value)
+        return url, str(info.value), time.time() - start
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("flag", LOADERS)
+@pytest.mark.parametrize("kind, problem", [("silent", "cannot be reached (no answer within 3 s)"), ("missing", "answered HTTP 404 for {url}/org/model/resolve/main/config.json")])
+def test_endpoint_that_never_answers_or_404s_fails_in_seconds(local_hub, flag, kind, problem):
+    url, message, elapsed = load_failure(local_hub, kind, flag)
     assert message.startswith(f"{flag} org/model: not in the local cache and the hub ({url}) {problem.format(url=url)}; pass a local folder"), message
-    assert "\n" not in message and elapsed < 6, (message, elapsed)
+    # the 3 s probe, plus huggingface_hub's own 3 s fetch of {endpoint}/api/agent-harnesses once per process (its user agent)
+    assert "\n" not in message and elapsed < 10, (message, elapsed)
 
 
 @pytest.mark.timeout(60)
@@ -143,15 +148,9 @@ def test_endpoint_that_never_answers_or_404s_fails_in_seconds(local_hub, flag, k
 def test_download_that_stalls_after_the_probe_fails_without_retries(local_hub, monkeypatch, flag):
     """huggingface_hub would retry a stalled metadata request 6 times with a 60 s timeout; ours fail at the first."""
     monkeypatch.setattr(hub, "STALL_TIMEOUT_S", 1.0)
-    with endpoint("stalls") as url:
-        local_hub(url)
-        start = time.time()
-        with pytest.raises(ValueError) as info:
-            LOADERS[flag]("org/model")
-        elapsed = time.time() - start
-    message = str(info.value)
+    url, message, elapsed = load_failure(local_hub, "stalls", flag)
     assert message.startswith(f"{flag} org/model: could not load ") and f"from {url}" in message and "\n" not in message, message
-    assert "ReadTimeout" in message and elapsed < 8, (message, elapsed)
+    assert "ReadTimeout" in message and elapsed < 10, (message, elapsed)
 
 
 @pytest.mark.timeout(120)
