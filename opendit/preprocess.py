@@ -27,7 +27,7 @@ from opendit.data.table import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from opendit.encoders import load_vae
 from opendit.errors import UsageError
 from opendit.parallel.process import barrier, cleanup, setup_distributed
-from opendit.utils.cli import HelpFormatter
+from opendit.utils.cli import HelpFormatter, file_in_path
 from opendit.utils.logging import create_logger
 from opendit.utils.media import atomic_path
 
@@ -116,10 +116,9 @@ def check_output_file(output: str, overwrite: bool) -> None:
         raise UsageError(f"--output {output}: is a folder; give the CSV file to write")
     if os.path.exists(output) and not overwrite:
         raise UsageError(f"--output {output}: already exists; add --overwrite to replace it, or choose another name")
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise UsageError(f"--output {output}: {folder} is a file, not a folder")
+    blocked = file_in_path(folder)
+    if blocked:
+        raise UsageError(f"--output {output}: {blocked} is a file, not a folder")
 
 
 def to_csv(args: argparse.Namespace, extensions: tuple) -> None:

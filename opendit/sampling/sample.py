@@ -23,7 +23,7 @@ from opendit.sampling.conditions import (
 from opendit.sampling.denoise import SAMPLERS, check_steps, cuda_graph_on, denoise, wants_graph
 from opendit.sampling.fidelity import check_fidelity, check_shapes_labels
 from opendit.sampling.layout import SamplingLayout, build_layout
-from opendit.utils.cli import USAGE, HelpFormatter
+from opendit.utils.cli import USAGE, HelpFormatter, file_in_path, plural
 
 # Flags that fall back to the checkpoint's training config when not given, then to these defaults.
 MODEL_DEFAULTS = dict(model="DiT-XL/2", vae="ema", image_size=256, num_classes=1000, num_frames=16, noise_schedule="linear")
@@ -239,19 +239,13 @@ def output_files(folder: str) -> list:
 
 def check_output(args: argparse.Namespace) -> None:
     """Before anything loads: --output must be (or be creatable as) a folder, and hold no earlier run's files unless --overwrite."""
-    path = os.path.abspath(args.output)
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        raise UsageError(f"--output {args.output}: {path} is a file, not a folder")
+    blocked = file_in_path(args.output)
+    if blocked:
+        raise UsageError(f"--output {args.output}: {blocked} is a file, not a folder")
     earlier = output_files(args.output)
     if earlier and not args.overwrite:
         raise UsageError(f"--output {args.output}: holds {len(earlier)} files of an earlier run ({', '.join(earlier[:3])}{', ...' if len(earlier) > 3 else ''}); "
                          "pass --overwrite to replace them, or choose another folder")
-
-
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def gather_samples(outputs: list, layout: SamplingLayout) -> Optional[torch.Tensor]:

@@ -32,13 +32,12 @@ from opendit.sampling.sample import (
     add_speed_flags,
     build_sampling_model,
     check_sampling_flags,
-    plural,
     resolve_model_flags,
     resolve_speed_flags,
     speed_up,
 )
-from opendit.utils.cli import USAGE, HelpFormatter
-from opendit.utils.media import save_image
+from opendit.utils.cli import USAGE, HelpFormatter, plural
+from opendit.utils.media import atomic_path, save_image
 
 SETTINGS = "settings.json"  # in the sample folder: what made its PNGs (run_settings)
 SAMPLE_FILE = re.compile(r"\d{6}\.png")
@@ -125,10 +124,8 @@ def check_resume(folder: str, settings: dict) -> list:
 
 def write_settings(folder: str, settings: dict) -> None:
     """settings.json, written whole (a reader never sees half of it)."""
-    path = os.path.join(folder, SETTINGS)
-    with open(path + ".tmp", "w") as f:
+    with atomic_path(os.path.join(folder, SETTINGS)) as tmp, open(tmp, "w") as f:
         f.write(json.dumps(settings, indent=2) + "\n")
-    os.replace(path + ".tmp", path)
 
 
 def write_npz(folder: str, num_samples: int) -> str:

@@ -34,6 +34,7 @@ from opendit.training.preview import Preview
 from opendit.training.profile import StepProfiler, parse_steps
 from opendit.training.sampler import EpochBatches, EpochBatchSampler, ResumableSampler
 from opendit.training.step import TrainStep, build_train_step
+from opendit.utils.cli import plural
 from opendit.utils.flops import train_flops_per_sample
 
 NOT_COMPARED = ("load", "experiment_dir", "outputs")  # where to resume from and write to, not how to train
@@ -295,8 +296,7 @@ def resume(args, resume_dir: str, resume_state: dict, model: torch.nn.Module, tr
         logger.info(f"Resume: changed flags: {', '.join(changed)}")
     bad_samples = restored_bad_samples(dataset, resume_state.get("bad_samples", []), _rank())
     if resume_state["world_size"] != world_size or rng is None:
-        processes = "1 process" if world_size == 1 else f"{world_size} processes"
-        logger.info(f"Resuming on {processes} from a run on {resume_state['world_size']}: the RNG restarts")
+        logger.info(f"Resuming on {plural(world_size, 'process', 'processes')} from a run on {resume_state['world_size']}: the RNG restarts")
     else:
         set_rng_state(rng)
     step, epoch, consumed = resume_state["step"], resume_state["epoch"], resume_state["consumed"]

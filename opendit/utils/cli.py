@@ -1,5 +1,7 @@
-"""The entry scripts' --help layout."""
+"""What the entry scripts share on the command line: the --help layout, the usage line, counts and output paths in messages."""
 import argparse
+import os
+from typing import Optional
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -13,3 +15,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 # A mistyped flag's error follows this one line instead of every flag's usage (the full list: --help).
 USAGE = "%(prog)s [flags]  (%(prog)s --help lists them)"
+
+
+def plural(count: int, noun: str, nouns: Optional[str] = None) -> str:
+    """1 sample, 2 samples; 1 process, 2 processes (nouns: the plural when it is not noun + s)."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
+
+
+def file_in_path(folder: str) -> Optional[str]:
+    """The file standing where `folder` (or a folder above it) would have to be, so it cannot be used or created; else None."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return None if os.path.isdir(path) else path
