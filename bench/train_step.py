@@ -152,6 +152,7 @@ class Variant:
     boundary_biases: bool = True  # fused boundaries: proj's and fc2's biases added (and summed backward) in the boundary kernels
     fused_qkv_grad: bool = True  # fused boundaries: the qkv gradient packed and its bias gradient summed in one Triton pass
     gluon_boundaries: bool = True  # kernels: the block boundary's kernels in Gluon where the width splits (else Triton)
+    quack_mlp: bool = False  # fused boundaries: fc1's GELU and its gradient in quack's GEMM epilogues (kernels/quack_mlp.py)
 
 
 VARIANTS = {
@@ -200,6 +201,7 @@ MODIFIERS = {  # "+name" after a variant: one change to it
     "gemm-biases": dict(boundary_biases=False),
     "plain-qkv-grad": dict(fused_qkv_grad=False),
     "triton-boundaries": dict(gluon_boundaries=False),
+    "quack-mlp": dict(quack_mlp=True),
 }
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
@@ -308,6 +310,7 @@ def build(name: str, args: argparse.Namespace, device: torch.device) -> nn.Modul
     model.kernels.fused_gelu = v.kernels and v.fused_gelu
     model.kernels.fused_boundaries = v.kernels and v.fused_boundaries
     model.kernels.fused_qkv_grad = v.kernels and v.fused_qkv_grad
+    model.kernels.quack_mlp = v.kernels and v.fused_boundaries and v.quack_mlp
     if not v.stacked_mods:
         model.layer_modulations = lambda c: [layer(c) for layer in model.adaln_layers()]
     if v.compile == "blocks":

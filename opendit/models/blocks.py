@@ -44,6 +44,7 @@ class KernelChoice:
     # final layer's) LayerNorm + modulate as one kernel; the model computes every modulation before the blocks
     fused_qkv_grad: bool = False  # with fused_boundaries: the qkv projection's backward packs dq, dk, dv and sums its bias
     # gradient in one Triton pass (kernels/fused_qkv.py; parallelize turns it on with fused_boundaries)
+    quack_mlp: bool = False  # with fused_boundaries, autograd, Hopper + quack: fc1's GELU and its gradient in quack's GEMM epilogues
 
 
 def add_gated_norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
@@ -88,6 +89,16 @@ class Mlp(nn.Module):
             return bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias)
         return self.act(self.fc1(x))
 
+    def without_out_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(fc2(hidden(x)) without fc2's bias, that bias), as without_bias(fc2, hidden(x))."""
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        if self.kernels.quack_mlp and torch.is_grad_enabled() and x.is_cuda and dtype in (torch.bfloat16, torch.float16) \
+                and type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear:
+            from opendit.kernels.quack_mlp import quack_mlp  # whoever sets quack_mlp checks quack_mlp.is_available
+
+            return quack_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight), self.fc2.bias
+        return without_bias(self.fc2, self.hidden(x))
+
 
 def without_bias(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(x W^T, b) for a plain nn.Linear with a bias, which the caller adds (in the next fused kernel); else (linear(x), None)."""
@@ -121,7 +132,7 @@ class DiTBlock(nn.Module):
             y, bias = without_bias(self.attn.proj, self.attn.attend(h, self.kernels.fused_qkv_grad))
             x, h = add_gated_norm_modulate(self.norm2, x, gate_msa, y, shift_mlp, scale_mlp, fused, bias)  # x += gate * y; h = adaLN(x)
             D = x.shape[-1]
-            y, bias = without_bias(self.mlp.fc2, self.mlp.hidden(h))
+            y, bias = self.mlp.without_out_bias(h)
             return add_gated_norm_modulate(self.norm1, x, gate_mlp, y, next_mod[:, :D], next_mod[:, D : 2 * D], fused, bias)  # every norm: eps 1e-6
         x, h = add_gated_norm_modulate(self.norm2, x, gate_msa, self.attn(h), shift_mlp, scale_mlp, fused)
         return add_gated(x, gate_mlp, self.mlp(h), fused)  # (N, T, D)

@@ -158,6 +158,8 @@ def run(setup: Setup, experiment_dir: str, logger) -> None:
         grad_checkpoint=args.grad_checkpoint, compile=args.compile, low_precision_residual=args.bf16_residual,
         sequence_parallel_type=args.sequence_parallel_type, sequence_parallel_overlap=args.sequence_parallel_overlap == "on",
     )  # fmt: skip
+    if getattr(getattr(model, "kernels", None), "quack_mlp", False):
+        logger.info("MLP: fc1's GELU and its gradient in quack's GEMM epilogues (quack-kernels; OPENDIT_QUACK=0 turns this off)")
     train_step = maybe_graph_step(args, build_train_step(args, model, train_model, mesh, max_steps), info.world_size, device)
     if ema_init is not None:
         train_step.ema.load_full(ema_init)

@@ -1,0 +1,112 @@
+"""The MLP's fc1 + bias + tanh GELU, and its gradient, inside quack's CuTe-DSL GEMM epilogues (Hopper, `pip install quack-kernels`).
+
+Forward: one GEMM writes fc1's pre-activation (kept for the backward) and its GELU (fc2's input); cuBLAS runs fc2.
+Backward: fc2's input-gradient GEMM multiplies by GELU's derivative and sums fc1's bias gradient in its epilogue; cuBLAS
+runs the weight gradients and fc1's input gradient. Against fc1's GEMM + kernels/fused_gelu.py's Triton passes this
+saves two reads and two writes of the (rows, hidden) activations a block. Rounding: the bias is added to the fp32
+accumulator before the pre-activation is rounded to bf16; GELU and its derivative in fp32.
+"""
+import importlib.util
+import os
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def is_available(x: Tensor) -> bool:
+    """True for a CUDA tensor on a Hopper (sm90) GPU with quack installed."""
+    return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9 and importlib.util.find_spec("quack") is not None
+
+
+def _compat() -> None:
+    """quack 0.6.5 fingerprints whatever an epilogue's functions reference and refuses types it does not know; the op
+    wrappers of nvidia-cutlass-dsl 4.8 reference a ContextVar and code-object methods, which carry no maths: key
+    those by their type."""
+    from quack.gemm_runtime import identity
+
+    if getattr(identity, "_opendit_compat", False):
+        return
+    original = identity.semantic_value_key
+
+    def semantic_value_key(value, seen):
+        try:
+            return original(value, seen)
+        except TypeError:
+            return ("opaque", type(value).__module__, type(value).__qualname__, getattr(value, "name", None))
+
+    identity.semantic_value_key, identity._opendit_compat = semantic_value_key, True
+
+
+def _config():
+    """quack's GemmConfig from OPENDIT_QUACK_CONFIG ("128x192p2x1": tile M x N, p(ingpong) or c(ooperative), cluster
+    M x N), else quack's default for the GPU; None when unset."""
+    spec = os.environ.get("OPENDIT_QUACK_CONFIG", "")
+    if not spec:
+        return None
+    from quack.gemm_config import GemmConfig
+
+    tiles, kind, cluster = spec.partition("p") if "p" in spec else spec.partition("c")
+    tile_m, tile_n = map(int, tiles.split("x"))
+    cluster_m, cluster_n = map(int, cluster.split("x"))
+    return GemmConfig(tile_m=tile_m, tile_n=tile_n, pingpong=kind == "p", cluster_m=cluster_m, cluster_n=cluster_n,
+                      is_dynamic_persistent=False, device_capacity=9)
+
+
+@torch.library.custom_op("opendit::quack_fc1_gelu", mutates_args=())
+def fc1_gelu(x: Tensor, w1: Tensor, b1: Tensor) -> tuple[Tensor, Tensor]:
+    """(x w1^T + b1, gelu_tanh(x w1^T + b1)) for x (rows, in), w1 (hidden, in): one GEMM."""
+    _compat()
+    from quack.gemm_interface import gemm_act
+
+    config = _config()
+    return gemm_act(x, w1.t(), bias=b1, activation="gelu_tanh_approx", config=config, tuned=False)
+
+
+@fc1_gelu.register_fake
+def _(x, w1, b1):
+    return x.new_empty(x.shape[0], w1.shape[0]), x.new_empty(x.shape[0], w1.shape[0])
+
+
+@torch.library.custom_op("opendit::quack_dgelu", mutates_args=())
+def dgelu_dbias(dz: Tensor, w2: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
+    """(d pre, d b1) from fc2's output gradient dz (rows, out), w2 (out, hidden) and fc1's pre-activation: one GEMM."""
+    _compat()
+    from opendit.kernels._quack_epilogues import dgelu_dbias as epilogue
+
+    out = epilogue(dz, w2, pre, config=_config(), tuned=False)
+    dbias = out["dbias"].float()
+    return out["D"], dbias.reshape(-1) if dbias.numel() == pre.shape[1] else dbias.reshape(-1, pre.shape[1]).sum(0)
+
+
+@dgelu_dbias.register_fake
+def _(dz, w2, pre):
+    return torch.empty_like(pre), pre.new_empty(pre.shape[1], dtype=torch.float32)
+
+
+class QuackMlpFunction(torch.autograd.Function):
+    """fc2(gelu_tanh(fc1(x))) without fc2's bias, the GELU inside quack's GEMM epilogues."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # (rows, in)
+        pre, h = fc1_gelu(x2, w1, b1)  # (rows, hidden) each
+        ctx.save_for_backward(x2, w1, w2, pre, h)
+        ctx.bias_dtype = b1.dtype
+        return (h @ w2.t()).view(*x.shape[:-1], w2.shape[0])
+
+    @staticmethod
+    def backward(ctx, dz: Tensor):
+        x2, w1, w2, pre, h = ctx.saved_tensors
+        dz2 = dz.reshape(-1, dz.shape[-1])  # (rows, out)
+        dpre, db1 = dgelu_dbias(dz2, w2, pre)
+        return (dpre @ w1).view(*dz.shape[:-1], w1.shape[1]), dpre.t() @ x2, db1.to(ctx.bias_dtype), dz2.t() @ h
+
+
+def quack_mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor) -> Tensor:
+    """fc2's GEMM of gelu_tanh(x w1^T + b1), without fc2's bias: (..., in) -> (..., out), in the autocast dtype."""
+    if torch.is_autocast_enabled("cuda"):
+        dt = torch.get_autocast_dtype("cuda")
+        x, w1, b1, w2 = x.to(dt), w1.to(dt), b1.to(dt), w2.to(dt)
+    with torch.autocast("cuda", enabled=False):
+        return QuackMlpFunction.apply(x, w1, b1, w2)

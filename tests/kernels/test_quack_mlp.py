@@ -1,0 +1,95 @@
+"""The MLP with fc1's GELU in quack's GEMM epilogues vs a float64 reference, compiled and in a DiT block; the switch's
+fallbacks on CPU. The GPU tests need a Hopper GPU with quack-kernels installed, and skip otherwise."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from opendit.kernels import quack_mlp as qm
+from opendit.models.blocks import DiTBlock, KernelChoice, Mlp, without_bias
+from opendit.parallel.parallelize import use_quack_mlp
+from close import assert_close_scaled  # tests/close.py
+
+AVAILABLE = torch.cuda.is_available() and qm.is_available(torch.empty(0, device="cuda"))
+needs_quack = pytest.mark.skipif(not AVAILABLE, reason="needs a Hopper GPU with quack-kernels installed")
+gpu = pytest.mark.gpu
+TOL = 1.5e-2  # bf16: the pre-activation, the activation and each GEMM's output rounded once
+
+
+def reference(x, w1, b1, w2, dz):
+    """float64 (z, dx, dw1, db1, dw2) of fc2's GEMM of gelu_tanh(x w1^T + b1)."""
+    leaves = [t.detach().double().requires_grad_() for t in (x, w1, b1, w2)]
+    z = F.gelu(leaves[0] @ leaves[1].t() + leaves[2], approximate="tanh") @ leaves[3].t()
+    z.backward(dz.double())
+    return (z.detach(), *(t.grad for t in leaves))
+
+
+def run(fn, x, w1, b1, w2, dz):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w1, b1, w2)]
+    z = fn(*leaves)
+    z.backward(dz)
+    return (z.detach(), *(t.grad for t in leaves))
+
+
+def inputs(rows=2048, c=384, hidden=1536, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(rows, c, generator=g, device="cuda").to(torch.bfloat16)
+    w1 = (torch.randn(hidden, c, generator=g, device="cuda") / c ** 0.5).to(**bf16)
+    b1 = (torch.randn(hidden, generator=g, device="cuda") * 0.5).to(**bf16)
+    w2 = (torch.randn(c, hidden, generator=g, device="cuda") / hidden ** 0.5).to(**bf16)
+    dz = torch.randn(rows, c, generator=g, device="cuda").to(torch.bfloat16)
+    return x, w1, b1, w2, dz
+
+
+@gpu
+@needs_quack
+@pytest.mark.parametrize("compiled", [False, True])
+def test_quack_mlp_matches_float64(compiled):
+    args = inputs()
+    fn = torch.compile(qm.quack_mlp, fullgraph=True) if compiled else qm.quack_mlp
+    got, ref = run(fn, *args), reference(*args)
+    for name, a, e in zip(("z", "dx", "dw1", "db1", "dw2"), got, ref):
+        assert a.dtype == torch.bfloat16, name
+        assert_close_scaled(a, e, TOL, name)
+
+
+@gpu
+@needs_quack
+def test_dit_block_with_quack_mlp_matches_triton_gelu():
+    """The fused-boundaries block with and without quack: the same output and gradients within bf16 noise."""
+    torch.manual_seed(0)
+    block = DiTBlock(384, 6, kernels=KernelChoice(fused_adaln=True, fused_gelu=True, fused_boundaries=True)).cuda()
+    for p in block.parameters():
+        p.data.normal_(0, 0.05)
+    x = torch.randn(4, 256, 384, device="cuda")
+    mod, next_mod = torch.randn(4, 6 * 384, device="cuda"), torch.randn(4, 2 * 384, device="cuda")
+    results = []
+    for quack in (False, True):
+        block.kernels.quack_mlp = quack
+        block.zero_grad()
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out, h = block(xi, None, mod=mod, next_mod=next_mod)
+        ((out.float() ** 2).mean() + (h.float() ** 2).mean()).backward()
+        results.append([out.float(), h.float(), xi.grad] + [p.grad.clone() for p in block.mlp.parameters()])
+    for i, (a, e) in enumerate(zip(*results)):
+        assert_close_scaled(a, e, 2 * TOL, f"tensor {i}")
+
+
+def test_mlp_falls_back_off_gpu_and_in_fp32():
+    """quack_mlp set but the input on CPU (or fp32 on a GPU): fc2 without its bias, as without_bias gives it."""
+    mlp = Mlp(16, 64, KernelChoice(quack_mlp=True))
+    x = torch.randn(2, 8, 16)
+    y, bias = mlp.without_out_bias(x)
+    y0, bias0 = without_bias(mlp.fc2, mlp.hidden(x))
+    assert torch.equal(y, y0) and bias is mlp.fc2.bias and bias0 is mlp.fc2.bias
+
+
+def test_use_quack_mlp_off_gpu_and_when_disabled(monkeypatch):
+    model = Mlp(16, 64)
+    assert not use_quack_mlp(model)  # CPU weights
+    monkeypatch.setattr(qm, "is_available", lambda t: True)
+    assert use_quack_mlp(model)
+    monkeypatch.setenv("OPENDIT_QUACK", "0")
+    assert not use_quack_mlp(model)
