@@ -153,6 +153,7 @@ class Variant:
     fused_qkv_grad: bool = True  # fused boundaries: the qkv gradient packed and its bias gradient summed in one Triton pass
     gluon_boundaries: bool = True  # kernels: the block boundary's kernels in Gluon where the width splits (else Triton)
     quack_mlp: bool = False  # fused boundaries: fc1's GELU and its gradient in quack's GEMM epilogues (kernels/quack_mlp.py)
+    quack_gemms: bool = False  # with quack_mlp: the MLP's other four GEMMs as quack's plain GEMM too
 
 
 VARIANTS = {
@@ -202,6 +203,7 @@ MODIFIERS = {  # "+name" after a variant: one change to it
     "plain-qkv-grad": dict(fused_qkv_grad=False),
     "triton-boundaries": dict(gluon_boundaries=False),
     "quack-mlp": dict(quack_mlp=True),
+    "quack-gemms": dict(quack_mlp=True, quack_gemms=True),
 }
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
@@ -311,6 +313,7 @@ def build(name: str, args: argparse.Namespace, device: torch.device) -> nn.Modul
     model.kernels.fused_boundaries = v.kernels and v.fused_boundaries
     model.kernels.fused_qkv_grad = v.kernels and v.fused_qkv_grad
     model.kernels.quack_mlp = v.kernels and v.fused_boundaries and v.quack_mlp
+    model.kernels.quack_gemms = v.quack_gemms
     if not v.stacked_mods:
         model.layer_modulations = lambda c: [layer(c) for layer in model.adaln_layers()]
     if v.compile == "blocks":

@@ -84,29 +84,48 @@ def _(dz, w2, pre):
     return torch.empty_like(pre), pre.new_empty(pre.shape[1], dtype=torch.float32)
 
 
+@torch.library.custom_op("opendit::quack_mm", mutates_args=())
+def quack_mm(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b as quack's plain GEMM (its default config)."""
+    _compat()
+    from quack.gemm_interface import gemm
+
+    return gemm(a, b, tuned=False)
+
+
+@quack_mm.register_fake
+def _(a, b):
+    return a.new_empty(a.shape[0], b.shape[1])
+
+
 class QuackMlpFunction(torch.autograd.Function):
-    """fc2(gelu_tanh(fc1(x))) without fc2's bias, the GELU inside quack's GEMM epilogues."""
+    """fc2(gelu_tanh(fc1(x))) without fc2's bias, the GELU inside quack's GEMM epilogues; gemms: the other four
+    GEMMs (fc2's forward, both weight gradients, fc1's input gradient) as quack's too, else cuBLAS."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, gemms: bool) -> Tensor:
+        mm = quack_mm if gemms else torch.mm
         x2 = x.reshape(-1, x.shape[-1])  # (rows, in)
         pre, h = fc1_gelu(x2, w1, b1)  # (rows, hidden) each
         ctx.save_for_backward(x2, w1, w2, pre, h)
-        ctx.bias_dtype = b1.dtype
-        return (h @ w2.t()).view(*x.shape[:-1], w2.shape[0])
+        ctx.bias_dtype, ctx.gemms = b1.dtype, gemms
+        return mm(h, w2.t()).view(*x.shape[:-1], w2.shape[0])
 
     @staticmethod
     def backward(ctx, dz: Tensor):
         x2, w1, w2, pre, h = ctx.saved_tensors
+        mm = quack_mm if ctx.gemms else torch.mm
         dz2 = dz.reshape(-1, dz.shape[-1])  # (rows, out)
         dpre, db1 = dgelu_dbias(dz2, w2, pre)
-        return (dpre @ w1).view(*dz.shape[:-1], w1.shape[1]), dpre.t() @ x2, db1.to(ctx.bias_dtype), dz2.t() @ h
+        dx = mm(dpre, w1).view(*dz.shape[:-1], w1.shape[1])
+        return dx, mm(dpre.t(), x2), db1.to(ctx.bias_dtype), mm(dz2.t(), h), None
 
 
-def quack_mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor) -> Tensor:
-    """fc2's GEMM of gelu_tanh(x w1^T + b1), without fc2's bias: (..., in) -> (..., out), in the autocast dtype."""
+def quack_mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, gemms: bool = False) -> Tensor:
+    """fc2's GEMM of gelu_tanh(x w1^T + b1), without fc2's bias: (..., in) -> (..., out), in the autocast dtype.
+    gemms: every GEMM of it as quack's (a probe: bench/train_step.py +quack-gemms)."""
     if torch.is_autocast_enabled("cuda"):
         dt = torch.get_autocast_dtype("cuda")
         x, w1, b1, w2 = x.to(dt), w1.to(dt), b1.to(dt), w2.to(dt)
     with torch.autocast("cuda", enabled=False):
-        return QuackMlpFunction.apply(x, w1, b1, w2)
+        return QuackMlpFunction.apply(x, w1, b1, w2, gemms)

@@ -45,6 +45,7 @@ class KernelChoice:
     fused_qkv_grad: bool = False  # with fused_boundaries: the qkv projection's backward packs dq, dk, dv and sums its bias
     # gradient in one Triton pass (kernels/fused_qkv.py; parallelize turns it on with fused_boundaries)
     quack_mlp: bool = False  # with fused_boundaries, autograd, Hopper + quack: fc1's GELU and its gradient in quack's GEMM epilogues
+    quack_gemms: bool = False  # with quack_mlp: the MLP's other four GEMMs as quack's too (a probe, bench/train_step.py +quack-gemms)
 
 
 def add_gated_norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
@@ -96,7 +97,7 @@ class Mlp(nn.Module):
                 and type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear:
             from opendit.kernels.quack_mlp import quack_mlp  # whoever sets quack_mlp checks quack_mlp.is_available
 
-            return quack_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight), self.fc2.bias
+            return quack_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.kernels.quack_gemms), self.fc2.bias
         return without_bias(self.fc2, self.hidden(x))
 
 

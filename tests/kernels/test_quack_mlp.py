@@ -44,11 +44,11 @@ def inputs(rows=2048, c=384, hidden=1536, seed=0):
 
 @gpu
 @needs_quack
-@pytest.mark.parametrize("compiled", [False, True])
-def test_quack_mlp_matches_float64(compiled):
+@pytest.mark.parametrize("compiled,gemms", [(False, False), (True, False), (False, True)])
+def test_quack_mlp_matches_float64(compiled, gemms):
     args = inputs()
     fn = torch.compile(qm.quack_mlp, fullgraph=True) if compiled else qm.quack_mlp
-    got, ref = run(fn, *args), reference(*args)
+    got, ref = run(lambda *t: fn(*t, gemms=gemms), *args), reference(*args)
     for name, a, e in zip(("z", "dx", "dw1", "db1", "dw2"), got, ref):
         assert a.dtype == torch.bfloat16, name
         assert_close_scaled(a, e, TOL, name)
