@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from opendit.errors import UsageError
+
 DP, SP, DP_SP = "dp", "sp", "dp_sp"
 
 
@@ -77,7 +79,7 @@ class ParallelMesh:
 def build_mesh(world_size: int, sp_size: int, device_type: str) -> ParallelMesh:
     """A (world_size / sp_size, sp_size) mesh named ("dp", "sp"); one process gets the empty ParallelMesh."""
     if sp_size < 1 or world_size % sp_size:
-        raise ValueError(f"sequence-parallel size {sp_size} does not divide the world size {world_size}")
+        raise UsageError(f"--sequence_parallel_size {sp_size}: it does not divide the number of processes, {world_size}")
     if world_size == 1:
         return ParallelMesh()
     return ParallelMesh(init_device_mesh(device_type, (world_size // sp_size, sp_size), mesh_dim_names=(DP, SP)))

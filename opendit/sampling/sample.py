@@ -3,7 +3,6 @@ import argparse
 import math
 import os
 import re
-import sys
 from typing import Optional
 
 import torch
@@ -349,25 +348,10 @@ def sample(args: argparse.Namespace) -> dict:
     return result
 
 
-def raised_in_parallel(e: BaseException) -> bool:
-    """Whether e comes from opendit/parallel (the split of heads, tokens or frames over the processes), by its innermost frame."""
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    parallel = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "parallel") + os.sep
-    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(parallel)
-
-
 def main(argv: Optional[list] = None) -> dict:
     args = get_parser().parse_args(argv)
     try:
-        return run_or_exit(sample, args)
-    except ValueError as e:  # sequence parallelism: heads or tokens that do not divide by the group size
-        if (args.sequence_parallel_size == 1 and not args.cfg_parallel) or not raised_in_parallel(e):
-            raise
-        flag = f"--sequence_parallel_size {args.sequence_parallel_size}" if args.sequence_parallel_size > 1 else "--cfg_parallel"
-        print(f"error: {flag}: {e}", file=sys.stderr)
-        sys.exit(2)
+        return run_or_exit(sample, args)  # sequence parallelism's heads, tokens and world size: one line (UsageError)
     finally:
         from opendit.parallel.process import cleanup
 

@@ -159,7 +159,7 @@ def test_only_errors_of_the_split_are_blamed_on_sequence_parallelism(monkeypatch
     monkeypatch.setattr(sample_cli, "sample", split)
     with pytest.raises(SystemExit) as e:
         sample_cli.main(["--ckpt", "x", "--sequence_parallel_size", "2"])
-    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --sequence_parallel_size 2: sequence-parallel size 2 does not divide")
+    assert e.value.code == 2 and capsys.readouterr().err == "error: --sequence_parallel_size 2: it does not divide the number of processes, 3\n"
 
 
 def test_help_shows_each_default_once():
