@@ -11,9 +11,9 @@
 Each checkpoint is written into .step-NNNNNNN.partial/ and renamed when complete, then `latest` is moved to it, so a
 crash or kill mid-save leaves the previous checkpoint (and `latest`) intact. A folder without manifest.json, or
 whose files do not match it (missing, truncated, or corrupt: a CRC-32 differs), is refused with a one-line
-CheckpointError before DCP reads it; manifests written before the checksums are checked by size only. A loaded
-tensor holding a NaN or an infinity (never saved: train.py refuses to write one) is refused too. Reading never
-unpickles code.
+CheckpointError before DCP reads it (on resume the ranks split the checksums between them); manifests written before
+the checksums are checked by size only. A loaded tensor holding a NaN or an infinity (never saved: train.py refuses
+to write one) is refused too. Reading never unpickles code.
 """
 import io
 import json
@@ -126,9 +126,10 @@ def _stat_signature(path: str, names) -> tuple:
     return tuple((s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
 
 
-def verify_checkpoint(path: str) -> None:
+def verify_checkpoint(path: str, share: Tuple[int, int] = (0, 1)) -> None:
     """Refuse, in one line, a folder that is not a finished, intact checkpoint: no manifest, a missing or truncated
-    file, or a corrupt one (its CRC-32 differs from the manifest's; sizes only for manifests without CRC-32s)."""
+    file, or a corrupt one (its CRC-32 differs from the manifest's; sizes only for manifests without CRC-32s).
+    share (index, count): checksum only this part of the files, largest first in turn (the sizes are always all checked)."""
     sizes, crcs = _read_manifest(path)
     for name, size in sizes.items():
         file = os.path.join(path, name)
@@ -137,13 +138,35 @@ def verify_checkpoint(path: str) -> None:
         if os.path.getsize(file) != size:
             raise CheckpointError(f"{path}: truncated checkpoint ({name} has {os.path.getsize(file)} bytes, expected {size})")
     key, signature = os.path.realpath(path), _stat_signature(path, sizes)
-    if _VERIFIED.get(key) == signature:  # checksummed by this process already, and unchanged since
+    if _VERIFIED.get(key) == signature:  # checksummed already (by this process, or all of it by the ranks together)
         return
-    for name in sorted((n for n in crcs if n in sizes), key=lambda n: sizes[n]):  # small files first
+    index, count = share
+    mine = sorted((n for n in crcs if n in sizes), key=lambda n: (-sizes[n], n))[index::count]
+    for name in sorted(mine, key=lambda n: sizes[n]):  # small files first
         crc = file_crc32(os.path.join(path, name))
         if crc != crcs[name]:
             raise CheckpointError(f"{path}: corrupt checkpoint ({name}: CRC-32 {crc}, {MANIFEST} recorded {crcs[name]})")
-    _VERIFIED[key] = signature
+    if count == 1:
+        _VERIFIED[key] = signature
+
+
+def verify_checkpoint_on_all_ranks(path: str) -> None:
+    """verify_checkpoint, called by every rank together: each checksums its share of the files, and all raise the
+    same one-line error if any share fails. One process: verify_checkpoint."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return verify_checkpoint(path)
+    error = None
+    try:
+        verify_checkpoint(path, (dist.get_rank(), dist.get_world_size()))
+    except CheckpointError as e:
+        error = str(e)
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise CheckpointError(first)
+    sizes, _ = _read_manifest(path)
+    _VERIFIED[os.path.realpath(path)] = _stat_signature(path, sizes)  # so the loads that follow do not read it again
 
 
 def read_tensors(path: str, prefix: str) -> Dict[str, torch.Tensor]:

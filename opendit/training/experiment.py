@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from opendit.checkpoint.dcp import verify_checkpoint
+from opendit.checkpoint.dcp import verify_checkpoint_on_all_ranks
 from opendit.checkpoint.layout import EXPORT_CONFIG, EXPORT_WEIGHTS, STEP_PATTERN, experiment_dir_of, latest_checkpoint, resolve_checkpoint_dir
 from opendit.errors import CheckpointError, UsageError
 from opendit.parallel.process import barrier
@@ -113,15 +113,15 @@ def intact_latest(experiment: str) -> Optional[str]:
     except OSError:
         latest = None
     steps = sorted((e for e in os.listdir(folder) if re.fullmatch(STEP_PATTERN, e)), reverse=True) if os.path.isdir(folder) else []
-    candidates = ([latest] if latest else []) + [os.path.join(folder, e) for e in steps]
+    candidates = broadcast_str(([latest] if latest else []) + [os.path.join(folder, e) for e in steps])  # rank 0's view
     first_error = None
     for path in candidates:
         try:
-            verify_checkpoint(path)
+            verify_checkpoint_on_all_ranks(path)  # every rank checksums its share
         except CheckpointError as e:
             first_error = first_error or e
             continue
-        if first_error is not None:
+        if first_error is not None and (not dist.is_initialized() or dist.get_rank() == 0):
             print(f"warning: {first_error}; resuming from the newest intact checkpoint, {path}", file=sys.stderr)
         return path
     if first_error is not None:
@@ -129,7 +129,8 @@ def intact_latest(experiment: str) -> Optional[str]:
     return None
 
 
-def broadcast_str(value: Optional[str]) -> str:
+def broadcast_str(value):
+    """Rank 0's value (a str, a list of them, or None) on every rank; the value itself on one process."""
     if dist.is_initialized():
         box = [value]
         dist.broadcast_object_list(box, src=0)

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from opendit.builders import PRECISIONS, build_model, model_config
-from opendit.checkpoint.dcp import load_checkpoint, read_train_state, save_checkpoint
+from opendit.checkpoint.dcp import load_checkpoint, read_train_state, save_checkpoint, verify_checkpoint_on_all_ranks
 from opendit.checkpoint.layout import set_rng_state
 from opendit.checkpoint.weights import is_opendit_folder, load_opendit_folder
 from opendit.data import build_dataset, prepare_batch, text_encoder_for
@@ -126,6 +126,8 @@ def prepare(args: argparse.Namespace) -> Setup:
     opendit_init = args.load if args.load not in (None, "auto") and is_opendit_folder(args.load) else None  # weights only
     resume_dir = None if opendit_init else resume_dir_for(args)
     check_experiment_dir(args, resume_dir)
+    if resume_dir:
+        verify_checkpoint_on_all_ranks(resume_dir)  # the ranks split its checksums; the reads below find it verified
     resume_state = read_train_state(resume_dir) if resume_dir else None  # verifies the manifest and DCP metadata
     check_resume_flags(args, resume_state, resume_dir)
     dataset = EpochSeeded(build_dataset(args, train=True), args.global_seed)  # flips, crops, clip windows from (seed, epoch, index)

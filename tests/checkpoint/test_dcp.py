@@ -187,6 +187,39 @@ def test_corrupt_file_of_unchanged_size_is_one_line_error(dt, tmp_path):
     ckpt.load_checkpoint(path, model, opt, ema)  # the intact one still loads
 
 
+def _verify_split(rank, world_size, path, calls_file, dt):
+    """One rank of test_ranks_split_the_checksums: its share only, then every rank the same error."""
+    dt.init()
+    read = []
+    crc = ckpt.file_crc32
+    ckpt.file_crc32 = lambda file: read.append(os.path.basename(file)) or crc(file)
+    try:
+        ckpt.verify_checkpoint_on_all_ranks(path)
+        ckpt.verify_checkpoint(path)  # verified by the ranks together: no file read again
+        with open(f"{calls_file}.{rank}", "w") as f:
+            json.dump(read, f)
+        corrupt = path + "-corrupt"
+        if rank == 0:
+            shutil.copytree(path, corrupt)
+            overwrite(os.path.join(corrupt, "train_state.pt"))
+        torch.distributed.barrier()
+        with pytest.raises(CheckpointError) as error:
+            ckpt.verify_checkpoint_on_all_ranks(corrupt)
+        assert str(error.value).startswith(f"{corrupt}: corrupt checkpoint (train_state.pt: CRC-32 "), str(error.value)
+    finally:
+        ckpt.file_crc32 = crc
+
+
+def test_ranks_split_the_checksums(dt, tmp_path):
+    """On resume each rank checksums its share of the files (together all of them, each once); a corrupt file in
+    any share is the same one-line error on every rank."""
+    path, _ = one_checkpoint(dt, tmp_path)
+    dt.run(_verify_split, 2, path, str(tmp_path / "read"), dt)
+    shares = [json.load(open(tmp_path / f"read.{rank}")) for rank in range(2)]
+    names = set(json.load(open(os.path.join(path, "manifest.json")))["crc32"])
+    assert sorted(shares[0] + shares[1]) == sorted(names) and shares[0] and shares[1], shares
+
+
 def write_old_manifest(path):
     """The manifest as written before the CRC-32s: sizes only."""
     with open(os.path.join(path, "manifest.json")) as f:
