@@ -68,11 +68,17 @@ def block_gemms(hidden: int, mlp: int, rows: int, device: torch.device, mm=blas_
     return [g for layer, d_in, d_out in layers for g in layer_gemms(layer, d_in, d_out, rows, layer == "qkv", device, mm)]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def shape_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser with the shape's flags: --model, --batch_size, --latent_size (M = batch x tokens)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="DiT-XL/2")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--latent_size", type=int, default=32)
+    return p
+
+
+def main() -> None:
+    p = shape_parser(__doc__)
     p.add_argument("--blas", default="cublas,cublaslt", help="comma-separated torch.backends.cuda.preferred_blas_library values")
     args = p.parse_args()
     device = torch.device("cuda")

@@ -13,7 +13,6 @@ A config is quack's GemmConfig as `128x192p2x1` (tile M x N, p(ingpong) or c(oop
 way's largest error against float64, relative to the reference's largest magnitude. Needs quack-kernels and a Hopper GPU.
 """
 
-import argparse
 import os
 import sys
 
@@ -21,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench.gemm_shapes import alternate  # noqa: E402
+from bench.gemm_shapes import alternate, shape_parser  # noqa: E402
 from bench.timing import graphed_us  # noqa: E402
 from opendit.models import DiT_models  # noqa: E402
 
@@ -41,10 +40,7 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="DiT-XL/2")
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--latent_size", type=int, default=32)
+    p = shape_parser(__doc__)
     p.add_argument("--configs", default="default", help="comma-separated quack configs (see above); default: quack's own")
     args = p.parse_args()
     from quack.gemm_interface import gemm as quack_gemm
