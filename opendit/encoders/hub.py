@@ -72,9 +72,10 @@ class HubStalled(OSError):
 
 def bound_hub_requests() -> None:
     """From now on, each of huggingface_hub's requests waits at most STALL_TIMEOUT_S for progress, and a timeout or a
-    network error ends the download at once: huggingface_hub retries those (up to 6 tries of 10-60 s), minutes in all."""
+    network error ends the download at once: huggingface_hub retries those (up to 6 tries of 10-60 s), minutes in all.
+    Files stored in Xet come over plain HTTP too: hf_xet's own client is outside this bound."""
     import httpx2
-    from huggingface_hub import set_client_factory
+    from huggingface_hub import constants, set_client_factory
     from huggingface_hub.utils._http import default_client_factory
 
     def bounded_client():
@@ -93,6 +94,7 @@ def bound_hub_requests() -> None:
         return client
 
     set_client_factory(bounded_client)
+    constants.HF_HUB_DISABLE_XET = True
 
 
 def load_local_or_hub(load: Callable[[bool], object], path: str, label: str, what: str):

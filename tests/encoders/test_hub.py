@@ -191,3 +191,17 @@ def test_official_checkpoint_from_a_silent_or_stalling_server_fails_in_seconds(m
     expected = f"{url.split('/')[2]} cannot be reached (no answer within 3 s); pass" if kind == "silent" else "the download failed ("
     assert str(info.value).startswith(f"--ckpt DiT-XL-2-256x256.pt: not a local file and {expected}"), str(info.value)
     assert elapsed < 6 and (kind == "silent" or os.listdir(tmp_path / "pretrained_models") == [])  # no partial file left
+
+
+def test_bounded_downloads_leave_xet_out(monkeypatch):
+    """hf_xet transfers through its own client, which the stall bound cannot reach: bounded downloads use plain HTTP."""
+    from huggingface_hub import constants, set_client_factory
+    from huggingface_hub.utils._runtime import is_xet_available
+    from huggingface_hub.utils._http import default_client_factory
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    try:
+        hub.bound_hub_requests()
+        assert not is_xet_available()
+    finally:
+        set_client_factory(default_client_factory)
