@@ -6,10 +6,13 @@ runs the weight gradients and fc1's input gradient. Against fc1's GEMM + kernels
 saves two reads and two writes of the (rows, hidden) activations a block. Rounding: the bias is added to the fp32
 accumulator before the pre-activation is rounded to bf16; GELU and its derivative in fp32.
 """
+import functools
 import importlib.util
 import os
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
@@ -129,3 +132,29 @@ def quack_mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, gemms: bool = False
         x, w1, b1, w2 = x.to(dt), w1.to(dt), b1.to(dt), w2.to(dt)
     with torch.autocast("cuda", enabled=False):
         return QuackMlpFunction.apply(x, w1, b1, w2, gemms)
+
+
+@functools.cache
+def self_test(device: torch.device) -> Optional[str]:
+    """None when the path runs on `device` and matches PyTorch (fp32) on a small problem, output and gradients; else
+    why not, in one line (quack's JIT compile, a cutlass-dsl version it does not know, a wrong result)."""
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        shapes = {"x": (256, 128), "w1": (512, 128), "b1": (512,), "w2": (128, 512)}
+        leaves = {k: (torch.randn(v, device=device, generator=g) * (0.1 if k != "x" else 1)).bfloat16().requires_grad_() for k, v in shapes.items()}
+        dz = torch.randn(256, 128, device=device, generator=g).bfloat16()
+        with torch.enable_grad():
+            z = quack_mlp(*leaves.values())
+            z.backward(dz)
+        ref = {k: t.detach().float().requires_grad_() for k, t in leaves.items()}
+        with torch.enable_grad():
+            z_ref = F.gelu(ref["x"] @ ref["w1"].t() + ref["b1"], approximate="tanh") @ ref["w2"].t()
+            z_ref.backward(dz.float())
+        pairs = [("output", z, z_ref)] + [(f"{k}'s gradient", leaves[k].grad, ref[k].grad) for k in shapes]
+        for name, got, want in pairs:
+            err = ((got.float() - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+            if not err <= 3e-2:
+                return f"its {name} differs from PyTorch's by {err:.1e} of the largest value"
+    except Exception as e:  # an optional accelerator: any failure means "not here"
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+    return None

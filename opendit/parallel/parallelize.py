@@ -5,6 +5,7 @@ parallelism (FSDP2 for zero2/zero3, DDP for ddp; none for sampling) over every r
 are averaged over all dp x sp ranks; ParallelMesh.gradient_loss scales the loss so that this is the right gradient.
 """
 import os
+import warnings
 from functools import partial
 from typing import Optional, Union
 
@@ -107,11 +108,18 @@ def apply_ddp(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
 
 
 def use_quack_mlp(model: nn.Module) -> bool:
-    """True where quack's MLP path runs (a Hopper GPU, quack installed, OPENDIT_QUACK not 0): kernels/quack_mlp.py."""
+    """True where quack's MLP path runs (a Hopper GPU, quack installed, OPENDIT_QUACK not 0) and passes its check
+    against PyTorch there (kernels/quack_mlp.py); a failing check is one warning, and training runs without it."""
     from opendit.kernels import quack_mlp
 
     weight = next(model.parameters())
-    return os.environ.get("OPENDIT_QUACK", "1") != "0" and quack_mlp.is_available(weight)
+    if os.environ.get("OPENDIT_QUACK", "1") == "0" or not quack_mlp.is_available(weight):
+        return False
+    problem = quack_mlp.self_test(weight.device)
+    if problem:
+        warnings.warn(f"quack-kernels is installed but its MLP path fails its check on this GPU ({problem}); training runs without it "
+                      "(OPENDIT_QUACK=0 skips the check)", stacklevel=2)
+    return problem is None
 
 
 def parallelize(

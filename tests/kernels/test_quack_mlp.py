@@ -86,10 +86,26 @@ def test_mlp_falls_back_off_gpu_and_in_fp32():
     assert torch.equal(y, y0) and bias is mlp.fc2.bias and bias0 is mlp.fc2.bias
 
 
-def test_use_quack_mlp_off_gpu_and_when_disabled(monkeypatch):
+def test_use_quack_mlp_off_gpu_when_disabled_and_when_its_check_fails(monkeypatch):
     model = Mlp(16, 64)
     assert not use_quack_mlp(model)  # CPU weights
     monkeypatch.setattr(qm, "is_available", lambda t: True)
+    monkeypatch.setattr(qm, "self_test", lambda device: None)
     assert use_quack_mlp(model)
+    monkeypatch.setattr(qm, "self_test", lambda device: "its output differs from PyTorch's by 1.0e+00 of the largest value")
+    with pytest.warns(UserWarning, match=r"^quack-kernels is installed but its MLP path fails its check on this GPU \(its output differs"):
+        assert not use_quack_mlp(model)
     monkeypatch.setenv("OPENDIT_QUACK", "0")
     assert not use_quack_mlp(model)
+
+
+def test_self_test_reports_a_failure_in_one_line():
+    """Where quack cannot run (here: no quack, or a CPU tensor), the check says why instead of raising."""
+    problem = qm.self_test(torch.device("cpu"))
+    assert problem and "\n" not in problem
+
+
+@gpu
+@needs_quack
+def test_self_test_passes_on_hopper():
+    assert qm.self_test(torch.device("cuda")) is None
