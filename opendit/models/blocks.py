@@ -93,8 +93,8 @@ class Mlp(nn.Module):
     def without_out_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(fc2(hidden(x)) without fc2's bias, that bias), as without_bias(fc2, hidden(x))."""
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-        if self.kernels.quack_mlp and torch.is_grad_enabled() and x.is_cuda and dtype in (torch.bfloat16, torch.float16) \
-                and type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear:
+        if self.kernels.quack_mlp and torch.is_grad_enabled() and x.is_cuda and dtype == torch.bfloat16 and type(self.fc1) is nn.Linear \
+                and type(self.fc2) is nn.Linear and self.fc1.in_features % 8 == 0 and self.fc1.out_features % 8 == 0:  # 16-byte rows
             from opendit.kernels.quack_mlp import quack_mlp  # whoever sets quack_mlp checks quack_mlp.is_available
 
             return quack_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.kernels.quack_gemms), self.fc2.bias

@@ -78,7 +78,8 @@ def test_dit_block_with_quack_mlp_matches_triton_gelu():
 
 
 def test_mlp_falls_back_off_gpu_and_in_fp32():
-    """quack_mlp set but the input on CPU (or fp32 on a GPU): fc2 without its bias, as without_bias gives it."""
+    """quack_mlp set but the input on CPU (or on a GPU: fp32 or fp16, or widths that are not 16-byte rows): fc2 without
+    its bias, as without_bias gives it."""
     mlp = Mlp(16, 64, KernelChoice(quack_mlp=True))
     x = torch.randn(2, 8, 16)
     y, bias = mlp.without_out_bias(x)
@@ -109,3 +110,14 @@ def test_self_test_reports_a_failure_in_one_line():
 @needs_quack
 def test_self_test_passes_on_hopper():
     assert qm.self_test(torch.device("cuda")) is None
+
+
+@gpu
+@needs_quack
+@pytest.mark.parametrize("dtype,width", [(torch.float16, 64), (torch.bfloat16, 60)])
+def test_mlp_keeps_cublas_for_fp16_and_unaligned_widths(dtype, width, monkeypatch):
+    monkeypatch.setattr(qm, "quack_mlp", lambda *a, **k: pytest.fail("quack ran"))
+    mlp = Mlp(width, 4 * width, KernelChoice(quack_mlp=True)).cuda()
+    with torch.autocast("cuda", dtype=dtype):
+        y, bias = mlp.without_out_bias(torch.randn(2, 8, width, device="cuda"))
+    assert bias is mlp.fc2.bias and y.shape == (2, 8, width)
