@@ -126,10 +126,9 @@ def _stat_signature(path: str, names) -> tuple:
     return tuple((s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
 
 
-def verify_checkpoint(path: str, share: Tuple[int, int] = (0, 1)) -> None:
-    """Refuse, in one line, a folder that is not a finished, intact checkpoint: no manifest, a missing or truncated
-    file, or a corrupt one (its CRC-32 differs from the manifest's; sizes only for manifests without CRC-32s).
-    share (index, count): checksum only this part of the files, largest first in turn (the sizes are always all checked)."""
+def _verify(path: str, share: Tuple[int, int]) -> Tuple[str, tuple]:
+    """verify_checkpoint's checks, the checksums of this share (index, count) of the files only: largest first in turn,
+    the sizes always all. -> (folder key, its files' stat signature) for _VERIFIED."""
     sizes, crcs = _read_manifest(path)
     for name, size in sizes.items():
         file = os.path.join(path, name)
@@ -139,15 +138,28 @@ def verify_checkpoint(path: str, share: Tuple[int, int] = (0, 1)) -> None:
             raise CheckpointError(f"{path}: truncated checkpoint ({name} has {os.path.getsize(file)} bytes, expected {size})")
     key, signature = os.path.realpath(path), _stat_signature(path, sizes)
     if _VERIFIED.get(key) == signature:  # checksummed already (by this process, or all of it by the ranks together)
-        return
+        return key, signature
     index, count = share
     mine = sorted((n for n in crcs if n in sizes), key=lambda n: (-sizes[n], n))[index::count]
     for name in sorted(mine, key=lambda n: sizes[n]):  # small files first
         crc = file_crc32(os.path.join(path, name))
         if crc != crcs[name]:
             raise CheckpointError(f"{path}: corrupt checkpoint ({name}: CRC-32 {crc}, {MANIFEST} recorded {crcs[name]})")
-    if count == 1:
-        _VERIFIED[key] = signature
+    return key, signature
+
+
+def verify_checkpoint(path: str) -> None:
+    """Refuse, in one line, a folder that is not a finished, intact checkpoint: no manifest, a missing or truncated
+    file, or a corrupt one (its CRC-32 differs from the manifest's; sizes only for manifests without CRC-32s)."""
+    key, signature = _verify(path, (0, 1))
+    _VERIFIED[key] = signature
+
+
+def _first_on_any_rank(value: Optional[str]) -> Optional[str]:
+    """The first rank's non-empty value (an error, a tensor's name), on every rank; all ranks call it together."""
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, value)
+    return next((v for v in found if v), None)
 
 
 def verify_checkpoint_on_all_ranks(path: str) -> None:
@@ -155,18 +167,16 @@ def verify_checkpoint_on_all_ranks(path: str) -> None:
     same one-line error if any share fails. One process: verify_checkpoint."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return verify_checkpoint(path)
-    error = None
+    error, verified = None, None
     try:
-        verify_checkpoint(path, (dist.get_rank(), dist.get_world_size()))
+        verified = _verify(path, (dist.get_rank(), dist.get_world_size()))
     except CheckpointError as e:
         error = str(e)
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    first = next((e for e in errors if e), None)
-    if first:
-        raise CheckpointError(first)
-    sizes, _ = _read_manifest(path)
-    _VERIFIED[os.path.realpath(path)] = _stat_signature(path, sizes)  # so the loads that follow do not read it again
+    error = _first_on_any_rank(error)
+    if error:
+        raise CheckpointError(error)
+    key, signature = verified
+    _VERIFIED[key] = signature  # so the loads that follow do not read it again
 
 
 def read_tensors(path: str, prefix: str) -> Dict[str, torch.Tensor]:
@@ -219,9 +229,7 @@ def _refuse_non_finite(state: Dict[str, Any], path: str, collective: bool) -> No
     own shards and, when collective, every rank learns the verdict, so all stop together."""
     bad = next((key for key, value in _leaves(state) if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(local_shard(value)).all())), None)
     if collective:
-        found = [None] * dist.get_world_size()
-        dist.all_gather_object(found, bad)
-        bad = next((key for key in found if key), None)
+        bad = _first_on_any_rank(bad)
     if bad:
         raise CheckpointError(f"{path}: corrupt checkpoint ({bad} holds NaN or infinite values, which are never saved)")
 
