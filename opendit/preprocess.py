@@ -27,7 +27,7 @@ from opendit.data.table import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from opendit.encoders import load_vae
 from opendit.errors import UsageError
 from opendit.parallel.process import barrier, cleanup, setup_distributed
-from opendit.utils.cli import HelpFormatter, file_in_path
+from opendit.utils.cli import HelpFormatter, file_in_path, output_folder_problem
 from opendit.utils.logging import create_logger
 from opendit.utils.media import atomic_path
 
@@ -273,12 +273,10 @@ def extract_latents(args: argparse.Namespace) -> None:
         "dtype": args.dtype,
         "shard_size": args.shard_size,
     }
-    if os.path.isfile(args.output):
-        raise UsageError(f"--output {args.output}: is a file; give the cache folder to write")
-    try:
-        os.makedirs(args.output, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise UsageError(f"--output {args.output}: cannot be made (a file stands in its path)") from None
+    problem = output_folder_problem("--output", args.output, "give the cache folder to write")
+    if problem:
+        raise UsageError(problem)
+    os.makedirs(args.output, exist_ok=True)
     num_shards = math.ceil(len(dataset) / args.shard_size)
     mine = range(info.rank, num_shards, info.world_size)
     todo = [k for k in mine if not shard_done(os.path.join(args.output, shard_name(k)), settings)]

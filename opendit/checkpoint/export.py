@@ -18,7 +18,7 @@ from opendit.builders import build_model
 from opendit.checkpoint.layout import EXPORT_CONFIG, EXPORT_WEIGHTS
 from opendit.checkpoint.weights import load_model_weights, weights_mismatch
 from opendit.errors import CheckpointError, UsageError, run_or_exit
-from opendit.utils.cli import HelpFormatter
+from opendit.utils.cli import HelpFormatter, output_folder_problem
 from opendit.utils.media import atomic_path
 
 OFFICIAL_LAYOUT = "model.pt"
@@ -34,9 +34,10 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def check_output(output: str, overwrite: bool) -> None:
-    """--output must be a folder (or not exist yet) without an earlier export, unless overwrite."""
-    if os.path.exists(output) and not os.path.isdir(output):
-        raise UsageError(f"--output {output}: is a file; give the folder to export into")
+    """--output must be a folder (or makeable as one) without an earlier export, unless overwrite."""
+    problem = output_folder_problem("--output", output, "give the folder to export into")
+    if problem:
+        raise UsageError(problem)
     earlier = [name for name in (EXPORT_WEIGHTS, EXPORT_CONFIG, OFFICIAL_LAYOUT) if os.path.exists(os.path.join(output, name))]
     if earlier and not overwrite:
         raise UsageError(f"--output {output}: already holds an export ({', '.join(earlier)}); add --overwrite to replace it, or choose another folder")
@@ -60,10 +61,7 @@ def export(ckpt: str, output: str, weights: str = "ema", overwrite: bool = False
         why = weights_mismatch(model, state_dict) or str(e).strip().splitlines()[-1][:300]
         raise CheckpointError(f"{ckpt}: weights do not fit the model config {config['model']} ({why})") from None
     state_dict = {name: tensor.contiguous() for name, tensor in state_dict.items()}
-    try:
-        os.makedirs(output, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise UsageError(f"--output {output}: cannot be made (a file stands in its path)") from None
+    os.makedirs(output, exist_ok=True)
     paths = {"safetensors": os.path.join(output, EXPORT_WEIGHTS), "config": os.path.join(output, EXPORT_CONFIG), "pt": os.path.join(output, OFFICIAL_LAYOUT)}
     with atomic_path(paths["safetensors"]) as tmp:
         save_file(state_dict, tmp, metadata={"format": "pt", "weights": weights})

@@ -28,3 +28,14 @@ def file_in_path(folder: str) -> Optional[str]:
     while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
     return None if os.path.isdir(path) else path
+
+
+def output_folder_problem(flag: str, folder: str, hint: str) -> Optional[str]:
+    """Why `folder` cannot be used or made as an output folder, in one line (a file there: `hint` says what to give
+    instead; or a file in a folder above it); else None."""
+    blocked = file_in_path(folder)
+    if blocked is None:
+        return None
+    if blocked == os.path.abspath(folder):
+        return f"{flag} {folder}: is a file; {hint}"
+    return f"{flag} {folder}: cannot be made (a file stands in its path)"
