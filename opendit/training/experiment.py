@@ -113,7 +113,7 @@ def intact_latest(experiment: str) -> Optional[str]:
     except OSError:
         latest = None
     steps = sorted((e for e in os.listdir(folder) if re.fullmatch(STEP_PATTERN, e)), reverse=True) if os.path.isdir(folder) else []
-    candidates = broadcast_str(([latest] if latest else []) + [os.path.join(folder, e) for e in steps])  # rank 0's view
+    candidates = from_rank0(([latest] if latest else []) + [os.path.join(folder, e) for e in steps])  # rank 0's view
     first_error = None
     for path in candidates:
         try:
@@ -129,7 +129,7 @@ def intact_latest(experiment: str) -> Optional[str]:
     return None
 
 
-def broadcast_str(value):
+def from_rank0(value):
     """Rank 0's value (a str, a list of them, or None) on every rank; the value itself on one process."""
     if dist.is_initialized():
         box = [value]
@@ -144,7 +144,7 @@ def choose_experiment_dir(args: argparse.Namespace, resume_dir: Optional[str], i
     if resume_dir:
         return experiment_dir_of(resume_dir)
     choice = (args.experiment_dir or (restarted_by_torchrun() and run_experiment_dir(args.outputs)) or new_experiment_dir(args.outputs, args.model)) if is_main else None
-    return broadcast_str(choice)
+    return from_rank0(choice)
 
 
 def open_experiment(args: argparse.Namespace, resume_dir: Optional[str], info) -> tuple:
@@ -158,7 +158,7 @@ def open_experiment(args: argparse.Namespace, resume_dir: Optional[str], info) -
             lock = ExperimentLock(experiment_dir)
         except UsageError as e:
             refusal = str(e)
-    refusal = broadcast_str(refusal)  # every rank stops together
+    refusal = from_rank0(refusal)  # every rank stops together
     if refusal:
         raise UsageError(refusal)
     barrier()
