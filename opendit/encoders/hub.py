@@ -73,10 +73,14 @@ class HubStalled(OSError):
 def bound_hub_requests() -> None:
     """From now on, each of huggingface_hub's requests waits at most STALL_TIMEOUT_S for progress, and a timeout or a
     network error ends the download at once: huggingface_hub retries those (up to 6 tries of 10-60 s), minutes in all.
-    Files stored in Xet come over plain HTTP too: hf_xet's own client is outside this bound."""
-    import httpx2
-    from huggingface_hub import constants, set_client_factory
-    from huggingface_hub.utils._http import default_client_factory
+    Files stored in Xet come over plain HTTP too: hf_xet's own client is outside this bound. A huggingface_hub without
+    client factories (before its httpx2 client) keeps its own timeouts (HF_HUB_DOWNLOAD_TIMEOUT, set above)."""
+    try:
+        import httpx2
+        from huggingface_hub import constants, set_client_factory
+        from huggingface_hub.utils._http import default_client_factory
+    except ImportError:
+        return
 
     def bounded_client():
         client = default_client_factory()
