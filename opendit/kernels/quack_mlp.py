@@ -124,6 +124,31 @@ class QuackMlpFunction(torch.autograd.Function):
         return dx, mm(dpre.t(), x2), db1.to(ctx.bias_dtype), mm(dz2.t(), h), None
 
 
+class QuackLinearFunction(torch.autograd.Function):
+    """x W^T without a bias, and its two gradients, as quack's plain GEMMs."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # (rows, in)
+        ctx.save_for_backward(x2, w)
+        return quack_mm(x2, w.t()).view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x2, w = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])  # (rows, out)
+        return quack_mm(dy2, w).view(*dy.shape[:-1], w.shape[1]), quack_mm(dy2.t(), x2)
+
+
+def quack_linear(x: Tensor, w: Tensor) -> Tensor:
+    """x W^T (no bias) as quack's GEMMs, forward and backward, in the autocast dtype (a probe: +quack-gemms)."""
+    if torch.is_autocast_enabled("cuda"):
+        dt = torch.get_autocast_dtype("cuda")
+        x, w = x.to(dt), w.to(dt)
+    with torch.autocast("cuda", enabled=False):
+        return QuackLinearFunction.apply(x, w)
+
+
 def quack_mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, gemms: bool = False) -> Tensor:
     """fc2's GEMM of gelu_tanh(x w1^T + b1), without fc2's bias: (..., in) -> (..., out), in the autocast dtype.
     gemms: every GEMM of it as quack's (a probe: bench/train_step.py +quack-gemms)."""

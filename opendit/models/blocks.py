@@ -45,7 +45,7 @@ class KernelChoice:
     fused_qkv_grad: bool = False  # with fused_boundaries: the qkv projection's backward packs dq, dk, dv and sums its bias
     # gradient in one Triton pass (kernels/fused_qkv.py; parallelize turns it on with fused_boundaries)
     quack_mlp: bool = False  # with fused_boundaries, autograd, Hopper + quack: fc1's GELU and its gradient in quack's GEMM epilogues
-    quack_gemms: bool = False  # with quack_mlp: the MLP's other four GEMMs as quack's too (a probe, bench/train_step.py +quack-gemms)
+    quack_gemms: bool = False  # with quack_mlp: the MLP's other four GEMMs and proj's three as quack's too (a probe, +quack-gemms)
 
 
 def add_gated_norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
@@ -101,9 +101,14 @@ class Mlp(nn.Module):
         return without_bias(self.fc2, self.hidden(x))
 
 
-def without_bias(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(x W^T, b) for a plain nn.Linear with a bias, which the caller adds (in the next fused kernel); else (linear(x), None)."""
+def without_bias(linear: nn.Module, x: torch.Tensor, quack: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(x W^T, b) for a plain nn.Linear with a bias, which the caller adds (in the next fused kernel); else (linear(x), None).
+    quack: x W^T as quack's GEMMs (a probe: KernelChoice.quack_gemms, with autograd on CUDA)."""
     if type(linear) is nn.Linear and linear.bias is not None:
+        if quack and torch.is_grad_enabled() and x.is_cuda:
+            from opendit.kernels.quack_mlp import quack_linear
+
+            return quack_linear(x, linear.weight), linear.bias
         return F.linear(x, linear.weight), linear.bias
     return linear(x), None
 
@@ -130,7 +135,7 @@ class DiTBlock(nn.Module):
         fused = self.kernels.fused_adaln
         h = norm_modulate(self.norm1, x, shift_msa, scale_msa, fused) if h is None else h
         if next_mod is not None:  # every gate + residual meets a norm: proj's and fc2's biases go into those kernels
-            y, bias = without_bias(self.attn.proj, self.attn.attend(h, self.kernels.fused_qkv_grad))
+            y, bias = without_bias(self.attn.proj, self.attn.attend(h, self.kernels.fused_qkv_grad), self.kernels.quack_mlp and self.kernels.quack_gemms)
             x, h = add_gated_norm_modulate(self.norm2, x, gate_msa, y, shift_mlp, scale_mlp, fused, bias)  # x += gate * y; h = adaLN(x)
             D = x.shape[-1]
             y, bias = self.mlp.without_out_bias(h)

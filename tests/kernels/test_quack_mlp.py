@@ -77,6 +77,20 @@ def test_dit_block_with_quack_mlp_matches_triton_gelu():
         assert_close_scaled(a, e, 2 * TOL, f"tensor {i}")
 
 
+@gpu
+@needs_quack
+def test_quack_linear_matches_float64():
+    x, w, _, _, dy = inputs(hidden=384)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w)]
+    y = qm.quack_linear(*leaves)
+    y.backward(dy)
+    ref = [t.detach().double().requires_grad_() for t in (x, w)]
+    y_ref = ref[0] @ ref[1].t()
+    y_ref.backward(dy.double())
+    for name, a, e in zip(("y", "dx", "dw"), (y.detach(), leaves[0].grad, leaves[1].grad), (y_ref.detach(), ref[0].grad, ref[1].grad)):
+        assert_close_scaled(a, e, TOL, name)
+
+
 def test_mlp_falls_back_off_gpu_and_in_fp32():
     """quack_mlp set but the input on CPU (or on a GPU: fp32 or fp16, or widths that are not 16-byte rows): fc2 without
     its bias, as without_bias gives it."""
