@@ -153,7 +153,7 @@ class Variant:
     fused_qkv_grad: bool = True  # fused boundaries: the qkv gradient packed and its bias gradient summed in one Triton pass
     gluon_boundaries: bool = True  # kernels: the block boundary's kernels in Gluon where the width splits (else Triton)
     quack_mlp: bool = False  # fused boundaries: fc1's GELU and its gradient in quack's GEMM epilogues (kernels/quack_mlp.py)
-    quack_gemms: bool = False  # with quack_mlp: the MLP's other four GEMMs as quack's plain GEMM too
+    quack_gemms: str = ""  # with quack_mlp: the block's plain GEMMs of these kinds ("fwd+dgrad+wgrad") as quack's too
 
 
 VARIANTS = {
@@ -203,7 +203,9 @@ MODIFIERS = {  # "+name" after a variant: one change to it
     "plain-qkv-grad": dict(fused_qkv_grad=False),
     "triton-boundaries": dict(gluon_boundaries=False),
     "quack-mlp": dict(quack_mlp=True),
-    "quack-gemms": dict(quack_mlp=True, quack_gemms=True),
+    "quack-gemms": dict(quack_mlp=True, quack_gemms="fwd+dgrad+wgrad"),  # every GEMM of qkv, proj and the MLP as quack's
+    "quack-dgrad": dict(quack_mlp=True, quack_gemms="dgrad"),  # the input gradients only (quack's won alone at XL)
+    "quack-fwd-dgrad": dict(quack_mlp=True, quack_gemms="fwd+dgrad"),  # forwards and input gradients, weight gradients cuBLAS
 }
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 

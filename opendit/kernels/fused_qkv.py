@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .fused_adaln import _launcher, _op, _ops, is_available
+from .quack_mlp import autocast_dtype, mm, quack_mm  # quack itself is imported only where a GEMM runs as quack's
 
 if _ops is not None:
     from .fused_adaln import _COMPILED  # the custom ops' registry that _launcher reads
@@ -27,10 +28,15 @@ if _ops is not None:
     _COMPILED["qkv_grad_partials"] = _op("qkv_grad_partials", _qkv_grad_partials, _qkv_grad_partials_fake)
 
 
-def qkv_heads_ref(x: torch.Tensor, weight: torch.Tensor, bias, num_heads: int) -> tuple:
-    """PyTorch reference: (q, k, v), each (B, H, N, d), from the (B, N, 3C) projection of x (B, N, C_in)."""
+def qkv_heads_ref(x: torch.Tensor, weight: torch.Tensor, bias, num_heads: int, quack_fwd: bool = False) -> tuple:
+    """PyTorch reference: (q, k, v), each (B, H, N, d), from the (B, N, 3C) projection of x (B, N, C_in).
+    quack_fwd: the projection as quack's GEMM in the autocast dtype (a probe, KernelChoice.quack_gemms)."""
     B, N, _ = x.shape
-    qkv = F.linear(x, weight, bias).reshape(B, N, 3, num_heads, -1)  # rows ordered (q|k|v, head, d)
+    if quack_fwd:
+        x, weight, bias = autocast_dtype(x, weight, bias)
+        qkv = quack_mm(x.reshape(B * N, -1), weight.t(), bias).view(B, N, 3, num_heads, -1)  # rows ordered (q|k|v, head, d)
+    else:
+        qkv = F.linear(x, weight, bias).reshape(B, N, 3, num_heads, -1)
     return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, d)
 
 
@@ -45,9 +51,10 @@ class QkvHeadsFunction(torch.autograd.Function):
     """Autograd wrapper: the projection and head split forward, the Triton pack + bias sum and two GEMMs backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_heads: int):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_heads: int, quack_gemms: str):
         ctx.save_for_backward(x, weight, bias)
-        return tuple(t.detach() for t in qkv_heads_ref(x, weight, bias, num_heads))  # views of one (B, N, 3C) tensor
+        ctx.quack_gemms = quack_gemms
+        return tuple(t.detach() for t in qkv_heads_ref(x, weight, bias, num_heads, "fwd" in quack_gemms.split("+")))  # views of one (B, N, 3C) tensor
 
     @staticmethod
     def backward(ctx, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor):
@@ -55,16 +62,16 @@ class QkvHeadsFunction(torch.autograd.Function):
         rows = _ops.qkv_grad_rows(dq.shape[0] * dq.shape[2], dq.device)  # an argument: the compiled graph keys on it
         dqkv, dbias_p = _launcher("qkv_grad_partials")(dq, dk, dv, rows_per_prog=rows)  # (B N, 3C) in the gradients' dtype
         x2 = x.reshape(-1, x.shape[-1])  # (B N, C_in)
-        dx = (dqkv @ weight.to(dqkv.dtype)).view(x.shape).to(x.dtype)
-        dw = (dqkv.t() @ x2.to(dqkv.dtype)).to(weight.dtype)
-        return dx, dw, dbias_p.sum(0).to(bias.dtype), None  # the sum fused with what follows, under torch.compile
+        dx = mm("dgrad", ctx.quack_gemms)(dqkv, weight.to(dqkv.dtype)).view(x.shape).to(x.dtype)
+        dw = mm("wgrad", ctx.quack_gemms)(dqkv.t(), x2.to(dqkv.dtype)).to(weight.dtype)
+        return dx, dw, dbias_p.sum(0).to(bias.dtype), None, None  # the sum fused with what follows, under torch.compile
 
 
-def qkv_heads(x: torch.Tensor, weight: torch.Tensor, bias, num_heads: int) -> tuple:
+def qkv_heads(x: torch.Tensor, weight: torch.Tensor, bias, num_heads: int, quack_gemms: str = "") -> tuple:
     """(q, k, v), each (B, H, N, d), of the projection x W^T + b of x (B, N, C_in); with the fused backward when it can
-    and its launch fills the GPU."""
+    and its launch fills the GPU. quack_gemms: with it, those of its GEMMs ("fwd+dgrad+wgrad") as quack's."""
     head_dim = weight.shape[0] // (3 * num_heads)
     if (bias is None or not is_available(x) or x.dtype == torch.float64 or head_dim > _ops.QKV_MAX_HEAD_DIM
             or not _ops.qkv_grad_fills_the_gpu(x.numel() // x.shape[-1], x.device)):
         return qkv_heads_ref(x, weight, bias, num_heads)
-    return QkvHeadsFunction.apply(x, weight, bias, num_heads)
+    return QkvHeadsFunction.apply(x, weight, bias, num_heads, quack_gemms)

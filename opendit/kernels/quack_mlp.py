@@ -88,73 +88,82 @@ def _(dz, w2, pre):
 
 
 @torch.library.custom_op("opendit::quack_mm", mutates_args=())
-def quack_mm(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b as quack's plain GEMM (its default config)."""
+def quack_mm(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """a @ b (+ bias, a row vector) as quack's plain GEMM (its default config)."""
     _compat()
     from quack.gemm_interface import gemm
 
-    return gemm(a, b, tuned=False)
+    return gemm(a, b, bias=bias, tuned=False)
 
 
 @quack_mm.register_fake
-def _(a, b):
+def _(a, b, bias=None):
     return a.new_empty(a.shape[0], b.shape[1])
 
 
+def mm(kind: str, gemms: str):
+    """quack's plain GEMM where kind ("fwd", "dgrad" or "wgrad") is among gemms ("fwd+dgrad", ...), else torch.mm."""
+    return quack_mm if kind in gemms.split("+") else torch.mm
+
+
+def autocast_dtype(*tensors: Tensor) -> tuple:
+    """tensors in the CUDA autocast dtype where autocast is on (the custom functions below run with it off)."""
+    if not torch.is_autocast_enabled("cuda"):
+        return tensors
+    dt = torch.get_autocast_dtype("cuda")
+    return tuple(t.to(dt) for t in tensors)
+
+
 class QuackMlpFunction(torch.autograd.Function):
-    """fc2(gelu_tanh(fc1(x))) without fc2's bias, the GELU inside quack's GEMM epilogues; gemms: the other four
-    GEMMs (fc2's forward, both weight gradients, fc1's input gradient) as quack's too, else cuBLAS."""
+    """fc2(gelu_tanh(fc1(x))) without fc2's bias, the GELU inside quack's GEMM epilogues; gemms: which of the other
+    four GEMMs (fc2's forward "fwd", fc1's input gradient "dgrad", both weight gradients "wgrad") are quack's too."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, gemms: bool) -> Tensor:
-        mm = quack_mm if gemms else torch.mm
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, gemms: str) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (rows, in)
         pre, h = fc1_gelu(x2, w1, b1)  # (rows, hidden) each
         ctx.save_for_backward(x2, w1, w2, pre, h)
         ctx.bias_dtype, ctx.gemms = b1.dtype, gemms
-        return mm(h, w2.t()).view(*x.shape[:-1], w2.shape[0])
+        return mm("fwd", gemms)(h, w2.t()).view(*x.shape[:-1], w2.shape[0])
 
     @staticmethod
     def backward(ctx, dz: Tensor):
         x2, w1, w2, pre, h = ctx.saved_tensors
-        mm = quack_mm if ctx.gemms else torch.mm
         dz2 = dz.reshape(-1, dz.shape[-1])  # (rows, out)
         dpre, db1 = dgelu_dbias(dz2, w2, pre)
-        dx = mm(dpre, w1).view(*dz.shape[:-1], w1.shape[1])
-        return dx, mm(dpre.t(), x2), db1.to(ctx.bias_dtype), mm(dz2.t(), h), None
+        dx = mm("dgrad", ctx.gemms)(dpre, w1).view(*dz.shape[:-1], w1.shape[1])
+        wgrad = mm("wgrad", ctx.gemms)
+        return dx, wgrad(dpre.t(), x2), db1.to(ctx.bias_dtype), wgrad(dz2.t(), h), None
 
 
 class QuackLinearFunction(torch.autograd.Function):
-    """x W^T without a bias, and its two gradients, as quack's plain GEMMs."""
+    """x W^T without a bias and its two gradients, each as quack's plain GEMM where gemms names it, else cuBLAS."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, w: Tensor, gemms: str) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (rows, in)
         ctx.save_for_backward(x2, w)
-        return quack_mm(x2, w.t()).view(*x.shape[:-1], w.shape[0])
+        ctx.gemms = gemms
+        return mm("fwd", gemms)(x2, w.t()).view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         x2, w = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])  # (rows, out)
-        return quack_mm(dy2, w).view(*dy.shape[:-1], w.shape[1]), quack_mm(dy2.t(), x2)
+        return mm("dgrad", ctx.gemms)(dy2, w).view(*dy.shape[:-1], w.shape[1]), mm("wgrad", ctx.gemms)(dy2.t(), x2), None
 
 
-def quack_linear(x: Tensor, w: Tensor) -> Tensor:
-    """x W^T (no bias) as quack's GEMMs, forward and backward, in the autocast dtype (a probe: +quack-gemms)."""
-    if torch.is_autocast_enabled("cuda"):
-        dt = torch.get_autocast_dtype("cuda")
-        x, w = x.to(dt), w.to(dt)
+def quack_linear(x: Tensor, w: Tensor, gemms: str = "fwd+dgrad+wgrad") -> Tensor:
+    """x W^T (no bias) in the autocast dtype, the GEMMs named in gemms as quack's (a probe: +quack-gemms)."""
+    x, w = autocast_dtype(x, w)
     with torch.autocast("cuda", enabled=False):
-        return QuackLinearFunction.apply(x, w)
+        return QuackLinearFunction.apply(x, w, gemms)
 
 
-def quack_mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, gemms: bool = False) -> Tensor:
+def quack_mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, gemms: str = "") -> Tensor:
     """fc2's GEMM of gelu_tanh(x w1^T + b1), without fc2's bias: (..., in) -> (..., out), in the autocast dtype.
-    gemms: every GEMM of it as quack's (a probe: bench/train_step.py +quack-gemms)."""
-    if torch.is_autocast_enabled("cuda"):
-        dt = torch.get_autocast_dtype("cuda")
-        x, w1, b1, w2 = x.to(dt), w1.to(dt), b1.to(dt), w2.to(dt)
+    gemms: which other GEMMs run as quack's ("fwd+dgrad+wgrad": all; a probe, bench/train_step.py +quack-gemms)."""
+    x, w1, b1, w2 = autocast_dtype(x, w1, b1, w2)
     with torch.autocast("cuda", enabled=False):
         return QuackMlpFunction.apply(x, w1, b1, w2, gemms)
 

@@ -50,14 +50,15 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.attend(x))
 
-    def attend(self, x: torch.Tensor, fused_qkv_grad: bool = False) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, fused_qkv_grad: bool = False, quack_gemms: str = "") -> torch.Tensor:
         """The heads' outputs before the output projection: (B, N, C) -> (B, N, C). fused_qkv_grad: the projection's
-        backward packs dq, dk, dv and sums the bias gradient in one Triton pass (training, a plain nn.Linear)."""
+        backward packs dq, dk, dv and sums the bias gradient in one Triton pass (training, a plain nn.Linear);
+        quack_gemms: with it, those of the projection's GEMMs as quack's (a probe, KernelChoice.quack_gemms)."""
         B, N, C = x.shape
         if fused_qkv_grad and torch.is_grad_enabled() and type(self.qkv) is nn.Linear:
             from opendit.kernels import qkv_heads  # imports triton: only where the kernels are asked for
 
-            q, k, v = qkv_heads(x, self.qkv.weight, self.qkv.bias, self.num_heads)  # each (B, H, N, d)
+            q, k, v = qkv_heads(x, self.qkv.weight, self.qkv.bias, self.num_heads, quack_gemms)  # each (B, H, N, d)
         else:
             qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # rows ordered (q|k|v, head, d)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, d)

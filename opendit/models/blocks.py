@@ -45,7 +45,8 @@ class KernelChoice:
     fused_qkv_grad: bool = False  # with fused_boundaries: the qkv projection's backward packs dq, dk, dv and sums its bias
     # gradient in one Triton pass (kernels/fused_qkv.py; parallelize turns it on with fused_boundaries)
     quack_mlp: bool = False  # with fused_boundaries, autograd, Hopper + quack: fc1's GELU and its gradient in quack's GEMM epilogues
-    quack_gemms: bool = False  # with quack_mlp: the MLP's other four GEMMs and proj's three as quack's too (a probe, +quack-gemms)
+    quack_gemms: str = ""  # with quack_mlp: the block's plain GEMMs of these kinds ("fwd", "dgrad", "wgrad", joined by "+") as
+    # quack's too, in qkv, proj and the MLP (a probe: bench/train_step.py +quack-gemms, +quack-dgrad, +quack-fwd-dgrad)
 
 
 def add_gated_norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
@@ -101,14 +102,14 @@ class Mlp(nn.Module):
         return without_bias(self.fc2, self.hidden(x))
 
 
-def without_bias(linear: nn.Module, x: torch.Tensor, quack: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def without_bias(linear: nn.Module, x: torch.Tensor, quack_gemms: str = "") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(x W^T, b) for a plain nn.Linear with a bias, which the caller adds (in the next fused kernel); else (linear(x), None).
-    quack: x W^T as quack's GEMMs (a probe: KernelChoice.quack_gemms, with autograd on CUDA)."""
+    quack_gemms: those of x W^T's GEMMs as quack's (a probe: KernelChoice.quack_gemms, with autograd on CUDA)."""
     if type(linear) is nn.Linear and linear.bias is not None:
-        if quack and torch.is_grad_enabled() and x.is_cuda:
+        if quack_gemms and torch.is_grad_enabled() and x.is_cuda:
             from opendit.kernels.quack_mlp import quack_linear
 
-            return quack_linear(x, linear.weight), linear.bias
+            return quack_linear(x, linear.weight, quack_gemms), linear.bias
         return F.linear(x, linear.weight), linear.bias
     return linear(x), None
 
@@ -135,7 +136,8 @@ class DiTBlock(nn.Module):
         fused = self.kernels.fused_adaln
         h = norm_modulate(self.norm1, x, shift_msa, scale_msa, fused) if h is None else h
         if next_mod is not None:  # every gate + residual meets a norm: proj's and fc2's biases go into those kernels
-            y, bias = without_bias(self.attn.proj, self.attn.attend(h, self.kernels.fused_qkv_grad), self.kernels.quack_mlp and self.kernels.quack_gemms)
+            gemms = self.kernels.quack_gemms if self.kernels.quack_mlp else ""
+            y, bias = without_bias(self.attn.proj, self.attn.attend(h, self.kernels.fused_qkv_grad, gemms), gemms)
             x, h = add_gated_norm_modulate(self.norm2, x, gate_msa, y, shift_mlp, scale_mlp, fused, bias)  # x += gate * y; h = adaLN(x)
             D = x.shape[-1]
             y, bias = self.mlp.without_out_bias(h)

@@ -44,7 +44,7 @@ def inputs(rows=2048, c=384, hidden=1536, seed=0):
 
 @gpu
 @needs_quack
-@pytest.mark.parametrize("compiled,gemms", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("compiled,gemms", [(False, ""), (True, ""), (False, "fwd+dgrad+wgrad"), (True, "dgrad")])
 def test_quack_mlp_matches_float64(compiled, gemms):
     args = inputs()
     fn = torch.compile(qm.quack_mlp, fullgraph=True) if compiled else qm.quack_mlp
@@ -79,10 +79,11 @@ def test_dit_block_with_quack_mlp_matches_triton_gelu():
 
 @gpu
 @needs_quack
-def test_quack_linear_matches_float64():
+@pytest.mark.parametrize("gemms", ["fwd+dgrad+wgrad", "fwd+dgrad"])
+def test_quack_linear_matches_float64(gemms):
     x, w, _, _, dy = inputs(hidden=384)
     leaves = [t.detach().clone().requires_grad_() for t in (x, w)]
-    y = qm.quack_linear(*leaves)
+    y = qm.quack_linear(*leaves, gemms)
     y.backward(dy)
     ref = [t.detach().double().requires_grad_() for t in (x, w)]
     y_ref = ref[0] @ ref[1].t()
@@ -135,3 +136,26 @@ def test_mlp_keeps_cublas_for_fp16_and_unaligned_widths(dtype, width, monkeypatc
     with torch.autocast("cuda", dtype=dtype):
         y, bias = mlp.without_out_bias(torch.randn(2, 8, width, device="cuda"))
     assert bias is mlp.fc2.bias and y.shape == (2, 8, width)
+
+
+@gpu
+@needs_quack
+@pytest.mark.parametrize("gemms", ["fwd+dgrad+wgrad", "dgrad"])
+def test_qkv_heads_with_quack_gemms_matches_float64(gemms):
+    """The qkv projection's fused backward with its GEMMs as quack's, under bf16 autocast: q, k, v and the three
+    gradients against float64."""
+    from opendit.kernels import qkv_heads, qkv_heads_ref
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4, 512, 384, generator=g, device="cuda")
+    w, b = torch.randn(3 * 384, 384, generator=g, device="cuda") / 384 ** 0.5, torch.randn(3 * 384, generator=g, device="cuda")
+    dqkv = [torch.randn(4, 6, 512, 64, generator=g, device="cuda").bfloat16() for _ in range(3)]
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        qkv = qkv_heads(*leaves, 6, gemms)
+    torch.autograd.backward(qkv, dqkv)
+    ref = [t.double().requires_grad_() for t in (x, w, b)]
+    qkv_ref = qkv_heads_ref(*ref, 6)
+    torch.autograd.backward(qkv_ref, [d.double() for d in dqkv])
+    for name, a, e in zip(("q", "k", "v", "dx", "dw", "db"), [*qkv, *(t.grad for t in leaves)], [*qkv_ref, *(t.grad for t in ref)]):
+        assert_close_scaled(a, e, TOL, name)
