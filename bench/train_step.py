@@ -202,10 +202,10 @@ MODIFIERS = {  # "+name" after a variant: one change to it
     "gemm-biases": dict(boundary_biases=False),
     "plain-qkv-grad": dict(fused_qkv_grad=False),
     "triton-boundaries": dict(gluon_boundaries=False),
-    "quack-mlp": dict(quack_mlp=True),
+    "quack-mlp": dict(quack_mlp=True, quack_gemms="fwd+dgrad"),  # as train.py runs it with quack installed
+    "quack-epilogues": dict(quack_mlp=True),  # fc1's GELU in quack's epilogues, every other GEMM cuBLAS (the 22nd round's)
+    "quack-dgrad": dict(quack_mlp=True, quack_gemms="dgrad"),  # with the input gradients only as quack's
     "quack-gemms": dict(quack_mlp=True, quack_gemms="fwd+dgrad+wgrad"),  # every GEMM of qkv, proj and the MLP as quack's
-    "quack-dgrad": dict(quack_mlp=True, quack_gemms="dgrad"),  # the input gradients only (quack's won alone at XL)
-    "quack-fwd-dgrad": dict(quack_mlp=True, quack_gemms="fwd+dgrad"),  # forwards and input gradients, weight gradients cuBLAS
 }
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 

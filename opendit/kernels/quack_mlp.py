@@ -178,7 +178,7 @@ def self_test(device: torch.device) -> Optional[str]:
         leaves = {k: (torch.randn(v, device=device, generator=g) * (0.1 if k != "x" else 1)).bfloat16().requires_grad_() for k, v in shapes.items()}
         dz = torch.randn(256, 128, device=device, generator=g).bfloat16()
         with torch.enable_grad():
-            z = quack_mlp(*leaves.values())
+            z = quack_mlp(*leaves.values(), gemms="fwd+dgrad")  # as training runs it: the plain GEMMs too
             z.backward(dz)
         ref = {k: t.detach().float().requires_grad_() for k, t in leaves.items()}
         with torch.enable_grad():

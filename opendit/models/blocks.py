@@ -46,7 +46,7 @@ class KernelChoice:
     # gradient in one Triton pass (kernels/fused_qkv.py; parallelize turns it on with fused_boundaries)
     quack_mlp: bool = False  # with fused_boundaries, autograd, Hopper + quack: fc1's GELU and its gradient in quack's GEMM epilogues
     quack_gemms: str = ""  # with quack_mlp: the block's plain GEMMs of these kinds ("fwd", "dgrad", "wgrad", joined by "+") as
-    # quack's too, in qkv, proj and the MLP (a probe: bench/train_step.py +quack-gemms, +quack-dgrad, +quack-fwd-dgrad)
+    # quack's too, in qkv, proj and the MLP (parallelize: "fwd+dgrad", +1% on DiT-XL/2 and B/2; quack's weight gradients lose)
 
 
 def add_gated_norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
@@ -93,20 +93,26 @@ class Mlp(nn.Module):
 
     def without_out_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(fc2(hidden(x)) without fc2's bias, that bias), as without_bias(fc2, hidden(x))."""
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-        if self.kernels.quack_mlp and torch.is_grad_enabled() and x.is_cuda and dtype == torch.bfloat16 and type(self.fc1) is nn.Linear \
-                and type(self.fc2) is nn.Linear and self.fc1.in_features % 8 == 0 and self.fc1.out_features % 8 == 0:  # 16-byte rows
+        if self.kernels.quack_mlp and quack_fits(x, self.fc1, self.fc2):
             from opendit.kernels.quack_mlp import quack_mlp  # whoever sets quack_mlp checks quack_mlp.is_available
 
             return quack_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.kernels.quack_gemms), self.fc2.bias
         return without_bias(self.fc2, self.hidden(x))
 
 
+def quack_fits(x: torch.Tensor, *linears: nn.Module) -> bool:
+    """True where quack's GEMMs may take these layers: autograd on, x on the GPU in bf16 (its autocast dtype where
+    autocast is on), plain nn.Linear layers whose widths are 16-byte rows (the measured case)."""
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    return torch.is_grad_enabled() and x.is_cuda and dtype == torch.bfloat16 and all(
+        type(m) is nn.Linear and m.in_features % 8 == 0 and m.out_features % 8 == 0 for m in linears)
+
+
 def without_bias(linear: nn.Module, x: torch.Tensor, quack_gemms: str = "") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(x W^T, b) for a plain nn.Linear with a bias, which the caller adds (in the next fused kernel); else (linear(x), None).
-    quack_gemms: those of x W^T's GEMMs as quack's (a probe: KernelChoice.quack_gemms, with autograd on CUDA)."""
+    quack_gemms: those of x W^T's GEMMs as quack's (KernelChoice.quack_gemms, where the caller checked quack_fits)."""
     if type(linear) is nn.Linear and linear.bias is not None:
-        if quack_gemms and torch.is_grad_enabled() and x.is_cuda:
+        if quack_gemms:
             from opendit.kernels.quack_mlp import quack_linear
 
             return quack_linear(x, linear.weight, quack_gemms), linear.bias
@@ -136,7 +142,7 @@ class DiTBlock(nn.Module):
         fused = self.kernels.fused_adaln
         h = norm_modulate(self.norm1, x, shift_msa, scale_msa, fused) if h is None else h
         if next_mod is not None:  # every gate + residual meets a norm: proj's and fc2's biases go into those kernels
-            gemms = self.kernels.quack_gemms if self.kernels.quack_mlp else ""
+            gemms = self.kernels.quack_gemms if self.kernels.quack_mlp and quack_fits(h, self.attn.qkv, self.attn.proj) else ""
             y, bias = without_bias(self.attn.proj, self.attn.attend(h, self.kernels.fused_qkv_grad, gemms), gemms)
             x, h = add_gated_norm_modulate(self.norm2, x, gate_msa, y, shift_mlp, scale_mlp, fused, bias)  # x += gate * y; h = adaLN(x)
             D = x.shape[-1]

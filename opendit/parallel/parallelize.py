@@ -153,6 +153,7 @@ def parallelize(
         model.kernels.fused_boundaries = True  # training: every block's parameters are at hand in the model's forward
         model.kernels.fused_qkv_grad = True  # the qkv gradient packed in one pass (+0.1-0.6% on DiT-XL/2, docs/benchmarks.md)
         model.kernels.quack_mlp = use_quack_mlp(model)  # fc1's GELU in quack's GEMM epilogues (+3.5% on DiT-XL/2 and B/2)
+        model.kernels.quack_gemms = "fwd+dgrad" if model.kernels.quack_mlp else ""  # the other forward and input-gradient GEMMs too (+1%)
     if mesh.sp_size > 1:
         apply_sequence_parallel_to(model, mesh.sp_group, sequence_parallel_type, sequence_parallel_overlap)
     if grad_checkpoint:

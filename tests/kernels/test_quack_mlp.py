@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from opendit.kernels import quack_mlp as qm
-from opendit.models.blocks import DiTBlock, KernelChoice, Mlp, without_bias
+from opendit.models.blocks import DiTBlock, KernelChoice, Mlp, quack_fits, without_bias
 from opendit.parallel.parallelize import use_quack_mlp
 from close import assert_close_scaled  # tests/close.py
 
@@ -14,6 +14,17 @@ AVAILABLE = torch.cuda.is_available() and qm.is_available(torch.empty(0, device=
 needs_quack = pytest.mark.skipif(not AVAILABLE, reason="needs a Hopper GPU with quack-kernels installed")
 gpu = pytest.mark.gpu
 TOL = 1.5e-2  # bf16: the pre-activation, the activation and each GEMM's output rounded once
+
+
+def counted_quack_mm(monkeypatch) -> list:
+    """quack's plain GEMM wherever the kernels call it, counted; and qkv_heads on its fused path at any size."""
+    from opendit.kernels import fused_qkv as fq
+
+    calls, quack_mm = [], qm.quack_mm
+    for module in (qm, fq):
+        monkeypatch.setattr(module, "quack_mm", lambda *a: calls.append(1) or quack_mm(*a))
+    monkeypatch.setattr(fq._ops, "qkv_grad_fills_the_gpu", lambda M, device: True)
+    return calls
 
 
 def reference(x, w1, b1, w2, dz):
@@ -56,10 +67,14 @@ def test_quack_mlp_matches_float64(compiled, gemms):
 
 @gpu
 @needs_quack
-def test_dit_block_with_quack_mlp_matches_triton_gelu():
-    """The fused-boundaries block with and without quack: the same output and gradients within bf16 noise."""
+@pytest.mark.parametrize("gemms", ["", "fwd+dgrad"])
+def test_dit_block_with_quack_mlp_matches_triton_gelu(gemms, monkeypatch):
+    """The fused-boundaries block with and without quack (its epilogues, and with gemms its plain GEMMs in qkv, proj and
+    the MLP too, as parallelize sets them): the same output and gradients within bf16 noise."""
+    calls = counted_quack_mm(monkeypatch)
     torch.manual_seed(0)
-    block = DiTBlock(384, 6, kernels=KernelChoice(fused_adaln=True, fused_gelu=True, fused_boundaries=True)).cuda()
+    block = DiTBlock(384, 6, kernels=KernelChoice(fused_adaln=True, fused_gelu=True, fused_boundaries=True, fused_qkv_grad=True,
+                                                  quack_gemms=gemms)).cuda()
     for p in block.parameters():
         p.data.normal_(0, 0.05)
     x = torch.randn(4, 256, 384, device="cuda")
@@ -72,9 +87,10 @@ def test_dit_block_with_quack_mlp_matches_triton_gelu():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out, h = block(xi, None, mod=mod, next_mod=next_mod)
         ((out.float() ** 2).mean() + (h.float() ** 2).mean()).backward()
-        results.append([out.float(), h.float(), xi.grad] + [p.grad.clone() for p in block.mlp.parameters()])
+        results.append([out.float(), h.float(), xi.grad] + [p.grad.clone() for p in block.parameters() if p.grad is not None])
     for i, (a, e) in enumerate(zip(*results)):
         assert_close_scaled(a, e, 2 * TOL, f"tensor {i}")
+    assert len(calls) == (6 if gemms else 0)  # forward: qkv, proj, fc2; input gradients: fc1, proj, qkv
 
 
 @gpu
@@ -141,11 +157,12 @@ def test_mlp_keeps_cublas_for_fp16_and_unaligned_widths(dtype, width, monkeypatc
 @gpu
 @needs_quack
 @pytest.mark.parametrize("gemms", ["fwd+dgrad+wgrad", "dgrad"])
-def test_qkv_heads_with_quack_gemms_matches_float64(gemms):
+def test_qkv_heads_with_quack_gemms_matches_float64(gemms, monkeypatch):
     """The qkv projection's fused backward with its GEMMs as quack's, under bf16 autocast: q, k, v and the three
     gradients against float64."""
     from opendit.kernels import qkv_heads, qkv_heads_ref
 
+    calls = counted_quack_mm(monkeypatch)
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(4, 512, 384, generator=g, device="cuda")
     w, b = torch.randn(3 * 384, 384, generator=g, device="cuda") / 384 ** 0.5, torch.randn(3 * 384, generator=g, device="cuda")
@@ -159,3 +176,19 @@ def test_qkv_heads_with_quack_gemms_matches_float64(gemms):
     torch.autograd.backward(qkv_ref, [d.double() for d in dqkv])
     for name, a, e in zip(("q", "k", "v", "dx", "dw", "db"), [*qkv, *(t.grad for t in leaves)], [*qkv_ref, *(t.grad for t in ref)]):
         assert_close_scaled(a, e, TOL, name)
+    assert len(calls) == len(gemms.split("+"))
+
+
+def test_quack_fits_only_bf16_cuda_autograd_and_16_byte_rows():
+    linear = torch.nn.Linear(16, 64)
+    assert not quack_fits(torch.randn(2, 16, dtype=torch.bfloat16), linear)  # CPU
+    if torch.cuda.is_available():
+        x = torch.randn(2, 16, device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert quack_fits(x, linear)
+            assert not quack_fits(x, linear, torch.nn.Linear(64, 60))
+            with torch.no_grad():
+                assert not quack_fits(x, linear)
+        with torch.autocast("cuda", dtype=torch.float16):
+            assert not quack_fits(x, linear)
+        assert not quack_fits(x, linear)  # fp32
