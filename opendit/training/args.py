@@ -42,7 +42,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     parser.add_argument("--grad_checkpoint", action="store_true", help="activation checkpointing per transformer block")
     parser.add_argument("--enable_modulate_kernel", action="store_true", help="Triton fused kernels: LayerNorm + modulate (adaLN) and gate + residual in every block and the final layer, and in training fc1's bias + GELU "
-                        "(with quack-kernels on a Hopper GPU: inside quack's GEMM epilogues; OPENDIT_QUACK=0 keeps the Triton kernel)")
+                        "(with quack-kernels on a Hopper GPU: inside quack's GEMM epilogues, and the other forward and input-gradient GEMMs quack's too; "
+                        "OPENDIT_QUACK=0 keeps the Triton kernel and cuBLAS)")
     parser.add_argument("--enable_layernorm_kernel", action="store_true", help="same fused kernel (our LayerNorm is fused with the modulation)")
     parser.add_argument("--enable_flashattn", action="store_true", help="attention on the fused GPU kernels only (cuDNN/flash; bf16/fp16)")
     parser.add_argument("--sequence_parallel_size", type=int, default=1, help="sequence-parallel group size")

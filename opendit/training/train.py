@@ -163,11 +163,12 @@ def run(setup: Setup, experiment_dir: str, logger) -> None:
     )  # fmt: skip
     kernels = getattr(model, "kernels", None)
     if getattr(kernels, "quack_mlp", False):
-        logger.info("MLP: fc1's GELU and its gradient in quack's GEMM epilogues (quack-kernels; OPENDIT_QUACK=0 turns this off)")
+        logger.info("GEMMs: fc1's GELU and its gradient in quack's GEMM epilogues, the other forward and input-gradient GEMMs quack's "
+                    "too (quack-kernels; OPENDIT_QUACK=0 turns this off)")
     elif getattr(kernels, "fused_boundaries", False) and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9 \
             and os.environ.get("OPENDIT_QUACK", "1") != "0" and importlib.util.find_spec("quack") is None:
         logger.info("tip: pip install \"quack-kernels[cu13]\" (CUDA 12 builds of PyTorch: quack-kernels) runs fc1's GELU in quack's GEMM "
-                    "epilogues, +3.5% a step on an H200 (README, Install)")
+                    "epilogues, +5% a step on an H200 (README, Install)")
     train_step = maybe_graph_step(args, build_train_step(args, model, train_model, mesh, max_steps), info.world_size, device)
     if ema_init is not None:
         train_step.ema.load_full(ema_init)
