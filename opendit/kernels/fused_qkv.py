@@ -30,7 +30,7 @@ if _ops is not None:
 
 def qkv_heads_ref(x: torch.Tensor, weight: torch.Tensor, bias, num_heads: int, quack_fwd: bool = False) -> tuple:
     """PyTorch reference: (q, k, v), each (B, H, N, d), from the (B, N, 3C) projection of x (B, N, C_in).
-    quack_fwd: the projection as quack's GEMM in the autocast dtype (a probe, KernelChoice.quack_gemms)."""
+    quack_fwd: the projection as quack's GEMM in the autocast dtype (KernelChoice.quack_gemms)."""
     B, N, _ = x.shape
     if quack_fwd:
         x, weight, bias = autocast_dtype(x, weight, bias)

@@ -1,10 +1,11 @@
 """The MLP's fc1 + bias + tanh GELU, and its gradient, inside quack's CuTe-DSL GEMM epilogues (Hopper, `pip install quack-kernels`).
 
-Forward: one GEMM writes fc1's pre-activation (kept for the backward) and its GELU (fc2's input); cuBLAS runs fc2.
-Backward: fc2's input-gradient GEMM multiplies by GELU's derivative and sums fc1's bias gradient in its epilogue; cuBLAS
-runs the weight gradients and fc1's input gradient. Against fc1's GEMM + kernels/fused_gelu.py's Triton passes this
-saves two reads and two writes of the (rows, hidden) activations a block. Rounding: the bias is added to the fp32
-accumulator before the pre-activation is rounded to bf16; GELU and its derivative in fp32.
+Forward: one GEMM writes fc1's pre-activation (kept for the backward) and its GELU (fc2's input).
+Backward: fc2's input-gradient GEMM multiplies by GELU's derivative and sums fc1's bias gradient in its epilogue.
+Against fc1's GEMM + kernels/fused_gelu.py's Triton passes this saves two reads and two writes of the (rows, hidden)
+activations a block. Rounding: the bias is added to the fp32 accumulator before the pre-activation is rounded to bf16;
+GELU and its derivative in fp32. The other GEMMs run as quack's plain GEMM where `gemms` names their kind (training:
+forwards and input gradients, where quack's default config beat cuBLAS on an H200), else cuBLAS (weight gradients).
 """
 import functools
 import importlib.util
@@ -154,7 +155,7 @@ class QuackLinearFunction(torch.autograd.Function):
 
 
 def quack_linear(x: Tensor, w: Tensor, gemms: str = "fwd+dgrad+wgrad") -> Tensor:
-    """x W^T (no bias) in the autocast dtype, the GEMMs named in gemms as quack's (a probe: +quack-gemms)."""
+    """x W^T (no bias) in the autocast dtype, the GEMMs named in gemms as quack's (KernelChoice.quack_gemms)."""
     x, w = autocast_dtype(x, w)
     with torch.autocast("cuda", enabled=False):
         return QuackLinearFunction.apply(x, w, gemms)
@@ -162,7 +163,7 @@ def quack_linear(x: Tensor, w: Tensor, gemms: str = "fwd+dgrad+wgrad") -> Tensor
 
 def quack_mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, gemms: str = "") -> Tensor:
     """fc2's GEMM of gelu_tanh(x w1^T + b1), without fc2's bias: (..., in) -> (..., out), in the autocast dtype.
-    gemms: which other GEMMs run as quack's ("fwd+dgrad+wgrad": all; a probe, bench/train_step.py +quack-gemms)."""
+    gemms: which other GEMMs run as quack's ("fwd+dgrad" in training; "fwd+dgrad+wgrad": all, bench/train_step.py +quack-gemms)."""
     x, w1, b1, w2 = autocast_dtype(x, w1, b1, w2)
     with torch.autocast("cuda", enabled=False):
         return QuackMlpFunction.apply(x, w1, b1, w2, gemms)

@@ -53,7 +53,7 @@ class Attention(nn.Module):
     def attend(self, x: torch.Tensor, fused_qkv_grad: bool = False, quack_gemms: str = "") -> torch.Tensor:
         """The heads' outputs before the output projection: (B, N, C) -> (B, N, C). fused_qkv_grad: the projection's
         backward packs dq, dk, dv and sums the bias gradient in one Triton pass (training, a plain nn.Linear);
-        quack_gemms: with it, those of the projection's GEMMs as quack's (a probe, KernelChoice.quack_gemms)."""
+        quack_gemms: with it, those of the projection's GEMMs as quack's (KernelChoice.quack_gemms)."""
         B, N, C = x.shape
         if fused_qkv_grad and torch.is_grad_enabled() and type(self.qkv) is nn.Linear:
             from opendit.kernels import qkv_heads  # imports triton: only where the kernels are asked for
