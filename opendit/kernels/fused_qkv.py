@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .fused_adaln import _launcher, _op, _ops, is_available
-from .quack_mlp import autocast_dtype, mm, quack_mm  # quack itself is imported only where a GEMM runs as quack's
+from .quack_mlp import linear, mm  # quack itself is imported only where a GEMM runs as quack's
 
 if _ops is not None:
     from .fused_adaln import _COMPILED  # the custom ops' registry that _launcher reads
@@ -28,15 +28,11 @@ if _ops is not None:
     _COMPILED["qkv_grad_partials"] = _op("qkv_grad_partials", _qkv_grad_partials, _qkv_grad_partials_fake)
 
 
-def qkv_heads_ref(x: torch.Tensor, weight: torch.Tensor, bias, num_heads: int, quack_fwd: bool = False) -> tuple:
+def qkv_heads_ref(x: torch.Tensor, weight: torch.Tensor, bias, num_heads: int, project=F.linear) -> tuple:
     """PyTorch reference: (q, k, v), each (B, H, N, d), from the (B, N, 3C) projection of x (B, N, C_in).
-    quack_fwd: the projection as quack's GEMM in the autocast dtype (KernelChoice.quack_gemms)."""
+    project: the projection (quack_mlp.linear's choice in QkvHeadsFunction)."""
     B, N, _ = x.shape
-    if quack_fwd:
-        x, weight, bias = autocast_dtype(x, weight, bias)
-        qkv = quack_mm(x.reshape(B * N, -1), weight.t(), bias).view(B, N, 3, num_heads, -1)  # rows ordered (q|k|v, head, d)
-    else:
-        qkv = F.linear(x, weight, bias).reshape(B, N, 3, num_heads, -1)
+    qkv = project(x, weight, bias).reshape(B, N, 3, num_heads, -1)  # rows ordered (q|k|v, head, d)
     return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, d)
 
 
@@ -54,7 +50,7 @@ class QkvHeadsFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_heads: int, quack_gemms: str):
         ctx.save_for_backward(x, weight, bias)
         ctx.quack_gemms = quack_gemms
-        return tuple(t.detach() for t in qkv_heads_ref(x, weight, bias, num_heads, "fwd" in quack_gemms.split("+")))  # views of one (B, N, 3C) tensor
+        return tuple(t.detach() for t in qkv_heads_ref(x, weight, bias, num_heads, linear(quack_gemms)))  # views of one (B, N, 3C) tensor
 
     @staticmethod
     def backward(ctx, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor):

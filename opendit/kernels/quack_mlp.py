@@ -103,16 +103,27 @@ def _(a, b, bias=None):
 
 
 def mm(kind: str, gemms: str):
-    """quack's plain GEMM where kind ("fwd", "dgrad" or "wgrad") is among gemms ("fwd+dgrad", ...), else torch.mm."""
+    """quack's plain GEMM where kind ("dgrad" or "wgrad") is among gemms ("fwd+dgrad", ...), else torch.mm."""
     return quack_mm if kind in gemms.split("+") else torch.mm
 
 
 def autocast_dtype(*tensors: Tensor) -> tuple:
-    """tensors in the CUDA autocast dtype where autocast is on (the custom functions below run with it off)."""
+    """tensors (or None) in the CUDA autocast dtype where autocast is on (the custom functions below run with it off)."""
     if not torch.is_autocast_enabled("cuda"):
         return tensors
     dt = torch.get_autocast_dtype("cuda")
-    return tuple(t.to(dt) for t in tensors)
+    return tuple(None if t is None else t.to(dt) for t in tensors)
+
+
+def _quack_linear_forward(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    """F.linear(x, w, b) as quack's GEMM, the bias in its epilogue, in the autocast dtype (forward only)."""
+    x, w, b = autocast_dtype(x, w, b)
+    return quack_mm(x.reshape(-1, x.shape[-1]), w.t(), b).view(*x.shape[:-1], w.shape[0])  # (rows, in) -> (..., out)
+
+
+def linear(gemms: str):
+    """F.linear, or quack's GEMM where gemms names "fwd" (inside an autograd function that owns the backward)."""
+    return _quack_linear_forward if "fwd" in gemms.split("+") else F.linear
 
 
 class QuackMlpFunction(torch.autograd.Function):
@@ -125,7 +136,7 @@ class QuackMlpFunction(torch.autograd.Function):
         pre, h = fc1_gelu(x2, w1, b1)  # (rows, hidden) each
         ctx.save_for_backward(x2, w1, w2, pre, h)
         ctx.bias_dtype, ctx.gemms = b1.dtype, gemms
-        return mm("fwd", gemms)(h, w2.t()).view(*x.shape[:-1], w2.shape[0])
+        return linear(gemms)(h, w2, None).view(*x.shape[:-1], w2.shape[0])
 
     @staticmethod
     def backward(ctx, dz: Tensor):
@@ -142,10 +153,9 @@ class QuackLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, gemms: str) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])  # (rows, in)
-        ctx.save_for_backward(x2, w)
+        ctx.save_for_backward(x.reshape(-1, x.shape[-1]), w)  # x as (rows, in)
         ctx.gemms = gemms
-        return mm("fwd", gemms)(x2, w.t()).view(*x.shape[:-1], w.shape[0])
+        return linear(gemms)(x, w, None)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
